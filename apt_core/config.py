@@ -1,0 +1,188 @@
+"""Settings of an APT run, grouped by the paper's parts.
+
+Every *project decision* of `docs/apt-method.md` is a field here with a documented default,
+so the node pack, the command line and the benchmarks all speak the same vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import AptConfigError
+
+
+@dataclass
+class IndicatorConfig:
+    """Overfitting indicator (ATA, stated by the paper): per-bin EMA of L_pre and L_ft."""
+
+    num_bins: int = 10
+    ema_alpha: float = 0.1
+    scale: float = 1000.0  # S; the paper uses T for SDXL and T/10 for SD 2.1
+    num_train_timesteps: int = 1000
+
+    def validate(self) -> None:
+        if self.num_bins < 1:
+            raise AptConfigError(f"indicator bins must be >= 1, got {self.num_bins}.")
+        if not 0.0 < self.ema_alpha <= 1.0:
+            raise AptConfigError(f"EMA alpha must be in (0, 1], got {self.ema_alpha}.")
+        if self.scale <= 0:
+            raise AptConfigError(f"indicator scale S must be > 0, got {self.scale}.")
+
+
+@dataclass
+class AugmentConfig:
+    """Adaptive augmentation: with probability min(gamma_b, p_max) zoom out and rotate."""
+
+    enabled: bool = True
+    p_max: float = 1.0
+    zoom_min: float = 1.0  # s ~ U[zoom_min, zoom_max]; the image shrinks to 1/s of the canvas
+    zoom_max: float = 3.0
+    rotation_deg: float = 15.0  # rotation ~ U[-rotation_deg, +rotation_deg]
+    fill: Literal["constant", "reflect"] = "constant"
+    # "latent": transform cached latents (fast, default); "pixel": transform the image and
+    # re-encode with the VAE every augmented step (the paper's order, slower, needs the VAE).
+    space: Literal["latent", "pixel"] = "latent"
+
+    def validate(self) -> None:
+        if not 0.0 <= self.p_max <= 1.0:
+            raise AptConfigError(f"p_max must be in [0, 1], got {self.p_max}.")
+        if not 1.0 <= self.zoom_min <= self.zoom_max:
+            raise AptConfigError(
+                f"zoom range must satisfy 1 <= min <= max, got [{self.zoom_min}, {self.zoom_max}].")
+        if self.rotation_deg < 0:
+            raise AptConfigError(f"rotation range must be >= 0 degrees, got {self.rotation_deg}.")
+        if self.fill not in ("constant", "reflect"):
+            raise AptConfigError(f"fill mode must be 'constant' or 'reflect', got {self.fill!r}.")
+        if self.space not in ("latent", "pixel"):
+            raise AptConfigError(f"augmentation space must be 'latent' or 'pixel', got {self.space!r}.")
+
+
+@dataclass
+class RegularizerConfig:
+    """Representation Stabilization and Attention Alignment weights and where they look."""
+
+    lambda_rs: float = 1.0
+    lambda_aa: float = 1.0
+    # Decoder stages by downsampling factor of the latent: 4 -> 32x32 and 2 -> 64x64 at 1024 px
+    # (diffusers up_blocks.0 / up_blocks.1, SGM output_blocks 0-2 / 3-5).
+    up_block_factors: tuple[int, ...] = (4, 2)
+    aa_distance: Literal["mse", "kl"] = "mse"
+    aa_head_average: bool = False
+
+    def validate(self) -> None:
+        if self.lambda_rs < 0 or self.lambda_aa < 0:
+            raise AptConfigError("lambda_RS and lambda_AA must be >= 0.")
+        if not self.up_block_factors:
+            raise AptConfigError("at least one up-block resolution must be hooked for RS/AA.")
+        if self.aa_distance not in ("mse", "kl"):
+            raise AptConfigError(f"AA distance must be 'mse' or 'kl', got {self.aa_distance!r}.")
+
+
+@dataclass
+class AptSwitches:
+    """Each APT part on/off. All off is plain DreamBooth-LoRA (the paper's "Base")."""
+
+    adaptive_augmentation: bool = True
+    adaptive_loss_weight: bool = True
+    representation_stabilization: bool = True
+    attention_alignment: bool = True
+    # Track gamma even when nothing uses it (costs the prior forward); useful for baselines.
+    track_indicator: bool = False
+
+    @classmethod
+    def baseline(cls) -> "AptSwitches":
+        return cls(False, False, False, False)
+
+    @property
+    def needs_prior(self) -> bool:
+        return (self.adaptive_augmentation or self.adaptive_loss_weight
+                or self.representation_stabilization or self.attention_alignment
+                or self.track_indicator)
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    include_feed_forward: bool = False
+
+    def validate(self) -> None:
+        if int(self.rank) != self.rank or self.rank <= 0:
+            raise AptConfigError(f"LoRA rank must be a positive integer, got {self.rank}. Try 16 or 32.")
+        if self.alpha <= 0:
+            raise AptConfigError(f"LoRA alpha must be > 0, got {self.alpha}. Use the rank as a default.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 500
+    batch_size: int = 1
+    learning_rate: float = 1e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0
+    seed: int = 0
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = "auto"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 100
+    log_every: int = 1
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise AptConfigError(f"steps must be >= 1, got {self.steps}.")
+        if self.batch_size < 1:
+            raise AptConfigError(f"batch size must be >= 1, got {self.batch_size}.")
+        if self.learning_rate <= 0:
+            raise AptConfigError(f"learning rate must be > 0, got {self.learning_rate}.")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise AptConfigError(f"lr schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}.")
+        if self.checkpoint_every < 0:
+            raise AptConfigError("checkpoint interval must be >= 0 (0 disables periodic checkpoints).")
+
+
+@dataclass
+class AptConfig:
+    """Everything a run needs besides the model and the data."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    indicator: IndicatorConfig = field(default_factory=IndicatorConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
+    switches: AptSwitches = field(default_factory=AptSwitches)
+    loss_weight_floor: float = 0.0  # w = max(1 - gamma_b, floor)
+
+    def validate(self) -> "AptConfig":
+        for part in (self.train, self.lora, self.indicator, self.augment, self.regularizers):
+            part.validate()
+        if not 0.0 <= self.loss_weight_floor <= 1.0:
+            raise AptConfigError(f"loss-weight floor must be in [0, 1], got {self.loss_weight_floor}.")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AptConfig":
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        sub = {"train": TrainConfig, "lora": LoraConfig, "indicator": IndicatorConfig,
+               "augment": AugmentConfig, "regularizers": RegularizerConfig, "switches": AptSwitches}
+        for name, value in data.items():
+            if name not in parts:
+                raise AptConfigError(f"unknown setting {name!r}.")
+            if name in sub:
+                known = {f.name for f in dataclasses.fields(sub[name])}
+                unknown = set(value) - known
+                if unknown:
+                    raise AptConfigError(f"unknown {name} settings: {sorted(unknown)}.")
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                kwargs[name] = sub[name](**value)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs)

@@ -1,0 +1,106 @@
+"""What APT observes inside the UNet during one step, independent of the host's module layout.
+
+A backbone adapter (diffusers or ComfyUI) calls `record_features` from forward hooks on the
+up-block attention stages and `record_attention` from the few cross-attention layers that
+compute explicit probabilities. The prior pass stores detached statistics and probabilities.
+The fine-tuned pass only keeps references to its tensors and `losses()` computes the terms after
+the forward: no extra op runs inside the host's forward, so a gradient-checkpointed block
+recomputes exactly what it computed the first time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from .regularizers import aa_layer_loss, channel_stats, mean_or_zero, rs_layer_loss
+
+
+class AptProbe:
+    def __init__(self, rs: bool, aa: bool, aa_distance: str = "mse", aa_head_average: bool = False):
+        self.rs = rs
+        self.aa = aa
+        self.aa_distance = aa_distance
+        self.aa_head_average = aa_head_average
+        # Hooked attention layers compute explicit probabilities while this is set. It stays set
+        # through backward so gradient-checkpoint recomputation follows the same kernels.
+        self.explicit_attention = False
+        self.phase: str | None = None  # "prior" | "ft" while a forward pass is being recorded
+        self.token_mask: torch.Tensor | None = None
+        self._prior_stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prior_probs: dict[str, torch.Tensor] = {}
+        self._ft_features: list[tuple[str, torch.Tensor]] = []
+        self._ft_probs: list[tuple[str, torch.Tensor]] = []
+
+    @property
+    def active(self) -> bool:
+        return self.rs or self.aa
+
+    def begin_step(self, token_mask: torch.Tensor) -> None:
+        """token_mask: (B, K) bool, True for real prompt tokens."""
+        self._clear()
+        self.token_mask = token_mask
+        self.explicit_attention = self.aa
+
+    def end_step(self) -> None:
+        self.explicit_attention = False
+        self.phase = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self._prior_stats.clear()
+        self._prior_probs.clear()
+        self._ft_features, self._ft_probs = [], []
+
+    @contextmanager
+    def recording(self, phase: str) -> Iterator[None]:
+        assert phase in ("prior", "ft")
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.phase = None
+
+    def record_features(self, name: str, features: torch.Tensor) -> None:
+        """features: (B, C, H, W) or (B, N, C) output of an up-block attention stage."""
+        if not self.rs or self.phase is None:
+            return
+        if self.phase == "prior":
+            mean, std = channel_stats(features)
+            self._prior_stats[name] = (mean.detach(), std.detach())
+        else:
+            self._ft_features.append((name, features))
+
+    def record_attention(self, name: str, probs: torch.Tensor) -> None:
+        """probs: (B, heads, Q, K) cross-attention probabilities of a hooked layer."""
+        if not self.aa or self.phase is None:
+            return
+        if self.phase == "prior":
+            self._prior_probs[name] = probs.detach()
+        else:
+            self._ft_probs.append((name, probs))
+
+    def losses(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_mu + L_sigma, L_AA) averaged over hooked layers, before the lambda weights.
+
+        Layers seen in the fine-tuned pass but not in the prior pass are an adapter bug.
+        """
+        rs_terms = [rs_layer_loss(channel_stats(f), self._prior_stats[n]) for n, f in self._ft_features]
+        assert self.token_mask is not None or not self._ft_probs, "begin_step(token_mask) first"
+        aa_terms = [aa_layer_loss(p, self._prior_probs[n], self.token_mask, self.aa_distance,
+                                  self.aa_head_average) for n, p in self._ft_probs]
+        return mean_or_zero(rs_terms, device), mean_or_zero(aa_terms, device)
+
+
+def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T * scale) V with the probabilities returned.
+
+    query: (B, h, Q, d); key, value: (B, h, K, d) -> (out (B, h, Q, d), probs (B, h, Q, K)).
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    probs = scores.float().softmax(dim=-1)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out, probs

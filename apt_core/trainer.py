@@ -1,0 +1,323 @@
+"""The APT training loop: one object, usable from a background thread, readable top to bottom.
+
+Per step (the order of the method notes):
+  sample images, t, noise -> look up gamma_b (before this step's EMA update) -> maybe augment
+  -> noise -> prior forward (no grad, LoRA off) -> fine-tuned forward -> losses -> update EMAs.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .augment import adaptive_augment, draw_augmentation
+from .backbone import Backbone
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .conditioning import CachedDataset, SDXLConditioning
+from .config import AptConfig
+from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
+from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
+from .indicator import OverfittingIndicator
+from .lora import LoraAdapter
+from .probes import AptProbe
+
+
+@dataclass
+class ProgressEvent:
+    """What the trainer reports after every logged step (plain numbers, JSON-ready)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    loss_denoise: float
+    loss_rs: float
+    loss_aa: float
+    gamma: list[float]
+    aug_rate: float  # fraction of samples augmented over the last 50
+    loss_weight: float  # mean (1 - gamma) weight applied this step
+    lr: float
+    it_per_s: float
+    eta_s: float
+    timesteps: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    stopped: bool
+    checkpoint: Path | None
+    gammas: list[float]
+    history: list[dict]
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
+    """Learning rate for 0-based `step`: linear warmup, then constant or cosine decay to 0."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return base_lr
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
+
+
+class AptTrainer:
+    def __init__(self, backbone: Backbone, dataset: CachedDataset, config: AptConfig, *,
+                 checkpoint_dir: str | Path | None = None,
+                 on_event: Callable[[ProgressEvent], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.config = config.validate()
+        if len(dataset) == 0:
+            raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
+        aug = config.augment
+        if config.switches.adaptive_augmentation and aug.space == "pixel":
+            if encode_pixels is None or any(ex.pixels is None for ex in dataset.examples):
+                raise AptConfigError("pixel-space augmentation needs the VAE and cached pixels; "
+                                     "use augmentation space 'latent' or cache with keep_pixels=True.")
+        self.backbone = backbone
+        self.dataset = dataset
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.on_event = on_event
+        self.should_stop = should_stop
+        self.encode_pixels = encode_pixels
+        self.device = next(backbone.unet.parameters()).device
+        self.amp_dtype = autocast_dtype(config.train.mixed_precision, self.device)
+        self.generator = torch.Generator().manual_seed(config.train.seed)
+        self.indicator = OverfittingIndicator(config.indicator)
+        sw = config.switches
+        self.probe = AptProbe(sw.representation_stabilization, sw.attention_alignment,
+                              config.regularizers.aa_distance, config.regularizers.aa_head_average)
+        self.lora = LoraAdapter(backbone.unet, backbone.lora_target_names(config.lora.include_feed_forward),
+                                config.lora, seed=config.train.seed)
+        self._probe_handle = backbone.attach_probe(self.probe, config.regularizers.up_block_factors) \
+            if self.probe.active else None
+        self._restore_checkpointing = None
+        if config.train.gradient_checkpointing:
+            self._restore_checkpointing = bool(getattr(backbone.unet, "is_gradient_checkpointing", False))
+            backbone.set_gradient_checkpointing(True)
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=config.train.learning_rate,
+                                           weight_decay=config.train.weight_decay, fused=fused or None)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.step_idx = 0
+        self.history: list[dict] = []
+        self._stop = threading.Event()
+        self._augmented: deque[bool] = deque(maxlen=50)
+        self._step_times: deque[float] = deque(maxlen=20)
+        self._weights = torch.tensor([float(getattr(ex, "repeats", 1)) for ex in dataset.examples])
+
+    # ---- control -------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (thread-safe)."""
+        self._stop.set()
+
+    def _stop_requested(self) -> bool:
+        return self._stop.is_set() or bool(self.should_stop and self.should_stop())
+
+    # ---- one step ------------------------------------------------------------------------
+    def _sample_batch(self) -> list[int]:
+        """First image by repeat-weighted draw, the rest from the same bucket (same latent size)."""
+        first = int(torch.multinomial(self._weights, 1, generator=self.generator))
+        if self.config.train.batch_size == 1:
+            return [first]
+        same = torch.tensor(self.dataset.buckets()[self.dataset.examples[first].bucket])
+        rest = torch.multinomial(self._weights[same], self.config.train.batch_size - 1,
+                                 replacement=True, generator=self.generator)
+        return [first] + same[rest].tolist()
+
+    def _augment(self, latents: torch.Tensor, idx: list[int], gamma: torch.Tensor, draw) -> tuple[torch.Tensor, torch.Tensor]:
+        aug = self.config.augment
+        if aug.space == "latent":
+            return adaptive_augment(latents, gamma, aug, draw, self.dataset.fill_latent.to(self.device))
+        pixels = torch.stack([self.dataset.examples[i].pixels for i in idx]).to(self.device)
+        pixels, applied = adaptive_augment(pixels, gamma, aug, draw, fill_value=-1.0)
+        if bool(applied.any()):
+            sel = applied.nonzero().squeeze(1).to(self.device)
+            latents = latents.clone()
+            latents[sel] = self.encode_pixels(pixels[sel]).to(latents.dtype)
+        return latents, applied
+
+    def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            return self.backbone.predict(x_t, t, cond)
+
+    def train_step(self) -> ProgressEvent:
+        cfg, sw = self.config, self.config.switches
+        started = time.perf_counter()
+        self._rng_at_step_start = self.generator.get_state()
+        idx = self._sample_batch()
+        examples = [self.dataset.examples[i] for i in idx]
+        dtype = next(p for p in self.backbone.unet.parameters()).dtype
+        latents = torch.stack([ex.latent for ex in examples]).to(self.device, torch.float32)
+        cond = SDXLConditioning.cat([ex.cond for ex in examples]).to(self.device, dtype)
+        b = latents.shape[0]
+        t = torch.randint(0, cfg.indicator.num_train_timesteps, (b,), generator=self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        draw = draw_augmentation(b, cfg.augment, self.generator)
+        bins = self.indicator.bin_of(t)
+        gamma = self.indicator.gamma_for(bins)  # before this step's update
+
+        applied = torch.zeros(b, dtype=torch.bool)
+        if sw.adaptive_augmentation:
+            latents, applied = self._augment(latents, idx, gamma, draw)
+        t_dev = t.to(self.device)
+        acp = self.backbone.alphas_cumprod.to(self.device)[t_dev].view(b, 1, 1, 1)
+        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
+        target = noise if self.backbone.prediction_type == "epsilon" else \
+            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
+        x_t, target = x_t.to(dtype), target.float()
+
+        self.probe.begin_step(cond.token_mask)
+        try:
+            loss_pre = None
+            if sw.needs_prior:
+                with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
+                    pred_pre = self._forward(x_t, t_dev, cond)
+                loss_pre = (pred_pre.float() - target).pow(2).mean(dim=(1, 2, 3))
+            with self.probe.recording("ft"):
+                pred_ft = self._forward(x_t, t_dev, cond)
+            loss_ft = (pred_ft.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+            weight = torch.ones(b)
+            if sw.adaptive_loss_weight:
+                weight = (1.0 - gamma).clamp(min=cfg.loss_weight_floor)
+            loss_denoise = (weight.to(self.device) * loss_ft).mean()
+            rs_raw, aa_raw = self.probe.losses(self.device)
+            loss_rs = cfg.regularizers.lambda_rs * rs_raw
+            loss_aa = cfg.regularizers.lambda_aa * aa_raw
+            loss = loss_denoise + loss_rs + loss_aa
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(self.step_idx + 1, self._save_last_good())
+            lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
+                       cfg.train.steps, cfg.train.lr_schedule)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.scaler.scale(loss).backward()
+        finally:
+            self.probe.end_step()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
+        if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self.step_idx + 1, self._save_last_good())
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        if loss_pre is not None:
+            self.indicator.update(bins.tolist(), loss_pre.tolist(), loss_ft.detach().tolist())
+        self.step_idx += 1
+        self._augmented.extend(applied.tolist())
+        self._step_times.append(time.perf_counter() - started)
+        return self._event(*(float(x.detach()) for x in (loss, loss_denoise, loss_rs, loss_aa)),
+                           weight, lr, t)
+
+    def _event(self, loss: float, loss_denoise: float, loss_rs: float, loss_aa: float,
+               weight: torch.Tensor, lr: float, t: torch.Tensor) -> ProgressEvent:
+        sec = sorted(self._step_times)[len(self._step_times) // 2]
+        remaining = self.config.train.steps - self.step_idx
+        return ProgressEvent(
+            step=self.step_idx, total_steps=self.config.train.steps, loss=loss,
+            loss_denoise=loss_denoise, loss_rs=loss_rs, loss_aa=loss_aa,
+            gamma=self.indicator.gammas(), aug_rate=sum(self._augmented) / max(1, len(self._augmented)),
+            loss_weight=float(weight.mean()), lr=lr, it_per_s=1.0 / sec if sec > 0 else 0.0,
+            eta_s=remaining * sec, timesteps=t.tolist())
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        """Train until config.train.steps, a stop request, or an error; checkpoint on the way."""
+        every = self.config.train.checkpoint_every
+        last_ckpt: Path | None = None
+        stopped = False
+        while self.step_idx < self.config.train.steps:
+            if self._stop_requested():
+                stopped = True
+                break
+            event = self.train_step()
+            if self.step_idx % self.config.train.log_every == 0 or self.step_idx == self.config.train.steps:
+                self.history.append(event.to_dict())
+                if self.on_event:
+                    self.on_event(event)
+            if every and self.step_idx % every == 0:
+                last_ckpt = self.save_checkpoint()
+        if self.checkpoint_dir is not None and (stopped or self.step_idx == self.config.train.steps):
+            last_ckpt = self.save_checkpoint()
+        return TrainResult(self.step_idx, stopped, last_ckpt, self.indicator.gammas(), self.history)
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _state(self, rng_state: torch.Tensor) -> dict:
+        return {"step": self.step_idx, "lora": self.lora.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "indicator": self.indicator.state_dict(), "rng": rng_state,
+                "augmented": list(self._augmented), "config": self.config.to_dict(),
+                "history": self.history}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.checkpoint_dir is None:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self.generator.get_state()))
+
+    def _save_last_good(self) -> Path | None:
+        """State before the failing step (parameters untouched by it) for a NaN/inf stop."""
+        if self.checkpoint_dir is None:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self._rng_at_step_start))
+
+    def resume(self, path: str | Path | None = None) -> int:
+        """Load a checkpoint (default: newest in checkpoint_dir); returns the step it resumes at."""
+        if path is None:
+            path = latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir else None
+            if path is None:
+                return 0
+        state = load_checkpoint(path)
+        saved = state["config"]["lora"]
+        if int(saved["rank"]) != self.config.lora.rank:
+            raise AptConfigError(f"checkpoint {path} was trained with rank {saved['rank']}, "
+                                 f"settings say {self.config.lora.rank}; use the same rank to resume.")
+        self.lora.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.indicator.load_state_dict(state["indicator"])
+        self.generator.set_state(state["rng"])
+        self._augmented.extend(state["augmented"])
+        self.history = list(state["history"])
+        self.step_idx = int(state["step"])
+        return self.step_idx
+
+    # ---- output --------------------------------------------------------------------------
+    def lora_tensors(self, save_dtype: str = "fp16") -> dict[str, torch.Tensor]:
+        return kohya_tensors(self.lora.state_dict(), self.config.lora.alpha, self.backbone.kohya_key,
+                             SAVE_DTYPES[save_dtype])
+
+    def save_lora(self, path: str | Path, output_name: str | None = None, save_dtype: str = "fp16") -> Path:
+        meta = kohya_metadata(self.config.lora.rank, self.config.lora.alpha, steps=self.step_idx,
+                              learning_rate=self.config.train.learning_rate,
+                              num_images=len(self.dataset), output_name=output_name or Path(path).stem,
+                              apt_settings=self.config.to_dict(), gammas=self.indicator.gammas())
+        return save_kohya_lora(path, self.lora_tensors(save_dtype), meta)
+
+    def close(self) -> None:
+        """Remove hooks and LoRA layers: the UNet is left exactly as it was handed in."""
+        if self._probe_handle is not None:
+            self._probe_handle.remove()
+            self._probe_handle = None
+        if self._restore_checkpointing is not None:
+            self.backbone.set_gradient_checkpointing(self._restore_checkpointing)
+            self._restore_checkpointing = None
+        self.lora.remove()

@@ -1,0 +1,61 @@
+"""RS and AA loss formulas against hand-computed values."""
+
+import pytest
+import torch
+
+from apt_core.regularizers import aa_layer_loss, channel_stats, mean_or_zero, rs_layer_loss
+
+
+def test_channel_stats_over_positions():
+    f = torch.tensor([[[[1.0, 3.0], [5.0, 7.0]], [[2.0, 2.0], [2.0, 2.0]]]])  # (1, 2, 2, 2)
+    mu, sd = channel_stats(f)
+    assert mu.tolist() == [[4.0, 2.0]]
+    # population std of 1,3,5,7 = sqrt(5)
+    assert sd[0, 0].item() == pytest.approx(5 ** 0.5, rel=1e-5)
+    assert sd[0, 1].item() == pytest.approx(1e-3, rel=1e-3)  # sqrt(0 + 1e-6)
+    tokens = f.flatten(2).transpose(1, 2)  # (B, N, C) layout gives the same statistics
+    mu2, sd2 = channel_stats(tokens)
+    assert torch.allclose(mu, mu2) and torch.allclose(sd, sd2)
+
+
+def test_rs_layer_loss_is_mse_of_means_plus_mse_of_stds():
+    ft = (torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 1.0]]))
+    pre = (torch.tensor([[0.0, 0.0]]), torch.tensor([[3.0, 1.0]]))
+    # means: ((1)^2 + (2)^2)/2 = 2.5 ; stds: ((-2)^2 + 0)/2 = 2.0
+    assert rs_layer_loss(ft, pre).item() == pytest.approx(4.5)
+
+
+def test_aa_mse_excludes_padding_tokens():
+    a_ft = torch.tensor([[[[0.5, 0.3, 0.2, 0.0]]]])  # (B=1, h=1, Q=1, K=4)
+    a_pre = torch.tensor([[[[0.3, 0.3, 0.1, 0.3]]]])
+    mask = torch.tensor([[True, True, True, False]])
+    # (0.2^2 + 0 + 0.1^2) / 3 valid tokens = 0.05 / 3
+    assert aa_layer_loss(a_ft, a_pre, mask).item() == pytest.approx(0.05 / 3)
+    # with every token valid the padding difference (0.3^2) counts: (0.05 + 0.09) / 4
+    assert aa_layer_loss(a_ft, a_pre, torch.ones(1, 4, dtype=torch.bool)).item() == pytest.approx(0.14 / 4)
+
+
+def test_aa_head_average_and_kl():
+    a_ft = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])  # two heads that disagree
+    a_pre = torch.tensor([[[[0.5, 0.5]], [[0.5, 0.5]]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    assert aa_layer_loss(a_ft, a_pre, mask).item() == pytest.approx(0.25)
+    assert aa_layer_loss(a_ft, a_pre, mask, head_average=True).item() == pytest.approx(0.0)
+    same = aa_layer_loss(a_pre, a_pre, mask, distance="kl").item()
+    assert same == pytest.approx(0.0, abs=1e-6)
+    p = torch.tensor([[[[0.75, 0.25]]]])
+    q = torch.tensor([[[[0.5, 0.5]]]])
+    kl = 0.75 * torch.log(torch.tensor(0.75 / 0.5)) + 0.25 * torch.log(torch.tensor(0.25 / 0.5))
+    assert aa_layer_loss(q, p, torch.ones(1, 2, dtype=torch.bool), distance="kl").item() == pytest.approx(kl.item(), rel=1e-4)
+
+
+def test_gradients_flow_only_into_the_fine_tuned_side():
+    ft = torch.rand(1, 1, 2, 3, requires_grad=True)
+    pre = torch.rand(1, 1, 2, 3, requires_grad=True)
+    aa_layer_loss(ft.softmax(-1), pre.softmax(-1), torch.ones(1, 3, dtype=torch.bool)).backward()
+    assert ft.grad is not None and pre.grad is None
+
+
+def test_mean_or_zero():
+    assert mean_or_zero([]).item() == 0.0
+    assert mean_or_zero([torch.tensor(1.0), torch.tensor(3.0)]).item() == 2.0

@@ -1,0 +1,239 @@
+"""The training loop on the tiny SDXL-shaped model (CPU, a few seconds each)."""
+
+import math
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+
+from apt_core.augment import draw_augmentation
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.config import AptSwitches
+from apt_core.errors import NonFiniteLossError
+from apt_core.models import build_tiny_sdxl, encode_pixels
+from apt_core.trainer import AptTrainer, lr_at
+
+from tiny import config, tiny_model_and_data
+
+
+def make_trainer(switches=None, steps=4, seed=0, **kw):
+    components, dataset = tiny_model_and_data(seed, keep_pixels=kw.pop("keep_pixels", False))
+    cfg = config(steps, switches, **{k: kw.pop(k) for k in list(kw) if k in (
+        "learning_rate", "checkpoint_every", "gradient_checkpointing", "lr_schedule", "warmup_steps")})
+    for key, value in kw.pop("overrides", {}).items():
+        part, _, name = key.partition(".")
+        setattr(getattr(cfg, part), name, value)
+    backbone = DiffusersSDXLBackbone.from_components(components)
+    trainer = AptTrainer(backbone, dataset, cfg, **kw)
+    return trainer, components, dataset
+
+
+def predict_pair(trainer, dataset):
+    ex = dataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([500])
+    with torch.no_grad():
+        ft = trainer.backbone.predict(x, t, ex.cond)
+        with trainer.lora.disabled():
+            pre = trainer.backbone.predict(x, t, ex.cond)
+    return ft, pre
+
+
+def set_gamma_everywhere(trainer, gamma):
+    gap = -math.log(1.0 - gamma) / trainer.config.indicator.scale
+    n = trainer.config.indicator.num_bins
+    trainer.indicator.load_state_dict({"ema_pre": [0.01 + gap] * n, "ema_ft": [0.01] * n, "counts": [1] * n})
+
+
+def test_at_step_zero_prior_equals_fine_tuned_and_rs_aa_are_exactly_zero():
+    trainer, _, dataset = make_trainer()
+    ft, pre = predict_pair(trainer, dataset)
+    assert torch.equal(ft, pre)
+    event = trainer.train_step()
+    assert event.loss_rs == 0.0 and event.loss_aa == 0.0
+    assert event.loss_denoise > 0.0
+
+
+def test_after_some_steps_rs_and_aa_are_positive_and_prior_differs():
+    trainer, _, dataset = make_trainer(steps=8, learning_rate=1e-2)
+    result = trainer.run()
+    assert result.history[-1]["loss_rs"] > 0.0 and result.history[-1]["loss_aa"] > 0.0
+    ft, pre = predict_pair(trainer, dataset)
+    assert not torch.equal(ft, pre)
+    assert len(trainer._probe_handle.aa_layers) == 1 + 1 + 1 + 2 * 3  # tiny layout: up_blocks.0 (3x2), up_blocks.1 (3x1)
+
+
+def test_only_lora_parameters_train():
+    trainer, components, _ = make_trainer(steps=3, learning_rate=1e-2)
+    lora_ids = {id(p) for p in trainer.lora.parameters()}
+    base_before = {n: p.detach().clone() for n, p in components.unet.named_parameters() if id(p) not in lora_ids}
+    lora_before = [p.detach().clone() for p in trainer.lora.parameters()]
+    trainer.run()
+    trainable = [p for p in components.unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == lora_ids
+    for n, p in components.unet.named_parameters():
+        if id(p) not in lora_ids:
+            assert torch.equal(p, base_before[n]), n
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, trainer.lora.parameters()))
+
+
+def test_loss_weight_follows_gamma_with_floor():
+    weighted, _, _ = make_trainer()
+    plain, _, _ = make_trainer(AptSwitches(adaptive_augmentation=False, adaptive_loss_weight=False))
+    weighted.config.switches.adaptive_augmentation = False
+    set_gamma_everywhere(weighted, 0.7)
+    set_gamma_everywhere(plain, 0.7)
+    e_w, e_p = weighted.train_step(), plain.train_step()
+    assert e_w.loss_weight == pytest.approx(0.3, abs=1e-6)
+    assert e_w.loss_denoise == pytest.approx(0.3 * e_p.loss_denoise, rel=1e-5)
+    floored, _, _ = make_trainer(overrides={"train.seed": 0})
+    floored.config.loss_weight_floor = 0.5
+    set_gamma_everywhere(floored, 0.7)
+    assert floored.train_step().loss_weight == pytest.approx(0.5)
+
+
+def test_augmentation_rate_follows_gamma():
+    trainer, _, _ = make_trainer(steps=40)
+    set_gamma_everywhere(trainer, 0.999)
+    trainer.config.augment.p_max = 0.5
+    rates = [trainer.train_step() for _ in range(40)][-1].aug_rate
+    assert 0.25 < rates < 0.75
+
+
+def test_baseline_switch_is_plain_dreambooth_lora():
+    """All parts off == a minimal DreamBooth-LoRA loop written here from scratch."""
+    steps = 5
+    trainer, _, dataset = make_trainer(AptSwitches.baseline(), steps=steps, learning_rate=1e-2)
+    init = trainer.lora.state_dict()
+    calls = []
+    trainer.backbone.unet.register_forward_hook(lambda *a: calls.append(1))
+    trainer.run()
+    assert len(calls) == steps  # no prior forward at all
+
+    ref = build_tiny_sdxl(seed=0)
+    unet, sched = ref.unet, ref.scheduler
+    unet.requires_grad_(False)
+    cfg = trainer.config
+    peft.inject_adapter_in_model(peft.LoraConfig(r=4, lora_alpha=4.0, target_modules=list(
+        {n.rpartition(".")[0] for n in init})), unet)
+    params = []
+    for name, module in unet.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            module.lora_A["default"].weight.data.copy_(init[f"{name}.down"])
+            module.lora_B["default"].weight.data.copy_(init[f"{name}.up"])
+            params += [module.lora_A["default"].weight, module.lora_B["default"].weight]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=cfg.train.weight_decay)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    weights = torch.ones(len(dataset))
+    for _ in range(steps):  # the trainer's documented draw order: image, t, noise, augmentation
+        ex = dataset.examples[int(torch.multinomial(weights, 1, generator=g))]
+        t = torch.randint(0, 1000, (1,), generator=g)
+        noise = torch.randn((1, *ex.latent.shape), generator=g)
+        draw_augmentation(1, cfg.augment, g)
+        x_t = sched.add_noise(ex.latent[None], noise, t)
+        pred = unet(x_t, t, encoder_hidden_states=ex.cond.context,
+                    added_cond_kwargs={"text_embeds": ex.cond.pooled, "time_ids": ex.cond.time_ids}).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+        opt.step()
+        opt.zero_grad()
+    got = trainer.lora.state_dict()
+    for name, module in unet.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            assert torch.allclose(got[f"{name}.up"], module.lora_B["default"].weight, atol=1e-6, rtol=1e-4), name
+
+
+def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
+    straight, _, _ = make_trainer(steps=6, learning_rate=5e-3)
+    straight.run()
+
+    first, _, _ = make_trainer(steps=6, learning_rate=5e-3, checkpoint_dir=tmp_path)
+    first.on_event = lambda e: first.request_stop() if e.step == 3 else None
+    result = first.run()
+    assert result.stopped and result.steps_done == 3 and result.checkpoint.exists()
+
+    second, _, _ = make_trainer(steps=6, learning_rate=5e-3, checkpoint_dir=tmp_path)
+    assert second.resume() == 3
+    second.run()
+    for a, b in zip(straight.lora.parameters(), second.lora.parameters()):
+        assert torch.equal(a, b)
+    assert second.indicator.state_dict() == straight.indicator.state_dict()
+    assert [h["loss"] for h in second.history] == [h["loss"] for h in straight.history]
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_state(tmp_path):
+    trainer, _, dataset = make_trainer(steps=4, checkpoint_dir=tmp_path)
+    trainer.train_step()  # one good step
+    for ex in dataset.examples:
+        ex.latent[:] = float("nan")
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train_step()
+    assert err.value.step == 2 and "step 2" in str(err.value)
+    assert err.value.checkpoint is not None and err.value.checkpoint.name == "step_000001.pt"
+    assert all(torch.isfinite(p).all() for p in trainer.lora.parameters())
+
+
+def test_close_leaves_the_unet_exactly_as_it_was():
+    components, dataset = tiny_model_and_data(0)
+    unet = components.unet
+    ex = dataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket)
+    before_keys = list(unet.state_dict())
+    before_types = {n: type(m) for n, m in unet.named_modules()}
+    before_procs = {n: type(p) for n, p in unet.attn_processors.items()}
+    with torch.no_grad():
+        out0 = DiffusersSDXLBackbone.from_components(components).predict(x, torch.tensor([10]), ex.cond)
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset,
+                         config(3, learning_rate=1e-2, gradient_checkpointing=True))
+    trainer.run()
+    trainer.close()
+    with torch.no_grad():
+        out1 = trainer.backbone.predict(x, torch.tensor([10]), ex.cond)
+    assert torch.equal(out0, out1)
+    assert list(unet.state_dict()) == before_keys
+    assert {n: type(m) for n, m in unet.named_modules()} == before_types
+    assert {n: type(p) for n, p in unet.attn_processors.items()} == before_procs
+    assert not unet.is_gradient_checkpointing and not hasattr(unet, "peft_config")
+
+
+def test_gradient_checkpointing_gives_the_same_training():
+    plain, _, _ = make_trainer(steps=3, learning_rate=1e-2)
+    ckpt, _, _ = make_trainer(steps=3, learning_rate=1e-2, gradient_checkpointing=True)
+    a, b = plain.run(), ckpt.run()
+    assert a.history[-1]["loss_aa"] == pytest.approx(b.history[-1]["loss_aa"], rel=1e-4)
+    for p, q in zip(plain.lora.parameters(), ckpt.lora.parameters()):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
+
+
+def test_pixel_space_augmentation_reencodes_with_the_vae():
+    components, dataset = tiny_model_and_data(0, keep_pixels=True)
+    cfg = config(3)
+    cfg.augment.space = "pixel"
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg,
+                         encode_pixels=lambda p: encode_pixels(components, p))
+    set_gamma_everywhere(trainer, 0.999)
+    events = [trainer.train_step() for _ in range(3)]
+    assert events[-1].aug_rate > 0.5
+
+
+def test_lr_schedule():
+    assert lr_at(0, 1.0, 4, 100, "constant") == 0.25
+    assert lr_at(3, 1.0, 4, 100, "constant") == 1.0
+    assert lr_at(50, 1.0, 0, 100, "constant") == 1.0
+    assert lr_at(50, 1.0, 0, 100, "cosine") == pytest.approx(0.5)
+    assert lr_at(100, 1.0, 0, 100, "cosine") == pytest.approx(0.0)
+
+
+def test_progress_events_carry_what_the_widget_plots():
+    trainer, _, _ = make_trainer(steps=2)
+    seen = []
+    trainer.on_event = seen.append
+    trainer.run()
+    e = seen[-1].to_dict()
+    assert e["step"] == 2 and e["total_steps"] == 2 and len(e["gamma"]) == 10
+    for key in ("loss", "loss_denoise", "loss_rs", "loss_aa", "aug_rate", "lr", "it_per_s", "eta_s"):
+        assert math.isfinite(e[key])
