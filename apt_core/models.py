@@ -393,7 +393,8 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
             time_ids = sdxl_time_ids(tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw))
             pixels = r.pixels.detach().to(store_device, torch.float32).clone() if keep_pixels else None
             examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids.to(store_device), mask),
-                                          r.caption, str(getattr(r, "source", "")), pixels))
+                                          r.caption, str(getattr(r, "source", "")), pixels,
+                                          int(getattr(r, "repeats", 1))))
         black = -torch.ones(1, *records[0].pixels.shape)
         fill = encode_pixels(c, black)[0].mean(dim=(1, 2)).to(store_device, torch.float32)
     finally:

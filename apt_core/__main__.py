@@ -1,0 +1,149 @@
+"""Standalone APT LoRA training: `python -m apt_core [options]` (or the `apt-train` script).
+
+With no --model it trains the small generated SDXL-shaped model, and with no --images it trains
+on generated sample photos, so the command always runs end to end, offline, on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .backbone import DiffusersSDXLBackbone
+from .config import AptConfig, AptSwitches, AugmentConfig, IndicatorConfig, LoraConfig, \
+    RegularizerConfig, TrainConfig
+from .errors import AptError
+from .images import load_image_folder
+from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
+from .sample_images import write_sample_folder
+from .trainer import AptTrainer, ProgressEvent
+
+PRESETS = {"fastest": False, "low-vram": True}  # -> gradient checkpointing
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m apt_core", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = p.add_argument_group("input and output")
+    io.add_argument("--images", help="folder of 3-10 photos (+ same-name .txt captions); "
+                    "default: generated sample photos")
+    io.add_argument("--model", help="SDXL diffusers folder or single .safetensors file; "
+                    "default: a small generated SDXL-shaped model (demo only)")
+    io.add_argument("--model-config", help="local diffusers SDXL config folder for single-file models")
+    io.add_argument("--out", default="output/apt_lora.safetensors", help="LoRA file to write")
+    io.add_argument("--checkpoint-dir", help="default: <out>.checkpoints")
+    io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    io.add_argument("--default-caption", help="caption for images without a .txt file")
+    io.add_argument("--resolution", type=int, help="training size; default 1024 (64 for the demo model)")
+    io.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=500)
+    t.add_argument("--rank", type=int, default=32)
+    t.add_argument("--alpha", type=float, help="default: the rank")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=1)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--preset", choices=sorted(PRESETS), default="fastest",
+                   help="fastest: no gradient checkpointing; low-vram: gradient checkpointing (12 GB cards)")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.add_argument_group("APT")
+    a.add_argument("--baseline", action="store_true", help="plain DreamBooth-LoRA: every APT part off")
+    a.add_argument("--no-augment", action="store_true")
+    a.add_argument("--no-loss-weight", action="store_true")
+    a.add_argument("--no-rs", action="store_true")
+    a.add_argument("--no-aa", action="store_true")
+    a.add_argument("--lambda-rs", type=float, default=RegularizerConfig.lambda_rs)
+    a.add_argument("--lambda-aa", type=float, default=RegularizerConfig.lambda_aa)
+    a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
+    a.add_argument("--fill", choices=("constant", "reflect"), default=AugmentConfig.fill)
+    a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
+    a.add_argument("--print-every", type=int, default=25)
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> AptConfig:
+    switches = AptSwitches.baseline() if args.baseline else AptSwitches(
+        adaptive_augmentation=not args.no_augment, adaptive_loss_weight=not args.no_loss_weight,
+        representation_stabilization=not args.no_rs, attention_alignment=not args.no_aa)
+    return AptConfig(
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                          seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          gradient_checkpointing=PRESETS[args.preset]),
+        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha else float(args.rank)),
+        indicator=IndicatorConfig(scale=args.indicator_scale),
+        augment=AugmentConfig(p_max=args.p_max, fill=args.fill),
+        regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa),
+        switches=switches).validate()
+
+
+def format_event(e: ProgressEvent) -> str:
+    gammas = " ".join(f"{g:.2f}" for g in e.gamma)
+    return (f"step {e.step:>5}/{e.total_steps}  loss {e.loss:.4f} (denoise {e.loss_denoise:.4f} "
+            f"rs {e.loss_rs:.2e} aa {e.loss_aa:.2e})  aug {e.aug_rate:.2f}  lr {e.lr:.1e}  "
+            f"{e.it_per_s:.1f} it/s  eta {e.eta_s:.0f}s\n    gamma per bin (low -> high noise): {gammas}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return train(args)
+    except AptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    out = Path(args.out)
+    device = torch.device(args.device)
+    if args.model:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        components = load_sdxl(args.model, dtype=dtype, config=args.model_config)
+        resolution = args.resolution or 1024
+    else:
+        print("no --model given: using the small generated SDXL-shaped demo model (random weights)")
+        components = build_tiny_sdxl(seed=args.seed)
+        resolution = args.resolution or 64
+    images = args.images
+    if images is None:
+        images = write_sample_folder(out.parent / "sample_images", size=max(resolution, 64))
+        print(f"no --images given: generated sample photos in {images}")
+    report = load_image_folder(images, resolution=resolution, default_caption=args.default_caption,
+                               bucket_step=64 if resolution >= 512 else 8)
+    print(report.summary())
+    components.unet.to(device)
+    started = time.perf_counter()
+    dataset = cache_dataset(components, report.records, device, components.unet.dtype,
+                            keep_pixels=config.augment.space == "pixel")
+    print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
+    trainer = AptTrainer(
+        DiffusersSDXLBackbone.from_components(components), dataset, config, checkpoint_dir=checkpoints,
+        on_event=lambda e: print(format_event(e), flush=True)
+        if e.step % args.print_every == 0 or e.step == e.total_steps else None,
+        encode_pixels=lambda px: encode_pixels(components, px))
+    if args.resume:
+        print(f"resuming at step {trainer.resume()} from {checkpoints}")
+    previous = signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step..."),
+                                                        trainer.request_stop()))
+    try:
+        result = trainer.run()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    path = trainer.save_lora(out, save_dtype=args.save_dtype)
+    state = "stopped early" if result.stopped else "finished"
+    print(f"{state} at step {result.steps_done}; LoRA written to {path}")
+    if result.checkpoint:
+        print(f"checkpoint: {result.checkpoint} (continue with --resume)")
+    print("final gamma per bin:", " ".join(f"{g:.2f}" for g in result.gammas))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

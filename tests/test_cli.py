@@ -1,0 +1,46 @@
+"""The standalone command: trains the demo model end to end, resumes, and reports bad input."""
+
+import pytest
+from safetensors import safe_open
+
+from apt_core.__main__ import main
+from apt_core.models import build_tiny_sdxl, save_tiny_sdxl
+
+
+def test_demo_run_writes_a_lora_and_a_resumable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run" / "lora.safetensors"
+    assert main(["--steps", "4", "--rank", "4", "--print-every", "2", "--checkpoint-every", "2",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "gamma per bin" in text and "step     4/4" in text
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "4"
+    assert (tmp_path / "run" / "lora.checkpoints" / "step_000004.pt").exists()
+    assert main(["--steps", "6", "--rank", "4", "--out", str(out), "--resume"]) == 0
+    text = capsys.readouterr().out
+    assert "resuming at step 4" in text and "finished at step 6" in text
+
+
+def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
+    model = save_tiny_sdxl(build_tiny_sdxl(seed=1), tmp_path / "model")
+    from apt_core.sample_images import write_sample_folder
+    images = write_sample_folder(tmp_path / "imgs", count=3, size=64)
+    assert main(["--model", str(model), "--images", str(images), "--resolution", "64", "--steps", "2",
+                 "--rank", "2", "--baseline", "--out", str(tmp_path / "l.safetensors")]) == 0
+    assert "3 image(s) loaded" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "/no/such/folder"], "Image folder not found"),
+    (["--rank", "0"], "rank must be a positive integer"),
+    (["--model", "/no/such/model.safetensors"], "not found"),
+])
+def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys, args, message):
+    assert main(args + ["--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_empty_image_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["--images", str(tmp_path / "empty"), "--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "no images" in capsys.readouterr().err.lower()

@@ -1,0 +1,125 @@
+"""The exported kohya LoRA: key format, metadata, atomic writes, and that it loads with identical
+effect in ComfyUI's LoraLoader path (zero "lora key not loaded") and in diffusers."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import comfy_host as ch
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.errors import AptOutputError
+from apt_core.export import atomic_write, read_kohya_lora
+from apt_core.models import build_tiny_sdxl
+from apt_core.trainer import AptTrainer
+
+from tiny import config, tiny_model_and_data
+
+KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    components, dataset = tiny_model_and_data(0)
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, config(3, learning_rate=2e-2))
+    trainer.run()
+    path = tmp_path_factory.mktemp("lora") / "apt_test.safetensors"
+    trainer.save_lora(path, save_dtype="fp32")
+    ex = dataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([321])
+    with torch.no_grad():
+        expected = trainer.backbone.predict(x, t, ex.cond)
+        with trainer.lora.disabled():
+            base = trainer.backbone.predict(x, t, ex.cond)
+    assert not torch.allclose(expected, base, atol=1e-4)  # the LoRA does something
+    return trainer, path, (x, t, ex.cond), expected
+
+
+def test_keys_are_kohya_format_with_metadata(trained):
+    trainer, path, _, _ = trained
+    with safe_open(str(path), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(KEY.match(k) for k in keys), [k for k in keys if not KEY.match(k)][:3]
+    assert len(keys) == 3 * len(trainer.lora.layers)
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert "lora_unet_up_blocks_0_attentions_2_transformer_blocks_1_attn2_to_out_0.alpha" in keys
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_steps"] == "3"
+    gammas = json.loads(meta["apt_final_gamma"])
+    assert len(gammas) == 10 and gammas == pytest.approx(trainer.indicator.gammas(), abs=1e-6)
+    assert json.loads(meta["apt_settings"])["lora"]["rank"] == 4
+
+
+def test_file_round_trips_to_the_trained_weights(trained):
+    trainer, path, _, _ = trained
+    names = {trainer.backbone.kohya_key(n): n for n in trainer.lora.layers}
+    state, alpha = read_kohya_lora(path, names)
+    assert alpha == 4.0
+    for name, tensor in trainer.lora.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
+def test_loads_in_comfyui_loraloader_with_every_key_and_same_effect(trained):
+    _, path, (x, t, cond), expected = trained
+    base_unet = build_tiny_sdxl(seed=0).unet
+    patcher = ch.comfy_sdxl_model_from_diffusers_config(base_unet.config)
+    ch.load_diffusers_unet_into_comfy(base_unet, patcher)
+    patched, loaded, not_loaded = ch.comfy_load_lora(patcher, path, strength=1.0)
+    assert not_loaded == []
+    with safe_open(str(path), "pt") as f:
+        assert loaded == len(list(f.keys()))
+    sizes = dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
+                     cond.time_ids[0].int().tolist()))
+    with torch.no_grad(), ch.patched_diffusion_model(patched) as dm:
+        y = patched.model.encode_adm(pooled_output=cond.pooled, **sizes)
+        out = dm(x, timesteps=t, context=cond.context, y=y)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loads_in_diffusers_load_lora_weights_with_same_effect(trained):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, path, (x, t, cond), expected = trained
+    c = build_tiny_sdxl(seed=0)
+    pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder_1, text_encoder_2=c.text_encoder_2,
+                                     tokenizer=c.tokenizer_1, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                     scheduler=c.scheduler)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        out = pipe.unet(x, t, encoder_hidden_states=cond.context,
+                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"previous good file")
+
+    def broken(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(AptOutputError, match="disk is full"):
+        atomic_write(target, broken)
+    assert target.read_bytes() == b"previous good file"
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_unwritable_output_folder_is_a_clear_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    with pytest.raises(AptOutputError, match="cannot write"):
+        atomic_write(folder / "x.safetensors", lambda tmp: None)
+
+
+def test_output_path_under_a_file_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(AptOutputError, match="cannot write"):
+        atomic_write(tmp_path / "file" / "x.safetensors", lambda tmp: None)
