@@ -169,12 +169,12 @@ class AptConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AptConfig":
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        known_parts = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         sub = {"train": TrainConfig, "lora": LoraConfig, "indicator": IndicatorConfig,
                "augment": AugmentConfig, "regularizers": RegularizerConfig, "switches": AptSwitches}
         for name, value in data.items():
-            if name not in parts:
+            if name not in known_parts:
                 raise AptConfigError(f"unknown setting {name!r}.")
             if name in sub:
                 known = {f.name for f in dataclasses.fields(sub[name])}

@@ -14,8 +14,13 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "[env] installing requirements (first run downloads torch, a few minutes)" >&2
-    "$VENV/bin/python" -m pip install -q --upgrade pip >&2
-    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements-dev.txt" >&2
+    LOG="$VENV/pip-install.log"
+    if ! { "$VENV/bin/python" -m pip install --upgrade pip && \
+           "$VENV/bin/python" -m pip install -r "$ROOT/requirements-dev.txt"; } >"$LOG" 2>&1; then
+        tail -n 40 "$LOG" >&2
+        echo "[env] pip install failed; full log: $LOG" >&2
+        return 1 2>/dev/null || exit 1
+    fi
     "$VENV/bin/python" -c "import torch, torchvision, torchaudio, peft, diffusers, kornia" >&2
     echo "$WANT" > "$STAMP"
 fi

@@ -1,0 +1,49 @@
+"""Settings: defaults from the method notes, validation messages, dict round trip."""
+
+import pytest
+
+from apt_core.config import AptConfig, AptSwitches
+from apt_core.errors import AptConfigError
+
+
+def test_defaults_follow_the_paper():
+    cfg = AptConfig()
+    assert (cfg.indicator.num_bins, cfg.indicator.ema_alpha, cfg.indicator.scale) == (10, 0.1, 1000.0)
+    assert (cfg.augment.zoom_min, cfg.augment.zoom_max, cfg.augment.rotation_deg) == (1.0, 3.0, 15.0)
+    assert cfg.regularizers.up_block_factors == (4, 2)  # 32x32 and 64x64 at 1024 px
+    assert cfg.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    assert cfg.loss_weight_floor == 0.0
+
+
+def test_baseline_needs_no_prior_pass_and_tracking_does():
+    assert not AptSwitches.baseline().needs_prior
+    assert AptSwitches(False, False, False, False, track_indicator=True).needs_prior
+    assert AptSwitches().needs_prior
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: setattr(c.lora, "rank", 0), "rank must be a positive integer"),
+    (lambda c: setattr(c.lora, "rank", 2.5), "rank must be a positive integer"),
+    (lambda c: setattr(c.augment, "p_max", 1.5), "p_max"),
+    (lambda c: setattr(c.augment, "zoom_min", 0.5), "zoom range"),
+    (lambda c: setattr(c.augment, "fill", "mirror"), "fill mode"),
+    (lambda c: setattr(c.indicator, "ema_alpha", 0.0), "EMA alpha"),
+    (lambda c: setattr(c.train, "steps", 0), "steps"),
+    (lambda c: setattr(c, "loss_weight_floor", 2.0), "floor"),
+    (lambda c: setattr(c.regularizers, "lambda_aa", -1.0), "lambda"),
+])
+def test_out_of_range_settings_are_clear_errors(edit, message):
+    cfg = AptConfig()
+    edit(cfg)
+    with pytest.raises(AptConfigError, match=message):
+        cfg.validate()
+
+
+def test_dict_round_trip_and_unknown_keys():
+    cfg = AptConfig()
+    cfg.train.steps, cfg.augment.fill, cfg.switches.attention_alignment = 7, "reflect", False
+    assert AptConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(AptConfigError, match="unknown"):
+        AptConfig.from_dict({"train": {"stepz": 3}})
+    with pytest.raises(AptConfigError, match="unknown"):
+        AptConfig.from_dict({"speed": 3})
