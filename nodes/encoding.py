@@ -1,0 +1,105 @@
+"""Encode an APT dataset once with the host's VAE and CLIP into `apt_core`'s CachedDataset.
+
+- Latents: `VAE.encode` (ComfyUI IMAGE layout (B, H, W, C) in [0, 1]), then the model's
+  `latent_format.process_in` (SDXL: x 0.13025), i.e. what the sampler feeds the UNet.
+- Text: `CLIP.tokenize` + `encode_from_tokens` per caption, then the model's own `encode_adm` with
+  SDXL's size conditioning set per image (original size, crop offset, target size = bucket) — the
+  same numbers `CLIPTextEncodeSDXL` would set. Plain `CLIPTextEncode` would leave them at 768 x 768.
+  `SDXLConditioning.pooled` stores that full adm vector `y` (see comfy_backbone).
+- The token mask (real tokens BOS..EOS, per 77-token chunk) comes from the CLIP-L token ids.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from apt_core.conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids
+from apt_core.errors import AptModelError
+
+
+def to_comfy_image(pixels: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) or (B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1]."""
+    if pixels.ndim == 3:
+        pixels = pixels[None]
+    return ((pixels.float() + 1.0) * 0.5).clamp(0.0, 1.0).movedim(1, -1).contiguous()
+
+
+def token_mask(clip, tokens: dict, length: int) -> torch.Tensor:
+    """(1, length) bool: True from BOS up to and including the first EOS of each 77-token chunk.
+
+    Uses the CLIP-L ids ("l"); falls back to all True when the tokenizer is unknown or the chunk
+    layout does not match the context length (custom text encoders).
+    """
+    key = "l" if "l" in tokens else next(iter(tokens), None)
+    tok = getattr(getattr(clip, "tokenizer", None), f"clip_{key}", None) if key else None
+    end = getattr(tok, "end_token", None)
+    if key is None or end is None:
+        return torch.ones(1, length, dtype=torch.bool)
+    parts = []
+    for chunk in tokens[key]:
+        ids = [t[0] for t in chunk]
+        first_end = next((i for i, t in enumerate(ids) if isinstance(t, int) and t == end), len(ids) - 1)
+        parts += [i <= first_end for i in range(len(ids))]
+    if len(parts) != length:
+        return torch.ones(1, length, dtype=torch.bool)
+    return torch.tensor(parts, dtype=torch.bool)[None]
+
+
+def encode_caption(clip, base_model, caption: str, original_hw, crop_top_left, target_hw
+                   ) -> SDXLConditioning:
+    """One caption -> SDXLConditioning (batch 1) with ComfyUI's adm vector in `pooled`."""
+    tokens = clip.tokenize(caption)
+    out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+    cond, pooled = out["cond"], out["pooled_output"]
+    if pooled is None:
+        raise AptModelError("The CLIP gave no pooled output; connect the CLIP of an SDXL checkpoint.")
+    (oh, ow), (top, left), (th, tw) = original_hw, crop_top_left, target_hw
+    y = base_model.encode_adm(pooled_output=pooled, width=ow, height=oh, crop_w=left, crop_h=top,
+                              target_width=tw, target_height=th, device=cond.device)
+    return SDXLConditioning(
+        context=cond.detach().float().cpu().clone(),
+        pooled=y.detach().float().cpu().clone(),
+        time_ids=sdxl_time_ids(tuple(original_hw), tuple(crop_top_left), tuple(target_hw)),
+        token_mask=token_mask(clip, tokens, cond.shape[1]))
+
+
+def encode_latent(vae, base_model, pixels: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) in [-1, 1] -> (4, H/8, W/8) float32 latent as the UNet sees it."""
+    latent = vae.encode(to_comfy_image(pixels))
+    return base_model.process_latent_in(latent.float()).detach().float().cpu().clone()[0]
+
+
+def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int, adm_channels: int,
+                  check_interrupt: Callable[[], None] = lambda: None,
+                  on_item: Callable[[int, int], None] = lambda i, n: None) -> CachedDataset:
+    """Encode every record once (under no_grad, on whatever device ComfyUI picks) to CPU float32."""
+    if clip is None:
+        raise AptModelError("No CLIP connected: the checkpoint has no text encoder. Connect the CLIP "
+                            "output of 'Load Checkpoint' (an SDXL checkpoint).")
+    if vae is None:
+        raise AptModelError("No VAE connected. Connect the VAE output of 'Load Checkpoint'.")
+    examples = []
+    text_cache: dict[tuple, SDXLConditioning] = {}
+    with torch.no_grad():
+        for i, r in enumerate(records):
+            check_interrupt()
+            key = (r.caption, tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw))
+            if key not in text_cache:
+                text_cache[key] = encode_caption(clip, base_model, *key)
+            cond = text_cache[key]
+            if i == 0:
+                if cond.context.shape[-1] != context_dim or cond.pooled.shape[-1] != adm_channels:
+                    raise AptModelError(
+                        f"The CLIP does not match the model: it gives text features of width "
+                        f"{cond.context.shape[-1]} / size vector {cond.pooled.shape[-1]}, the SDXL UNet "
+                        f"expects {context_dim} / {adm_channels}. Connect the CLIP from the same SDXL "
+                        "checkpoint as the MODEL.")
+            latent = encode_latent(vae, base_model, r.pixels)
+            examples.append(CachedExample(latent, cond, r.caption, str(getattr(r, "source", "")),
+                                          None, int(getattr(r, "repeats", 1))))
+            on_item(i + 1, len(records))
+        black = -torch.ones_like(records[0].pixels)
+        fill = encode_latent(vae, base_model, black).mean(dim=(1, 2))
+    return CachedDataset(examples, fill)

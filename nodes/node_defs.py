@@ -1,0 +1,329 @@
+"""The APT nodes (ComfyUI V3 schema)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from apt_core.config import AugmentConfig, IndicatorConfig, RegularizerConfig
+
+from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
+from .settings import (DEFAULT_PRESET, DEFAULT_RESOLUTIONS, PRESETS, RESOLUTIONS, ata_settings,
+                       build_config, reg_settings, sanitize_lora_name)
+
+log = logging.getLogger("apt_lora_trainer")
+
+CATEGORY = "APT LoRA Trainer"
+AptDatasetIO = io.Custom("APT_DATASET")
+AtaSettingsIO = io.Custom("APT_ATA_SETTINGS")
+RegSettingsIO = io.Custom("APT_REG_SETTINGS")
+
+_IND, _AUG, _REG = IndicatorConfig(), AugmentConfig(), RegularizerConfig()
+
+
+def _folder_fingerprint(folder: str) -> str:
+    """Names, sizes and times of everything under the folder, so edits re-run the loader."""
+    import folder_paths
+
+    try:
+        root = resolve_folder(folder, folder_paths.get_input_directory())
+    except Exception:  # noqa: BLE001 - the node itself reports the problem
+        return f"invalid:{folder}"
+    h = hashlib.sha1(str(root).encode())
+    if root.is_dir():
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                try:
+                    st = os.stat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    else:
+        h.update(b"missing")
+    return h.hexdigest()
+
+
+class AptDatasetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="APTDatasetLoader",
+            display_name="APT Dataset Loader",
+            category=CATEGORY,
+            description="Load 3-10 reference images of your subject (a folder and/or an IMAGE batch) with "
+                        "their captions, resized and cropped to SDXL's training buckets.",
+            inputs=[
+                io.String.Input("folder", default="", tooltip=(
+                    "Folder with the reference images (.png .jpg .webp ...). A caption can sit next to each "
+                    "image as a .txt file with the same name. Relative paths are inside ComfyUI's input "
+                    "folder. Subfolders named like '10_name' are repeated 10 times per epoch. Leave empty "
+                    "when you connect images instead.")),
+                io.Int.Input("resolution", default=1024, min=64, max=2048, step=64, tooltip=(
+                    "Training resolution in pixels (SDXL: 1024). Images are fitted to SDXL's aspect-ratio "
+                    "buckets of about this area. Lower it (768) to save memory.")),
+                io.String.Input("default_caption", default="", tooltip=(
+                    "Caption for images without a .txt file / caption line. Leave empty and use 'APT "
+                    "Caption' to build captions from a trigger word instead.")),
+                io.Image.Input("images", optional=True, tooltip=(
+                    "Optional IMAGE batch (e.g. from Load Image nodes) used in addition to the folder.")),
+                io.String.Input("captions", optional=True, multiline=True, default="", tooltip=(
+                    "Captions for the connected images: one line per image in order, or a single line "
+                    "for all of them.")),
+            ],
+            outputs=[
+                AptDatasetIO.Output(display_name="dataset", tooltip="The images and captions, for APT Caption / APT Trainer."),
+                io.String.Output(display_name="report", tooltip="What was loaded: count, sizes, buckets, skipped files and why."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder="", resolution=1024, default_caption="", images=None, captions=None):
+        return _folder_fingerprint(folder) if folder and folder.strip() else ""
+
+    @classmethod
+    def execute(cls, folder: str, resolution: int, default_caption: str, images=None,
+                captions: str | None = None) -> io.NodeOutput:
+        import folder_paths
+
+        ds = load_dataset(folder, images, captions, int(resolution), default_caption,
+                          folder_paths.get_input_directory())
+        log.info("APT dataset: %d image(s)", len(ds))
+        return io.NodeOutput(ds, ds.report)
+
+
+class AptCaption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="APTCaption",
+            display_name="APT Caption",
+            category=CATEGORY,
+            description="Build captions from a trigger word, a class word and a short context per image. "
+                        "APT works best when captions describe the background/context and keep the subject "
+                        "simple.",
+            inputs=[
+                AptDatasetIO.Input("dataset", tooltip="The dataset from APT Dataset Loader."),
+                io.String.Input("trigger_word", default="sks", tooltip=(
+                    "A rare word that will mean your subject, e.g. 'sks' or 'ohwx'. Write it in prompts "
+                    "to use the LoRA.")),
+                io.String.Input("class_word", default="person", tooltip=(
+                    "What the subject is, in one or two plain words: 'person', 'dog', 'backpack', "
+                    "'art style'.")),
+                io.String.Input("context_captions", multiline=True, default="", tooltip=(
+                    "One line per image, in the dataset's order, describing the background / context "
+                    "(not the subject): 'on green grass next to a road'. A line 'name.png: ...' goes to "
+                    "that file. Images without a line get no context.")),
+                io.String.Input("template", default=DEFAULT_TEMPLATE, tooltip=(
+                    "How a caption is built; placeholders {trigger}, {class}, {context}. Empty pieces "
+                    "and dangling commas are removed.")),
+                io.Combo.Input("mode", options=list(CAPTION_MODES), default=CAPTION_MODES[0], tooltip=(
+                    "fill missing: only images without a caption (.txt / captions input) get the "
+                    "template; replace all: every image gets the template; add trigger: existing "
+                    "captions get '<trigger> <class>,' in front when the trigger word is missing.")),
+            ],
+            outputs=[
+                AptDatasetIO.Output(display_name="dataset", tooltip="The dataset with the final captions."),
+                io.String.Output(display_name="captions", tooltip="The final caption of every image, and warnings."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, dataset, trigger_word: str, class_word: str, context_captions: str, template: str,
+                mode: str) -> io.NodeOutput:
+        ds, text = caption_dataset(dataset, trigger_word, class_word, context_captions, template, mode)
+        return io.NodeOutput(ds, text)
+
+
+class AptAtaSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="APTAtaSettings",
+            display_name="APT Indicator & Augmentation settings",
+            category=CATEGORY,
+            description="Adaptive Training Adjustment: the overfitting indicator (gamma per noise level) "
+                        "and what it drives - zoom-out/rotation augmentation and loss down-weighting.",
+            inputs=[
+                io.Int.Input("bins", default=_IND.num_bins, min=1, max=100, tooltip=(
+                    "Number of equal timestep bins the indicator tracks (paper: 10).")),
+                io.Float.Input("ema_alpha", default=_IND.ema_alpha, min=0.001, max=1.0, step=0.001, tooltip=(
+                    "Smoothing of the per-bin loss averages: new = (1 - alpha) * old + alpha * value "
+                    "(paper: 0.1).")),
+                io.Float.Input("indicator_scale", default=_IND.scale, min=0.001, max=100000.0, step=1.0, tooltip=(
+                    "S in gamma = 1 - exp(-S * (prior loss - fine-tuned loss)). SDXL: 1000 (= T); "
+                    "SD 2.1 in the paper: 100.")),
+                io.Float.Input("p_max", default=_AUG.p_max, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Highest probability of augmenting an image (augmentation probability = "
+                    "min(gamma, p_max)).")),
+                io.Float.Input("zoom_min", default=_AUG.zoom_min, min=1.0, max=10.0, step=0.05, tooltip=(
+                    "Smallest zoom-out factor (1 = full size).")),
+                io.Float.Input("zoom_max", default=_AUG.zoom_max, min=1.0, max=10.0, step=0.05, tooltip=(
+                    "Largest zoom-out factor: the image shrinks to 1/zoom of the canvas (paper: 3).")),
+                io.Float.Input("rotation", default=_AUG.rotation_deg, min=0.0, max=180.0, step=0.5, tooltip=(
+                    "Random rotation range in degrees, +/- (paper: 15).")),
+                io.Combo.Input("fill_mode", options=["constant", "reflect"], default=_AUG.fill, tooltip=(
+                    "What fills the border around a zoomed-out image: constant (black, as in the paper) "
+                    "or a reflection of the image.")),
+                io.Float.Input("loss_weight_floor", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
+                    "Lowest loss weight: each sample's loss is multiplied by max(1 - gamma, floor). "
+                    "0 follows the paper.")),
+                io.Boolean.Input("adaptive_augmentation", default=True, tooltip=(
+                    "Zoom-out/rotate images more often as the model starts to memorise them.")),
+                io.Boolean.Input("adaptive_loss_weight", default=True, tooltip=(
+                    "Down-weight the loss at noise levels where the model already memorises.")),
+                io.Boolean.Input("track_indicator", default=False, tooltip=(
+                    "Compute gamma even when nothing above uses it (costs one extra forward per step; "
+                    "useful for comparison runs).")),
+            ],
+            outputs=[AtaSettingsIO.Output(display_name="ata_settings", tooltip="Connect to APT Trainer.")],
+        )
+
+    @classmethod
+    def execute(cls, bins: int, ema_alpha: float, indicator_scale: float, p_max: float, zoom_min: float,
+                zoom_max: float, rotation: float, fill_mode: str, loss_weight_floor: float,
+                adaptive_augmentation: bool, adaptive_loss_weight: bool, track_indicator: bool) -> io.NodeOutput:
+        return io.NodeOutput(ata_settings(
+            num_bins=bins, ema_alpha=ema_alpha, indicator_scale=indicator_scale, p_max=p_max,
+            zoom_min=zoom_min, zoom_max=zoom_max, rotation_deg=rotation, fill=fill_mode,
+            loss_weight_floor=loss_weight_floor, adaptive_augmentation=adaptive_augmentation,
+            adaptive_loss_weight=adaptive_loss_weight, track_indicator=track_indicator))
+
+
+class AptRegSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="APTRegSettings",
+            display_name="APT Regularization weights",
+            category=CATEGORY,
+            description="Representation Stabilization (keeps feature statistics close to the base model) "
+                        "and Attention Alignment (keeps cross-attention spread over every prompt word).",
+            inputs=[
+                io.Float.Input("lambda_rs", default=_REG.lambda_rs, min=0.0, max=1000.0, step=0.01, tooltip=(
+                    "Weight of Representation Stabilization: mean/std of decoder features vs the base "
+                    "model. Higher = less over-saturated, memorised texture.")),
+                io.Float.Input("lambda_aa", default=_REG.lambda_aa, min=0.0, max=1000.0, step=0.01, tooltip=(
+                    "Weight of Attention Alignment: cross-attention maps vs the base model. Higher = "
+                    "prompts keep control of background and style.")),
+                io.Combo.Input("aa_distance", options=["mse", "kl"], default=_REG.aa_distance, tooltip=(
+                    "How attention maps are compared: mean squared error, or KL divergence over the "
+                    "prompt's tokens.")),
+                io.Combo.Input("resolutions", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTIONS, tooltip=(
+                    "Which decoder (up-block) stages are regularized, named by their size for a 1024 px "
+                    "image. The paper uses both.")),
+                io.Boolean.Input("representation_stabilization", default=True, tooltip="Turn RS on/off."),
+                io.Boolean.Input("attention_alignment", default=True, tooltip=(
+                    "Turn AA on/off (off saves some memory and time).")),
+            ],
+            outputs=[RegSettingsIO.Output(display_name="reg_settings", tooltip="Connect to APT Trainer.")],
+        )
+
+    @classmethod
+    def execute(cls, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
+                representation_stabilization: bool, attention_alignment: bool) -> io.NodeOutput:
+        return io.NodeOutput(reg_settings(
+            lambda_rs=lambda_rs, lambda_aa=lambda_aa, aa_distance=aa_distance, resolutions=resolutions,
+            representation_stabilization=representation_stabilization,
+            attention_alignment=attention_alignment))
+
+
+class AptTrainerNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="APTTrainer",
+            display_name="APT Trainer",
+            category=CATEGORY,
+            description="Train an SDXL LoRA with APT (Adaptive Personalized Training, CVPR 2025) on the "
+                        "connected model. Saves the LoRA into your loras folder and outputs the model with "
+                        "the LoRA applied for a quick test.",
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The SDXL model from 'Load Checkpoint' (any SDXL fine-tune)."),
+                io.Clip.Input("clip", tooltip="The CLIP from the same 'Load Checkpoint' node."),
+                io.Vae.Input("vae", tooltip="The VAE from the same 'Load Checkpoint' node."),
+                AptDatasetIO.Input("dataset", tooltip="Images + captions from APT Dataset Loader / APT Caption."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip=(
+                    "Training steps (one image per step). 300-1000 for 3-10 images; the paper trains up "
+                    "to 2000.")),
+                io.Int.Input("rank", default=32, min=1, max=256, tooltip=(
+                    "LoRA rank (size). 16-32 is plenty for one subject; higher = bigger file, more "
+                    "memory.")),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
+                    "AdamW learning rate of the LoRA weights. 1e-4 is a safe start; lower it if images "
+                    "burn, raise it if nothing is learned.")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip=(
+                    "Fixes the LoRA initialisation, image order, noise and augmentation: same seed + "
+                    "settings = same LoRA.")),
+                io.Int.Input("checkpoint_every", default=100, min=0, max=100000, tooltip=(
+                    "Save a resumable checkpoint every N steps (0: only when stopping/finishing). "
+                    "Checkpoints live in output/apt_lora_trainer/<LoRA name>/.")),
+                io.String.Input("lora_name", default="apt_lora", tooltip=(
+                    "File name of the LoRA in your loras folder ('.safetensors' is added; other "
+                    "characters than letters, digits, '.', '-', '_' become '_').")),
+                io.Boolean.Input("overwrite", default=False, tooltip=(
+                    "Replace an existing LoRA file of the same name. Off: the node stops with an error "
+                    "instead. (Resuming a run may always update its own file.)")),
+                io.Boolean.Input("resume", default=True, tooltip=(
+                    "On: continue from this LoRA name's last checkpoint (after Cancel or a crash) if it "
+                    "has fewer steps than 'steps'. Off: start from scratch (old checkpoints of this name "
+                    "are deleted).")),
+                io.Combo.Input("memory_preset", options=list(PRESETS), default=DEFAULT_PRESET, tooltip=(
+                    "Fastest: everything kept in memory. Low VRAM: recompute activations in the backward "
+                    "pass (gradient checkpointing), about 30% slower, far less memory.")),
+                AtaSettingsIO.Input("ata_settings", optional=True, tooltip=(
+                    "Optional: APT Indicator & Augmentation settings (defaults follow the paper).")),
+                RegSettingsIO.Input("reg_settings", optional=True, tooltip=(
+                    "Optional: APT Regularization weights (defaults follow the paper).")),
+            ],
+            outputs=[
+                io.String.Output(display_name="lora_name", tooltip=(
+                    "The saved file's name as LoraLoader lists it.")),
+                io.Model.Output(display_name="model", tooltip=(
+                    "The input model with the new LoRA applied (strength 1), for an immediate test.")),
+                io.String.Output(display_name="indicator_history", tooltip=(
+                    "JSON: per-step losses, gamma per timestep bin, augmentation rate, learning rate.")),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, dataset, steps: int, rank: int, learning_rate: float, seed: int,
+                checkpoint_every: int, lora_name: str, overwrite: bool, resume: bool, memory_preset: str,
+                ata_settings=None, reg_settings=None) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+        import folder_paths
+
+        from comfy_execution.utils import get_executing_context
+
+        from .train_job import TrainJob, run_in_worker
+
+        hidden = getattr(cls, "hidden", None)
+        node_id = str(getattr(hidden, "unique_id", None) or "apt")
+        ctx = get_executing_context()
+        config = build_config(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed,
+                              checkpoint_every=checkpoint_every, preset=memory_preset,
+                              ata=ata_settings, reg=reg_settings)
+        lora_file = sanitize_lora_name(lora_name)
+        loras_dir = folder_paths.get_folder_paths("loras")[0]
+        run_dir = Path(folder_paths.get_output_directory()) / "apt_lora_trainer" / Path(lora_file).stem
+        job = TrainJob(model=model, clip=clip, vae=vae, dataset=dataset, config=config, lora_file=lora_file,
+                       loras_dir=loras_dir, checkpoint_dir=run_dir, overwrite=overwrite, resume=resume,
+                       node_id=node_id, prompt_id=getattr(ctx, "prompt_id", None)).prepare()
+        result = run_in_worker(job.run)
+
+        lora_sd = comfy.utils.load_torch_file(str(result.lora_path), safe_load=True)
+        model_lora, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0.0)
+        history = json.dumps({**result.summary(), "history": result.history})
+        return io.NodeOutput(result.lora_file, model_lora, history,
+                             ui={"apt_run": [result.summary()]})
+
+
+NODES = [AptDatasetLoader, AptCaption, AptAtaSettings, AptRegSettings, AptTrainerNode]

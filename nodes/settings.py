@@ -1,0 +1,101 @@
+"""Node settings <-> `apt_core.AptConfig`, and the LoRA file name / folder rules (no ComfyUI imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import unicodedata
+
+from apt_core.config import (AptConfig, AptSwitches, AugmentConfig, IndicatorConfig, LoraConfig,
+                             RegularizerConfig, TrainConfig)
+from apt_core.errors import AptConfigError
+
+# Memory/speed presets in plain words -> TrainConfig fields.
+PRESETS = {
+    "Fastest (24 GB+ VRAM)": {"gradient_checkpointing": False},
+    "Low VRAM (12-16 GB): gradient checkpointing": {"gradient_checkpointing": True},
+}
+DEFAULT_PRESET = "Fastest (24 GB+ VRAM)"
+
+# Hooked decoder resolutions for RS/AA, by latent downsampling factor (1024 px image: 128 latent).
+RESOLUTIONS = {
+    "32x32 + 64x64 (paper)": (4, 2),
+    "32x32 only (cheaper)": (4,),
+    "64x64 only": (2,),
+}
+DEFAULT_RESOLUTIONS = "32x32 + 64x64 (paper)"
+
+
+def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_max: float,
+                 zoom_min: float, zoom_max: float, rotation_deg: float, fill: str,
+                 loss_weight_floor: float, adaptive_augmentation: bool, adaptive_loss_weight: bool,
+                 track_indicator: bool) -> dict:
+    """The APT_ATA_SETTINGS value (validated now, so a bad value errors on the settings node)."""
+    ind = IndicatorConfig(num_bins=int(num_bins), ema_alpha=float(ema_alpha), scale=float(indicator_scale))
+    aug = AugmentConfig(enabled=bool(adaptive_augmentation), p_max=float(p_max), zoom_min=float(zoom_min),
+                        zoom_max=float(zoom_max), rotation_deg=float(rotation_deg), fill=fill)
+    ind.validate()
+    aug.validate()
+    if not 0.0 <= loss_weight_floor <= 1.0:
+        raise AptConfigError(f"loss-weight floor must be in [0, 1], got {loss_weight_floor}.")
+    return {"indicator": dataclasses.asdict(ind), "augment": dataclasses.asdict(aug),
+            "loss_weight_floor": float(loss_weight_floor),
+            "switches": {"adaptive_augmentation": bool(adaptive_augmentation),
+                         "adaptive_loss_weight": bool(adaptive_loss_weight),
+                         "track_indicator": bool(track_indicator)}}
+
+
+def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
+                 representation_stabilization: bool, attention_alignment: bool,
+                 aa_head_average: bool = False) -> dict:
+    """The APT_REG_SETTINGS value."""
+    if resolutions not in RESOLUTIONS:
+        raise AptConfigError(f"unknown resolutions {resolutions!r}; choose one of {list(RESOLUTIONS)}.")
+    reg = RegularizerConfig(lambda_rs=float(lambda_rs), lambda_aa=float(lambda_aa),
+                            up_block_factors=RESOLUTIONS[resolutions], aa_distance=aa_distance,
+                            aa_head_average=bool(aa_head_average))
+    reg.validate()
+    return {"regularizers": dataclasses.asdict(reg),
+            "switches": {"representation_stabilization": bool(representation_stabilization),
+                         "attention_alignment": bool(attention_alignment)}}
+
+
+def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, checkpoint_every: int,
+                 preset: str, ata: dict | None = None, reg: dict | None = None) -> AptConfig:
+    """Everything the trainer node knows -> a validated AptConfig (paper defaults elsewhere)."""
+    if preset not in PRESETS:
+        raise AptConfigError(f"unknown memory preset {preset!r}; choose one of {list(PRESETS)}.")
+    train = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed),
+                        checkpoint_every=int(checkpoint_every), **PRESETS[preset])
+    cfg = AptConfig(train=train, lora=LoraConfig(rank=int(rank), alpha=float(rank)))
+    switches = dataclasses.asdict(AptSwitches())
+    if ata:
+        cfg.indicator = IndicatorConfig(**ata["indicator"])
+        cfg.augment = AugmentConfig(**ata["augment"])
+        cfg.loss_weight_floor = float(ata["loss_weight_floor"])
+        switches.update(ata["switches"])
+    if reg:
+        r = dict(reg["regularizers"])
+        r["up_block_factors"] = tuple(r["up_block_factors"])
+        cfg.regularizers = RegularizerConfig(**r)
+        switches.update(reg["switches"])
+    cfg.switches = AptSwitches(**switches)
+    cfg.augment.enabled = cfg.switches.adaptive_augmentation
+    return cfg.validate()
+
+
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def sanitize_lora_name(name: str) -> str:
+    """User text -> a safe file name '<stem>.safetensors' (no folders, no odd characters)."""
+    stem = unicodedata.normalize("NFC", (name or "").strip())
+    if stem.lower().endswith(".safetensors"):
+        stem = stem[: -len(".safetensors")]
+    stem = re.sub(r"[^\w.\-]+", "_", stem)  # path separators, spaces, ':' ... -> _
+    stem = re.sub(r"_+", "_", stem).strip("._-")[:100]
+    if not stem:
+        raise AptConfigError(f"LoRA name {name!r} has no usable characters; use letters, digits, '-' or '_'.")
+    if stem.split(".")[0].lower() in _RESERVED:
+        stem += "_lora"
+    return stem + ".safetensors"

@@ -1,0 +1,269 @@
+"""One APT training run inside ComfyUI: encode once, train the host's UNet in place, export.
+
+`TrainJob.prepare()` does the cheap checks (model type, file name, resume plan) so a bad input
+fails before anything heavy runs; `TrainJob.run()` does the work and is meant for a worker thread
+(`run_in_worker`): training needs autograd, and ComfyUI runs nodes under `torch.inference_mode()`,
+which is thread-local, so a fresh thread starts clean (the body still sets inference_mode(False)).
+
+Stopping:
+- Cancel (POST /interrupt) sets ComfyUI's global flag. The loop stops before the next step; if the
+  flag lands mid-step, ComfyUI's own ops raise InterruptProcessingException inside the forward, the
+  half step is dropped and the state *before* it is checkpointed. Either way a resumable checkpoint
+  is written and the node raises the interrupt, so ComfyUI marks the prompt cancelled.
+- POST /apt/runs/{node_id}/stop stops after the current step, checkpoints, writes the LoRA with the
+  steps done so far and lets the node finish normally.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from apt_core.checkpoint import latest_checkpoint, list_checkpoints
+from apt_core.config import AptConfig
+from apt_core.errors import AptDatasetError, AptError, AptOutputError
+
+from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
+from .dataset import AptDataset
+from .encoding import cache_dataset
+from .runs import RUNS, RunState, send
+
+log = logging.getLogger("apt_lora_trainer")
+_STEP = re.compile(r"step_(\d+)\.pt$")
+
+
+class AptOutOfMemoryError(AptError):
+    """Training ran out of (GPU) memory; the message says what to lower."""
+
+
+@dataclass
+class JobResult:
+    lora_file: str | None
+    lora_path: Path | None
+    steps_done: int
+    total_steps: int
+    resumed_from: int
+    stopped: bool
+    cancelled: bool
+    checkpoint: str | None
+    gammas: list[float]
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {"lora_name": self.lora_file, "steps_done": self.steps_done, "total_steps": self.total_steps,
+                "resumed_from": self.resumed_from, "stopped": self.stopped, "cancelled": self.cancelled,
+                "checkpoint": self.checkpoint, "final_gamma": self.gammas}
+
+
+def run_in_worker(fn: Callable[[], Any], name: str = "apt-train") -> Any:
+    """Run fn in a new thread (with the caller's contextvars, so ComfyUI's progress hook knows the
+    node) and wait for it. Blocking on purpose: while an async node is pending, ComfyUI 0.3.75 runs
+    the prompt's other ready nodes, and one of them could sample, re-patch or evict the very model
+    being trained."""
+    ctx = contextvars.copy_context()
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = ctx.run(fn)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box.pop("error")
+    return box.get("result")
+
+
+def checkpoint_step(path: Path) -> int:
+    m = _STEP.search(Path(path).name)
+    return int(m.group(1)) if m else 0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+class TrainJob:
+    def __init__(self, *, model, clip, vae, dataset: AptDataset, config: AptConfig, lora_file: str,
+                 loras_dir: str | Path, checkpoint_dir: str | Path, overwrite: bool, resume: bool,
+                 node_id: str, prompt_id: str | None = None):
+        self.model, self.clip, self.vae = model, clip, vae
+        self.dataset, self.config = dataset, config
+        self.lora_file = lora_file
+        self.loras_dir = Path(loras_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.overwrite, self.resume = bool(overwrite), bool(resume)
+        self.node_id, self.prompt_id = str(node_id), prompt_id
+        self.resume_from: Path | None = None
+        self.run_state: RunState | None = None
+        self._cancel_seen = False
+
+    @property
+    def target(self) -> Path:
+        return self.loras_dir / self.lora_file
+
+    # ---- cheap checks, in the calling thread -------------------------------------------------
+    def prepare(self) -> "TrainJob":
+        check_comfy_sdxl(self.model)
+        if not isinstance(self.dataset, AptDataset) or len(self.dataset) == 0:
+            raise AptDatasetError("The dataset is empty: add 3-10 images of the subject.")
+        latest = latest_checkpoint(self.checkpoint_dir)
+        step = checkpoint_step(latest) if latest is not None else 0
+        if latest is not None and self.resume and step < self.config.train.steps:
+            self.resume_from = latest
+        if self.target.exists() and not self.overwrite and self.resume_from is None:
+            raise AptOutputError(f"A LoRA named {self.lora_file} already exists in {self.loras_dir}. "
+                                 "Choose another LoRA name, or turn on 'overwrite'.")
+        if latest is not None and self.resume_from is None:
+            why = ("resume is off" if not self.resume else
+                   f"it already reached {step} of {self.config.train.steps} steps")
+            log.info("APT: starting %s from scratch (%s); removing old checkpoints in %s",
+                     self.lora_file, why, self.checkpoint_dir)
+            for old in list_checkpoints(self.checkpoint_dir):
+                old.unlink(missing_ok=True)
+        self.run_state = RUNS.start(self.node_id, prompt_id=self.prompt_id, lora_name=self.lora_file,
+                                    total_steps=self.config.train.steps)
+        return self
+
+    # ---- the work, in a worker thread --------------------------------------------------------
+    def run(self) -> JobResult:
+        import comfy.model_management as mm
+
+        run = self.run_state or self.prepare().run_state
+        oom: str | None = None
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                return self._run(run)
+        except mm.InterruptProcessingException:
+            if run.status != "cancelled":  # cancelled while encoding: nothing to resume yet
+                RUNS.update(run, status="cancelled", message="cancelled before training started")
+                send("apt.status", run.summary())
+            raise
+        except Exception as exc:
+            if _is_oom(exc):
+                oom = str(exc).splitlines()[0][:300]
+            else:
+                RUNS.update(run, status="error", message=str(exc))
+                send("apt.status", run.summary())
+                raise
+        finally:
+            mm.soft_empty_cache()
+        # Raised outside the except block, so the failing step's tensors are already released.
+        cfg = self.config
+        msg = (f"Out of memory while training at {self.dataset.resolution} px with LoRA rank "
+               f"{cfg.lora.rank}. Try the 'Low VRAM (12-16 GB): gradient checkpointing' preset, a lower "
+               "resolution on 'APT Dataset Loader' (e.g. 768), a lower rank (e.g. 16), or hook only "
+               "32x32 in 'APT Regularization weights'; close other programs using the GPU. "
+               f"(PyTorch: {oom})")
+        RUNS.update(run, status="error", message=msg)
+        send("apt.status", run.summary())
+        raise AptOutOfMemoryError(msg)
+
+    def _should_stop(self, run: RunState) -> bool:
+        import comfy.model_management as mm
+
+        if mm.processing_interrupted():
+            self._cancel_seen = True
+            return True
+        return run.stop_requested
+
+    def _run(self, run: RunState) -> JobResult:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from apt_core.trainer import AptTrainer
+
+        cfg = self.config
+        RUNS.update(run, status="encoding", message=f"encoding {len(self.dataset)} image(s)")
+        send("apt.status", run.summary())
+        backbone_check = ComfySDXLBackbone(self.model)  # shapes only; does not load anything
+        cached = cache_dataset(list(self.dataset.records), self.model.model, self.clip, self.vae,
+                               context_dim=backbone_check.context_dim,
+                               adm_channels=backbone_check.adm_channels,
+                               check_interrupt=mm.throw_exception_if_processing_interrupted)
+
+        patcher = self.model.clone()
+        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        backbone = ComfySDXLBackbone(patcher)
+        make_plain_parameters(backbone.unet)
+
+        pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)
+        log_every = max(1, cfg.train.steps // 20)
+
+        def on_event(event) -> None:
+            d = event.to_dict()
+            RUNS.add_event(run, d)
+            send("apt.progress", {"node": self.node_id, "prompt_id": self.prompt_id, "status": run.status,
+                                  "lora_name": self.lora_file, **d})
+            if event.step % log_every == 0 or event.step == event.total_steps:
+                log.info("APT %s step %d/%d loss %.4f (denoise %.4f rs %.4g aa %.4g) mean gamma %.3f "
+                         "%.2f it/s", self.lora_file, event.step, event.total_steps, event.loss,
+                         event.loss_denoise, event.loss_rs, event.loss_aa,
+                         sum(event.gamma) / max(1, len(event.gamma)), event.it_per_s)
+            try:
+                pbar.update_absolute(event.step, event.total_steps)
+            except mm.InterruptProcessingException:
+                # ComfyUI's progress hook raises and clears the Cancel flag: keep it for _should_stop.
+                mm.interrupt_current_processing(True)
+
+        trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
+                             should_stop=lambda: self._should_stop(run))
+        try:
+            resumed = trainer.resume(self.resume_from) if self.resume_from else 0
+            if resumed:
+                pbar.update_absolute(resumed, cfg.train.steps)
+            RUNS.update(run, status="stopping" if run.stop_requested else "training", resumed_from=resumed,
+                        step=resumed, history=list(trainer.history),
+                        message=f"resumed at step {resumed}" if resumed else "training")
+            RUNS.set_stop_callback(run, trainer.request_stop)
+            send("apt.status", run.summary())
+            log.info("APT: training %s for %d steps%s on %s", self.lora_file, cfg.train.steps,
+                     f" (resumed at {resumed})" if resumed else "", trainer.device)
+            try:
+                result = trainer.run()
+                stopped, ckpt = result.stopped, result.checkpoint
+            except mm.InterruptProcessingException:
+                # Cancel landed inside a step: nothing of that step was applied; keep the state before it.
+                self._cancel_seen, stopped = True, True
+                ckpt = _checkpoint_before_current_step(trainer)
+            ckpt_str = str(ckpt) if ckpt else None
+            if self._cancel_seen:
+                RUNS.update(run, status="cancelled", checkpoint=ckpt_str,
+                            message=f"cancelled at step {trainer.step_idx}; resumable checkpoint: {ckpt_str}")
+                send("apt.status", run.summary())
+                log.info("APT: %s cancelled at step %d, checkpoint %s", self.lora_file, trainer.step_idx, ckpt_str)
+                raise mm.InterruptProcessingException()
+            if trainer.step_idx == 0:
+                raise AptError("Training was stopped before the first step; nothing to save.")
+            path = trainer.save_lora(self.target, output_name=Path(self.lora_file).stem)
+            status = "stopped" if stopped else "finished"
+            RUNS.update(run, status=status, checkpoint=ckpt_str,
+                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}")
+            send("apt.status", run.summary())
+            log.info("APT: saved %s (%d steps) to %s", self.lora_file, trainer.step_idx, path)
+            return JobResult(self.lora_file, Path(path), trainer.step_idx, cfg.train.steps, resumed, stopped,
+                             False, ckpt_str, trainer.indicator.gammas(), list(trainer.history))
+        finally:
+            RUNS.set_stop_callback(run, None)
+            trainer.close()
+            del trainer
+
+
+def _checkpoint_before_current_step(trainer) -> Path | None:
+    """Checkpoint the state before the interrupted step (its RNG draws are replayed on resume)."""
+    save_before = getattr(trainer, "_save_last_good", None)  # AptTrainer: state + RNG at step start
+    if save_before is not None and getattr(trainer, "_rng_at_step_start", None) is not None:
+        return save_before()
+    return trainer.save_checkpoint()

@@ -1,0 +1,198 @@
+"""The ComfyUI backbone adapter (nodes/comfy_backbone.py) against ComfyUI's real SGM UNet, in process.
+
+The tiny diffusers SDXL UNet of apt_core.models is copied into a ComfyUI `supported_models.SDXL`
+model (tests/comfy_host.py); both compute the same function (norm_num_groups=32), so the adapter
+must reproduce the diffusers backbone: same predictions, same RS/AA terms, same training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_host as ch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "pack_fixtures"))
+
+
+@pytest.fixture(scope="module")
+def cb():
+    """The pack's nodes/comfy_backbone module, loaded like ComfyUI loads the pack."""
+    ch.import_comfy()  # skips without the host tree; puts ComfyUI on sys.path
+    from apt_test_models.inproc import pack_module
+
+    return pack_module("comfy_backbone")
+
+
+@pytest.fixture(scope="module")
+def fixture_pack(cb):
+    import apt_test_models
+
+    return apt_test_models
+
+
+def _comfy_from_diffusers(unet):
+    patcher = ch.comfy_sdxl_model_from_diffusers_config(unet.config)
+    ch.load_diffusers_unet_into_comfy(unet, patcher)
+    return patcher
+
+
+def _to_comfy_dataset(dataset, base_model):
+    """Same cached examples with `pooled` replaced by ComfyUI's adm vector y."""
+    from apt_core.conditioning import CachedDataset, CachedExample, SDXLConditioning
+
+    out = []
+    for ex in dataset.examples:
+        oh, ow, top, left, th, tw = (int(v) for v in ex.cond.time_ids[0])
+        y = base_model.encode_adm(pooled_output=ex.cond.pooled, width=ow, height=oh, crop_w=left, crop_h=top,
+                                  target_width=tw, target_height=th)
+        cond = SDXLConditioning(ex.cond.context, y.float(), ex.cond.time_ids, ex.cond.token_mask)
+        out.append(CachedExample(ex.latent, cond, ex.caption, ex.source, ex.pixels, ex.repeats))
+    return CachedDataset(out, dataset.fill_latent)
+
+
+@pytest.fixture()
+def pair(cb):
+    """(diffusers components, cached dataset, comfy patcher, comfy-form dataset)."""
+    from tiny import tiny_model_and_data
+
+    components, dataset = tiny_model_and_data(0)
+    patcher = _comfy_from_diffusers(components.unet)
+    return components, dataset, patcher, _to_comfy_dataset(dataset, patcher.model)
+
+
+def _backbones(cb, components, patcher):
+    from apt_core.backbone import DiffusersSDXLBackbone
+
+    return DiffusersSDXLBackbone.from_components(components), cb.ComfySDXLBackbone(patcher)
+
+
+def test_schedule_prediction_type_and_predictions_match_diffusers(cb, pair):
+    components, dataset, patcher, cdataset = pair
+    dif, com = _backbones(cb, components, patcher)
+    torch.testing.assert_close(com.alphas_cumprod, components.scheduler.alphas_cumprod.float(), rtol=1e-5, atol=1e-7)
+    assert com.prediction_type == "epsilon"
+    ex, cex = dataset.examples[1], cdataset.examples[1]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
+    for t in (3, 500, 999):
+        with torch.no_grad():
+            a = dif.predict(x, torch.tensor([t]), ex.cond)
+            b = com.predict(x, torch.tensor([t]), cex.cond)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_targets_hooked_layers_and_kohya_keys(cb, pair):
+    components, _, patcher, _ = pair
+    dif, com = _backbones(cb, components, patcher)
+    dnames, cnames = dif.lora_target_names(), com.lora_target_names()
+    assert len(cnames) == len(dnames) > 0
+    key_map = ch.diffusers_to_comfy_key_map(patcher)  # ComfyUI's own diffusers -> SGM mapping
+    assert sorted(key_map[n + ".weight"][: -len(".weight")] for n in dnames) == sorted(cnames)
+    assert com.kohya_key("input_blocks.4.1.transformer_blocks.0.attn1.to_q") == \
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    assert len(com.lora_target_names(include_feed_forward=True)) == len(dif.lora_target_names(True))
+    # RS/AA stages: SGM output_blocks 0-2 (factor 4) and 3-5 (factor 2), like diffusers up_blocks 0/1.
+    assert [n for n, _ in com.decoder_stages((4, 2))] == [f"output_blocks.{k}.1" for k in range(6)]
+    assert [n for n, _ in com.decoder_stages((2,))] == [f"output_blocks.{k}.1" for k in (3, 4, 5)]
+
+
+def _map_lora_state(state, key_map):
+    """diffusers module names -> SGM module names in a LoraAdapter state dict."""
+    out = {}
+    for k, v in state.items():
+        module, _, part = k.rpartition(".")
+        out[key_map[module + ".weight"][: -len(".weight")] + "." + part] = v
+    return out
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_matches_the_diffusers_backbone(cb, pair, checkpointing):
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    components, dataset, patcher, cdataset = pair
+    dif, com = _backbones(cb, components, patcher)
+    cfg_d = config(3, learning_rate=1e-2, gradient_checkpointing=checkpointing)
+    cfg_c = config(3, learning_rate=1e-2, gradient_checkpointing=checkpointing)
+    td = AptTrainer(dif, dataset, cfg_d)
+    tc = AptTrainer(com, cdataset, cfg_c)
+    key_map = ch.diffusers_to_comfy_key_map(patcher)
+    tc.lora.load_state_dict(_map_lora_state(td.lora.state_dict(), key_map))  # same initial LoRA
+    assert len(tc._probe_handle.aa_layers) == len(td._probe_handle.aa_layers) == 9
+    assert len(tc._probe_handle.rs_layers) == len(td._probe_handle.rs_layers) == 6
+    rd, rc = td.run(), tc.run()
+    for hd, hc in zip(rd.history, rc.history):
+        for key in ("loss", "loss_denoise", "loss_rs", "loss_aa"):
+            assert hc[key] == pytest.approx(hd[key], rel=2e-3, abs=1e-7), key
+    assert rc.history[-1]["loss_rs"] > 0 and rc.history[-1]["loss_aa"] > 0
+    want = _map_lora_state(td.lora.state_dict(), key_map)
+    got = tc.lora.state_dict()
+    for k in want:
+        # Adam normalises updates, so near-zero gradients can differ in the last bits; one step is 1e-2.
+        torch.testing.assert_close(got[k], want[k], rtol=1e-2, atol=3e-4)
+    td.close()
+    tc.close()
+
+
+def test_close_leaves_the_comfy_model_exactly_as_it_was(cb, pair):
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    components, _, patcher, cdataset = pair
+    unet = patcher.model.diffusion_model
+    ex = cdataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(1))
+
+    def out():
+        with torch.no_grad():
+            return unet(x, timesteps=torch.tensor([321.0]), context=ex.cond.context, y=ex.cond.pooled)
+
+    before = out()
+    keys = list(unet.state_dict())
+    types = {n: type(m) for n, m in unet.named_modules()}
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+    com = cb.ComfySDXLBackbone(patcher)
+    trainer = AptTrainer(com, cdataset, config(3, learning_rate=1e-2, gradient_checkpointing=True))
+    assert any("forward" in vars(m) for m in unet.modules())  # hooks/checkpointing installed
+    trainer.run()
+    trainer.close()
+    assert torch.equal(out(), before)
+    assert list(unet.state_dict()) == keys
+    assert {n: type(m) for n, m in unet.named_modules()} == types
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
+    assert not any("forward" in vars(m) for m in unet.modules())
+    assert not any(m._forward_hooks for m in unet.modules())
+    assert not hasattr(unet, "peft_config")
+
+
+def test_inference_mode_weights_train_after_make_plain_parameters(cb, pair):
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    components, _, _, _ = pair
+    with torch.inference_mode():  # how ComfyUI creates every model (nodes run in inference mode)
+        patcher = _comfy_from_diffusers(components.unet)
+    cdataset = _to_comfy_dataset(pair[1], patcher.model)
+    unet = patcher.model.diffusion_model
+    assert next(unet.parameters()).is_inference()
+    values = {k: v.clone() for k, v in unet.state_dict().items()}
+    replaced = cb.make_plain_parameters(unet)
+    assert replaced == len(values)
+    assert not any(p.is_inference() for p in unet.parameters())
+    assert all(torch.equal(values[k], v) for k, v in unet.state_dict().items())
+    trainer = AptTrainer(cb.ComfySDXLBackbone(patcher), cdataset, config(2))
+    trainer.run()
+    trainer.close()
+
+
+def test_non_sdxl_models_are_rejected_with_a_clear_message(cb, fixture_pack):
+    from apt_core.errors import AptModelError
+
+    sd15 = fixture_pack.build_model(0, "sd15")
+    with pytest.raises(AptModelError, match="not SDXL"):
+        cb.check_comfy_sdxl(sd15)
+    with pytest.raises(AptModelError, match="expected a ComfyUI MODEL"):
+        cb.check_comfy_sdxl(torch.nn.Linear(2, 2))

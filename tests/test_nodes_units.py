@@ -1,0 +1,210 @@
+"""Node-level logic without a server: schemas, dataset/caption helpers, settings, names, run registry."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import comfy_host as ch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "pack_fixtures"))
+
+
+@pytest.fixture(scope="module")
+def mods():
+    ch.import_comfy()
+    from apt_test_models.inproc import pack_module
+
+    return {n: pack_module(n) for n in ("node_defs", "dataset", "settings", "runs")}
+
+
+def _write_images(folder: Path, n: int, size=(80, 64), captions: dict | None = None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", size, (40 * i % 255, 90, 160)).save(folder / f"img{i}.png")
+    for name, text in (captions or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")
+
+
+# ---- schemas -----------------------------------------------------------------------------------
+
+def test_every_node_has_an_apt_name_a_category_and_tooltips_everywhere(mods):
+    nodes = mods["node_defs"].NODES
+    ids = [n.GET_SCHEMA().node_id for n in nodes]
+    assert len(set(ids)) == len(ids) == 5
+    assert set(ids) == {"APTDatasetLoader", "APTCaption", "APTAtaSettings", "APTRegSettings", "APTTrainer"}
+    for node in nodes:
+        schema = node.GET_SCHEMA()
+        assert schema.display_name.startswith("APT "), schema.display_name
+        assert schema.category == "APT LoRA Trainer" and schema.description
+        for inp in schema.inputs:
+            assert inp.tooltip and len(inp.tooltip) > 10, (schema.node_id, inp.id)
+        for out in schema.outputs:
+            assert out.tooltip, (schema.node_id, out.display_name)
+        info = node.GET_NODE_INFO_V1()  # what /object_info serves
+        assert info["display_name"] == schema.display_name
+    trainer = mods["node_defs"].AptTrainerNode.GET_SCHEMA()
+    assert trainer.is_output_node and "UNIQUE_ID" in [h.value for h in trainer.hidden]
+    req = mods["node_defs"].AptTrainerNode.INPUT_TYPES()
+    assert {"model", "clip", "vae", "dataset"} <= set(req["required"])
+    assert {"ata_settings", "reg_settings"} <= set(req["optional"])
+    assert req["required"]["model"][0] == "MODEL" and req["required"]["dataset"][0] == "APT_DATASET"
+    assert mods["node_defs"].AptTrainerNode.RETURN_TYPES == ["STRING", "MODEL", "STRING"]
+
+
+def test_entrypoint_returns_the_extension_with_all_nodes(mods):
+    import asyncio
+
+    from apt_test_models.inproc import load_pack
+
+    pack = load_pack()[1]
+    ext = asyncio.run(pack.comfy_entrypoint())
+    from comfy_api.latest import ComfyExtension
+
+    assert isinstance(ext, ComfyExtension)
+    assert asyncio.run(ext.get_node_list()) == mods["node_defs"].NODES
+
+
+# ---- dataset loader --------------------------------------------------------------------------
+
+def test_loader_reads_a_relative_folder_in_the_input_dir_with_report(mods, tmp_path):
+    ds_mod = mods["dataset"]
+    _write_images(tmp_path / "subject", 3, captions={"img0.txt": "a photo of sks dog on a sofa",
+                                                      "notes.md": "hello"})
+    ds = ds_mod.load_dataset("subject", None, None, 64, "", str(tmp_path))
+    assert len(ds) == 3 and ds.resolution == 64
+    assert [r.caption for r in ds.records] == ["a photo of sks dog on a sofa", "", ""]
+    assert ds.given_captions == {str(tmp_path / "subject" / "img0.png")}
+    assert "3 image(s) loaded" in ds.report and "notes.md" in ds.report and "Skipped" in ds.report
+    assert all(r.pixels.shape[0] == 3 for r in ds.records)
+
+
+def test_loader_combines_images_and_default_caption(mods, tmp_path):
+    ds_mod = mods["dataset"]
+    _write_images(tmp_path / "f", 2)
+    batch = torch.rand(2, 64, 96, 3)
+    ds = ds_mod.load_dataset(str(tmp_path / "f"), batch, "first line\nsecond line", 64, "a photo", str(tmp_path))
+    assert len(ds) == 4
+    assert [r.caption for r in ds.records] == ["a photo", "a photo", "first line", "second line"]
+    assert ds.given_captions == {"image[0]", "image[1]"}  # default captions count as missing
+    with pytest.raises(Exception, match="caption lines"):
+        ds_mod.load_dataset("", batch, "a\nb\nc", 64, "", str(tmp_path))
+
+
+@pytest.mark.parametrize("folder, match", [("", "No images"), ("nope", "not found"), ("empty", "No images found")])
+def test_loader_errors_are_actionable(mods, tmp_path, folder, match):
+    from apt_core.errors import AptDatasetError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AptDatasetError, match=match):
+        mods["dataset"].load_dataset(folder, None, None, 64, "", str(tmp_path))
+
+
+def test_loader_fingerprint_changes_when_the_folder_changes(mods, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path))
+    _write_images(tmp_path / "s", 2)
+    fp = mods["node_defs"]._folder_fingerprint
+    a = fp("s")
+    assert fp("s") == a
+    _write_images(tmp_path / "s", 3)
+    assert fp("s") != a
+
+
+# ---- captions ----------------------------------------------------------------------------------
+
+def test_caption_template_fills_missing_and_tidies(mods, tmp_path):
+    d = mods["dataset"]
+    _write_images(tmp_path / "c", 3, captions={"img1.txt": "my own caption"})
+    ds = d.load_dataset(str(tmp_path / "c"), None, None, 64, "", str(tmp_path))
+    out, text = d.caption_dataset(ds, "sks", "dog", "on green grass\nimg2.png: in the snow", d.DEFAULT_TEMPLATE,
+                                  "fill missing captions")
+    assert [r.caption for r in out.records] == ["a photo of sks dog, on green grass", "my own caption",
+                                                "a photo of sks dog, in the snow"]
+    assert [r.caption for r in ds.records] == ["", "my own caption", ""]  # input untouched
+    assert "describe the background" in text and "img1.png: my own caption" in text
+    assert "do not contain the trigger word 'sks'" in text
+    out2, _ = d.caption_dataset(ds, "sks", "dog", "", d.DEFAULT_TEMPLATE, "add trigger to existing captions")
+    assert out2.records[1].caption == "sks dog, my own caption"
+    assert out2.records[0].caption == "a photo of sks dog"  # no context: no dangling comma
+    out3, _ = d.caption_dataset(ds, "sks", "dog", "a\nb\nc\nd", "{trigger} {class} {context}", "replace all captions")
+    assert [r.caption for r in out3.records] == ["sks dog a", "sks dog b", "sks dog c"]
+    with pytest.raises(Exception, match="placeholders"):
+        d.caption_dataset(ds, "sks", "dog", "", "a {subject}", "replace all captions")
+    with pytest.raises(Exception, match="trigger word is empty"):
+        d.caption_dataset(ds, " ", "dog", "", d.DEFAULT_TEMPLATE, "replace all captions")
+
+
+def test_contains_word(mods):
+    cw = mods["dataset"].contains_word
+    assert cw("a photo of sks, dog", "sks") and not cw("a photo of sksx dog", "sks") and not cw("x", "")
+
+
+# ---- settings / names --------------------------------------------------------------------------
+
+def test_settings_build_the_apt_config(mods):
+    s = mods["settings"]
+    ata = s.ata_settings(num_bins=5, ema_alpha=0.2, indicator_scale=100.0, p_max=0.5, zoom_min=1.0,
+                         zoom_max=2.0, rotation_deg=10.0, fill="reflect", loss_weight_floor=0.1,
+                         adaptive_augmentation=False, adaptive_loss_weight=True, track_indicator=True)
+    reg = s.reg_settings(lambda_rs=0.5, lambda_aa=2.0, aa_distance="kl", resolutions="32x32 only (cheaper)",
+                         representation_stabilization=True, attention_alignment=False)
+    cfg = s.build_config(steps=10, rank=8, learning_rate=2e-4, seed=3, checkpoint_every=5,
+                         preset="Low VRAM (12-16 GB): gradient checkpointing", ata=ata, reg=reg)
+    assert cfg.train.steps == 10 and cfg.train.gradient_checkpointing and cfg.train.seed == 3
+    assert cfg.lora.rank == 8 and cfg.lora.alpha == 8.0
+    assert cfg.indicator.num_bins == 5 and cfg.indicator.scale == 100.0
+    assert cfg.augment.fill == "reflect" and cfg.augment.zoom_max == 2.0 and not cfg.augment.enabled
+    assert cfg.loss_weight_floor == 0.1
+    assert cfg.regularizers.up_block_factors == (4,) and cfg.regularizers.aa_distance == "kl"
+    assert not cfg.switches.adaptive_augmentation and not cfg.switches.attention_alignment
+    assert cfg.switches.track_indicator and cfg.switches.representation_stabilization
+    default = s.build_config(steps=1, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET)
+    assert default.regularizers.up_block_factors == (4, 2) and not default.train.gradient_checkpointing
+    from apt_core.errors import AptConfigError
+
+    with pytest.raises(AptConfigError, match="zoom"):
+        s.ata_settings(num_bins=5, ema_alpha=0.2, indicator_scale=100.0, p_max=0.5, zoom_min=3.0, zoom_max=2.0,
+                       rotation_deg=10.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                       adaptive_loss_weight=True, track_indicator=False)
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("my lora", "my_lora.safetensors"), ("apt.safetensors", "apt.safetensors"),
+    ("../../etc/passwd", "etc_passwd.safetensors"), ("a/b\\c:d", "a_b_c_d.safetensors"),
+    ("CON", "CON_lora.safetensors"), ("Ünïcode-名前", "Ünïcode-名前.safetensors"), (" .hidden ", "hidden.safetensors"),
+])
+def test_lora_names_are_sanitised(mods, raw, want):
+    assert mods["settings"].sanitize_lora_name(raw) == want
+
+
+def test_empty_lora_name_is_an_error(mods):
+    with pytest.raises(Exception, match="no usable characters"):
+        mods["settings"].sanitize_lora_name(" /// ")
+
+
+# ---- run registry ------------------------------------------------------------------------------
+
+def test_run_registry_stop_and_snapshot(mods):
+    runs = mods["runs"]
+    reg = runs.RunRegistry()
+    assert reg.request_stop("7") is None
+    run = reg.start("7", lora_name="x.safetensors", total_steps=10)
+    stopped = []
+    reg.set_stop_callback(run, lambda: stopped.append(True))
+    reg.add_event(run, {"step": 1, "loss": 0.5, "gamma": [0.0]})
+    reg.add_event(run, {"step": 2, "loss": 0.4, "gamma": [0.1]})
+    assert reg.snapshot("7", since=1)["history"] == [{"step": 2, "loss": 0.4, "gamma": [0.1]}]
+    assert reg.request_stop("7") is run and stopped == [True] and run.status == "stopping"
+    assert reg.all()["7"]["loss"] == 0.4
+    late = reg.start("8")
+    reg.request_stop("8")  # stop before the trainer exists: delivered when the callback is set
+    got = []
+    reg.set_stop_callback(late, lambda: got.append(1))
+    assert got == [1]
+    assert runs.register_routes() is False  # no server in unit tests
