@@ -94,7 +94,9 @@ def test_loss_weight_follows_gamma_with_floor():
 
 
 def test_augmentation_rate_follows_gamma():
-    trainer, _, _ = make_trainer(steps=40)
+    # RS/AA off: this test is about the augmentation coin only, and explicit attention is slower.
+    trainer, _, _ = make_trainer(AptSwitches(representation_stabilization=False,
+                                             attention_alignment=False), steps=40)
     set_gamma_everywhere(trainer, 0.999)
     trainer.config.augment.p_max = 0.5
     rates = [trainer.train_step() for _ in range(40)][-1].aug_rate
