@@ -1,0 +1,389 @@
+"""The personalization benchmark: references of a new concept, four methods, exact metrics.
+
+A config (JSON, see quality/configs/default.json) names the prior, the concept (shape, colour,
+style, background, layout of the references and how many), the reference caption, the concept
+prompts (other backgrounds / styles / positions / sizes), the prompts without the concept (prior
+drift), the methods, the training seeds and settings, and the evaluation schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.config import AptConfig, AptSwitches
+from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_sdxl
+from apt_core.trainer import AptTrainer
+
+from . import metrics as M
+from .models import IMAGE_SIZE, build_world_sdxl, conditioning
+from .sampling import sample
+from .world import (BACKGROUNDS, CONCEPT_TOKEN, GENERIC_SHAPE, POSITIONS, SIZES, Scene, caption,
+                    caption_from, detect, random_scene, render)
+
+METHODS: dict[str, dict[str, bool]] = {
+    # plain DreamBooth-LoRA; the indicator is tracked (prior forward) so its gap is recorded
+    "baseline": dict(adaptive_augmentation=False, adaptive_loss_weight=False,
+                     representation_stabilization=False, attention_alignment=False, track_indicator=True),
+    "ata": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
+                representation_stabilization=False, attention_alignment=False),
+    "ata_rs": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
+                   representation_stabilization=True, attention_alignment=False),
+    "apt": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
+                representation_stabilization=True, attention_alignment=True),
+}
+LABELS = {"prior": "prior (no LoRA)", "baseline": "DreamBooth-LoRA", "ata": "+ATA",
+          "ata_rs": "+ATA+RS", "apt": "APT (ATA+RS+AA)"}
+
+DEFAULTS: dict[str, Any] = {
+    "prior": "quality/assets/prior",
+    "device": "cpu",
+    "threads": 1,
+    "concept": {"shape": "cross", "colour": "blue", "style": "flat", "background": "white",
+                "position": "centre", "size_name": "large", "n_images": 4, "seed": 7},
+    "reference_caption": "a {token} {class_word} on a {background} background",
+    "concept_prompts": [],
+    "drift_prompts": [],
+    "methods": ["baseline", "ata", "ata_rs", "apt"],
+    "seeds": [0, 1, 2],
+    # apt_core.config.AptConfig.from_dict overrides shared by every method (switches come from METHODS)
+    "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0},
+                   "lora": {"rank": 8, "alpha": 8.0},
+                   "augment": {"space": "pixel"}},
+    # "black": apt_core's constant fill (the paper's figure); "background": fill with the
+    # references' background colour (done by shifting the cached pixels, see _background_fill).
+    "augment_fill": "black",
+    "eval": {"steps": [100, 200], "samples_per_prompt": 2, "sample_seed": 1000,
+             "sampling_steps": 20, "guidance": 5.0, "gap_draws": 32, "grid_prompts": 6},
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _read(path: Path) -> dict:
+    """A config file; "extends": "other.json" (relative to it) is read first and overridden."""
+    data = json.loads(path.read_text())
+    base = data.pop("extends", None)
+    return _merge(_read(path.parent / base), data) if base else data
+
+
+def load_config(path: str | Path | None, overrides: dict | None = None, quick: bool = False) -> dict:
+    cfg = _merge(DEFAULTS, _read(Path(path)) if path else {})
+    if quick:
+        cfg = _merge(cfg, quick_overrides())
+        cfg["concept_prompts"], cfg["drift_prompts"] = cfg["concept_prompts"][:3], cfg["drift_prompts"][:2]
+    cfg = _merge(cfg, overrides or {})
+    unknown = set(cfg["methods"]) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
+    return cfg
+
+
+def quick_overrides() -> dict:
+    """A smoke test: 1 seed, 2 methods, a few steps, few prompts (see load_config(quick=True))."""
+    return {"methods": ["baseline", "apt"], "seeds": [0],
+            "apt_config": {"train": {"steps": 4}},
+            "eval": {"steps": [2, 4], "samples_per_prompt": 1, "sampling_steps": 3, "gap_draws": 4,
+                     "grid_prompts": 3},
+            "concept": {"n_images": 3}}
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclass
+class Record:
+    """What apt_core.models.cache_dataset reads."""
+
+    pixels: torch.Tensor
+    caption: str
+    source: str
+    original_hw: tuple = (IMAGE_SIZE, IMAGE_SIZE)
+    crop_top_left: tuple = (0, 0)
+    target_hw: tuple = (IMAGE_SIZE, IMAGE_SIZE)
+    repeats: int = 1
+
+
+def reference_scenes(cfg: dict) -> list[Scene]:
+    con = cfg["concept"]
+    rng = random.Random(con["seed"])
+    fixed = {k: con[k] for k in ("shape", "colour", "style", "background", "position", "size_name")}
+    return [random_scene(rng, **fixed) for _ in range(con["n_images"])]
+
+
+def reference_caption(cfg: dict) -> str:
+    con = cfg["concept"]
+    return cfg["reference_caption"].format(token=CONCEPT_TOKEN, class_word=GENERIC_SHAPE, **{
+        k: v for k, v in con.items() if isinstance(v, str)})
+
+
+def to_pixels(img: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def concept_prompts(cfg: dict) -> tuple[list[str], list[dict]]:
+    """(prompts, requested attributes) of the concept prompts."""
+    reqs = [dict(p) for p in cfg["concept_prompts"]]
+    return [caption_from(r, token=CONCEPT_TOKEN) for r in reqs], reqs
+
+
+def drift_prompts(cfg: dict) -> list[str]:
+    return [caption_from(p) for p in cfg["drift_prompts"]]
+
+
+def _background_fill(dataset, bg_rgb: tuple[int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Make apt_core's pixel-space constant fill (-1) mean "the references' background".
+
+    The cached pixels p are stored as p' = p - bg - 1; zoom_rotate fills p' with -1, i.e.
+    computes warp(p' + 1) - 1 = warp(p - bg) - 1 (bilinear warping is affine), and the returned
+    encoder maps back p = p' + bg + 1 before the VAE: exactly a warp of p with fill colour bg.
+    """
+    bg = torch.tensor(bg_rgb, dtype=torch.float32).view(3, 1, 1) / 127.5 - 1.0
+    for ex in dataset.examples:
+        ex.pixels = ex.pixels - bg - 1.0
+    return lambda px: px + bg.to(px.device) + 1.0
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@dataclass
+class EvalSet:
+    prompts: list[str]
+    requested: list[dict]
+    seeds: list[int]
+    drift_prompts: list[str]
+    drift_seeds: list[int]
+    ref_cx: float
+    ref_cy: float
+    ref_size: float
+    ref_prompts: list[str] = field(default_factory=list)  # the references' own caption
+    ref_seeds: list[int] = field(default_factory=list)
+    prior_drift_images: np.ndarray | None = None
+    prior_drift_dets: list = field(default_factory=list)
+    gap_draws: list = field(default_factory=list)  # (example index, t, noise)
+    world_draws: list = field(default_factory=list)  # (latent, cond, t, noise) without the concept
+
+
+def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
+    ev = cfg["eval"]
+    prompts, reqs = concept_prompts(cfg)
+    k = ev["samples_per_prompt"]
+    base = ev["sample_seed"]
+    p_all = [p for p in prompts for _ in range(k)]
+    r_all = [r for r in reqs for _ in range(k)]
+    seeds = [base + i for i in range(len(p_all))]
+    dp = drift_prompts(cfg)
+    dseeds = [base + 10_000 + i for i in range(len(dp))]
+    es = EvalSet(p_all, r_all, seeds, dp, dseeds, float(np.mean([s.cx for s in refs])),
+                 float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])))
+    es.ref_prompts = [reference_caption(cfg)] * 4
+    es.ref_seeds = [base + 40_000 + i for i in range(4)]
+    g = torch.Generator().manual_seed(base + 20_000)
+    n_refs = cfg["concept"]["n_images"]
+    for i in range(ev["gap_draws"]):
+        es.gap_draws.append((i % n_refs, int(torch.randint(0, 1000, (1,), generator=g)),
+                             torch.randn(4, IMAGE_SIZE // 8, IMAGE_SIZE // 8, generator=g)))
+    rng = random.Random(base + 30_000)
+    for i in range(ev["gap_draws"]):
+        s = random_scene(rng)
+        latent = encode_pixels(c, to_pixels(render(s, IMAGE_SIZE))[None])[0]
+        cond = conditioning(c, [caption(s)])
+        es.world_draws.append((latent, cond, int(torch.randint(0, 1000, (1,), generator=g)),
+                               torch.randn(latent.shape, generator=g)))
+    return es
+
+
+@torch.no_grad()
+def _eps_terms(backbone, lora, dataset, es: EvalSet) -> tuple[float, float]:
+    """(L_pre - L_ft on the references, mean ||eps_ft - eps_pre||^2 on world images without the
+    concept), over the eval set's fixed (image, t, noise) draws (one batched forward each)."""
+    from apt_core.conditioning import SDXLConditioning
+
+    acp = backbone.alphas_cumprod
+    dev = next(backbone.unet.parameters()).device
+
+    def pair(latents, conds, ts, noises):
+        a = acp[torch.tensor(ts)].view(-1, 1, 1, 1)
+        x_t = (a.sqrt() * torch.stack(latents) + (1 - a).sqrt() * torch.stack(noises)).to(dev)
+        tt = torch.tensor(ts, device=dev)
+        cond = SDXLConditioning.cat(conds).to(dev)
+        ft = backbone.predict(x_t, tt, cond).float()
+        with lora.disabled():
+            pre = backbone.predict(x_t, tt, cond).float()
+        return ft, pre, torch.stack(noises).to(dev)
+
+    ft, pre, n = pair([dataset.examples[i].latent.float() for i, _, _ in es.gap_draws],
+                      [dataset.examples[i].cond for i, _, _ in es.gap_draws],
+                      [t for _, t, _ in es.gap_draws], [z for _, _, z in es.gap_draws])
+    gap = float((pre - n).pow(2).mean() - (ft - n).pow(2).mean())
+    ft, pre, _ = pair([w[0] for w in es.world_draws], [w[1] for w in es.world_draws],
+                      [w[2] for w in es.world_draws], [w[3] for w in es.world_draws])
+    return gap, float((ft - pre).pow(2).mean())
+
+
+def score(c: SDXLComponents, cfg: dict, es: EvalSet, concept: dict, keep_images: bool = False) -> dict:
+    """Sample the concept and drift prompts with the UNet as it is now and compute the metrics."""
+    ev = cfg["eval"]
+    kw = dict(steps=ev["sampling_steps"], guidance=ev["guidance"])
+    both = sample(c, es.prompts + es.ref_prompts, es.seeds + es.ref_seeds, **kw)
+    images, ref_images = both[:len(es.prompts)], both[len(es.prompts):]
+    dets = [detect(im) for im in images]
+    pos, scale = M.spreads(dets, es.ref_cx, es.ref_cy, es.ref_size)
+    out = {"identity": M.identity(dets, concept["shape"], concept["colour"]),
+           "context": M.attribute_match(dets, es.requested, M.CONTEXT_ATTRS),
+           "layout": M.attribute_match(dets, es.requested, M.LAYOUT_ATTRS),
+           "background": M.attribute_match(dets, es.requested, ("background",)),
+           "style": M.attribute_match(dets, es.requested, ("style",)),
+           "position": M.attribute_match(dets, es.requested, ("position",)),
+           "size": M.attribute_match(dets, es.requested, ("size_name",)),
+           "present": float(np.mean([d.present for d in dets])),
+           "ref_identity": M.identity([detect(im) for im in ref_images], concept["shape"], concept["colour"]),
+           "id_shape": float(np.mean([d.present and d.shape == concept["shape"] for d in dets])),
+           "id_colour": float(np.mean([d.present and d.colour == concept["colour"] for d in dets])),
+           "pos_spread": pos, "scale_spread": scale}
+    if es.drift_prompts:
+        drift = sample(c, es.drift_prompts, es.drift_seeds, **kw)
+        ddets = [detect(im) for im in drift]
+        if es.prior_drift_images is None:  # the prior itself: no drift by definition
+            es.prior_drift_images, es.prior_drift_dets = drift, ddets
+        out["drift_px"] = M.drift_px(drift, es.prior_drift_images)
+        out["drift_attr"] = M.drift_attr(ddets, es.prior_drift_dets)
+        if keep_images:
+            out["_drift_images"] = drift
+    if keep_images:
+        out["_images"] = images
+        out["_dets"] = [d.to_dict() for d in dets]
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+def apt_config(cfg: dict, method: str, seed: int) -> AptConfig:
+    data = copy.deepcopy(cfg["apt_config"])
+    data.setdefault("train", {})["seed"] = seed
+    data["switches"] = dict(METHODS[method])
+    return AptConfig.from_dict(data).validate()
+
+
+def load_prior(cfg: dict, untrained: bool = False) -> SDXLComponents:
+    if untrained:
+        c = build_world_sdxl(0)
+        c.vae.register_to_config(scaling_factor=1.0)
+        return c
+    path = Path(cfg["prior"])
+    if not path.is_dir():
+        raise SystemExit(f"prior not found at {path}; train it with: python -m quality.train_prior --out {path}")
+    return load_sdxl(path, dtype=torch.float32)
+
+
+def run_benchmark(cfg: dict, *, untrained: bool = False, log: Callable[[str], None] = print,
+                  on_run: Callable[[dict], None] | None = None) -> dict:
+    """Train every (seed, method) pair and evaluate; on_run({"results", "images"}) after each."""
+    threads = torch.get_num_threads()
+    if cfg["device"] == "cpu" and cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    try:
+        return _run(cfg, untrained, log, on_run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict:
+    t0 = time.time()
+    c = load_prior(cfg, untrained)
+    dev = cfg["device"]
+    for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
+        m.to(dev)
+    refs = reference_scenes(cfg)
+    ref_images = [render(s, IMAGE_SIZE) for s in refs]
+    ref_cap = reference_caption(cfg)
+    records = [Record(to_pixels(im), ref_cap, f"ref{i}") for i, im in enumerate(ref_images)]
+    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
+    enc = lambda px: encode_pixels(c, px)  # noqa: E731
+    if cfg["augment_fill"] == "background":
+        to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])
+        enc = lambda px: encode_pixels(c, to_real(px))  # noqa: E731
+        bg_img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        bg_img[:] = BACKGROUNDS[cfg["concept"]["background"]]
+        dataset.fill_latent = encode_pixels(c, to_pixels(bg_img)[None])[0].mean(dim=(1, 2)).cpu()
+    es = make_eval_set(cfg, refs, c)
+    concept = cfg["concept"]
+    log(f"[{time.time() - t0:6.1f}s] {len(refs)} references, caption {ref_cap!r}; "
+        f"{len(es.prompts)} concept images and {len(es.drift_prompts)} drift images per evaluation")
+    prior = score(c, cfg, es, concept, keep_images=True)
+    gap0 = {"eps_gap": 0.0, "eps_dev": 0.0}
+    results: dict[str, Any] = {"config": cfg, "reference_caption": ref_cap,
+                               "references": [s.to_dict() for s in refs],
+                               "prompts": es.prompts, "drift_prompts": es.drift_prompts,
+                               "prior": {k: v for k, v in prior.items() if not k.startswith("_")} | gap0,
+                               "runs": {}}
+    images = {"references": np.stack(ref_images), "prior": prior["_images"], "prior_drift": prior["_drift_images"]}
+    log(f"[{time.time() - t0:6.1f}s] prior: " + _fmt(results["prior"]))
+    eval_steps = sorted(set(cfg["eval"]["steps"]))
+    for seed in cfg["seeds"]:  # seed-major: a partial run already covers every method
+        for method in cfg["methods"]:
+            acfg = apt_config(cfg, method, seed)
+            backbone = DiffusersSDXLBackbone.from_components(c)
+            trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=enc)
+            history, evals = [], []
+            try:
+                for step in range(1, acfg.train.steps + 1):
+                    history.append(trainer.train_step().to_dict())
+                    if step in eval_steps:
+                        keep = step == eval_steps[-1] and seed == cfg["seeds"][0]
+                        e = score(c, cfg, es, concept, keep_images=keep)
+                        e["eps_gap"], e["eps_dev"] = _eps_terms(backbone, trainer.lora, dataset, es)
+                        e["step"] = step
+                        if keep:
+                            images[method] = e.pop("_images")
+                            images[method + "_drift"] = e.pop("_drift_images")
+                        e.pop("_dets", None)
+                        evals.append(e)
+                        log(f"[{time.time() - t0:6.1f}s] {method} seed {seed} step {step}: " + _fmt(e))
+            finally:
+                trainer.close()
+            results["runs"].setdefault(method, []).append({
+                "seed": seed, "evals": evals, "final_gamma": history[-1]["gamma"],
+                "history": [{k: h[k] for k in ("step", "loss", "loss_denoise", "loss_rs", "loss_aa",
+                                               "gamma", "aug_rate", "loss_weight")} for h in history]})
+            results["seconds"] = round(time.time() - t0, 1)
+            if on_run:
+                on_run({"results": results, "images": images})
+    results["runs"] = {m: results["runs"][m] for m in cfg["methods"] if m in results["runs"]}
+    results["seconds"] = round(time.time() - t0, 1)
+    return {"results": results, "images": images}
+
+
+KEYS = ("identity", "context", "layout", "pos_spread", "scale_spread", "drift_px", "drift_attr",
+        "eps_gap", "eps_dev")
+
+
+DETAIL = ("ref_identity", "id_shape", "id_colour", "present", "background", "style", "position", "size")
+
+
+def _fmt(e: dict) -> str:
+    return ", ".join(f"{k} {e[k]:.3f}" for k in KEYS if k in e and isinstance(e[k], float))
+
+
+def summary(results: dict) -> dict[str, dict[str, tuple[float, float]]]:
+    """{method: {metric: (mean, std over seeds)}} at the last evaluated step; 'prior' too."""
+    out = {"prior": {k: (results["prior"][k], 0.0) for k in KEYS if k in results["prior"]}}
+    for method, runs in results["runs"].items():
+        finals = [r["evals"][-1] for r in runs if r["evals"]]
+        out[method] = {k: M.mean_std([f[k] for f in finals if k in f]) for k in KEYS + DETAIL}
+        out[method]["final_gamma_mean"] = M.mean_std([float(np.mean(r["final_gamma"])) for r in runs])
+    return out

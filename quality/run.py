@@ -1,0 +1,182 @@
+"""Run the personalization benchmark and write a markdown report, results.json and a figure.
+
+    python -m quality.run --config quality/configs/default.json --out quality/report
+    python -m quality.run --config quality/configs/default.json --out /tmp/smoke --quick --untrained-prior
+
+--quick: 1 seed, baseline and APT only, a few steps (a smoke test of the pipeline, not a result).
+--untrained-prior: a randomly initialised prior of the same architecture (no assets needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import plot
+from .bench import DETAIL, KEYS, LABELS, load_config, run_benchmark, summary
+
+DESCRIPTIONS = {
+    "identity": "concept generated with the references' shape and colour (higher = better)",
+    "context": "requested background and style generated (higher = better)",
+    "layout": "requested position and size generated (higher = better)",
+    "pos_spread": "RMS distance of object centres from the references' centre, fraction of the side (higher = more layout freedom)",
+    "scale_spread": "RMS log2 size ratio to the references' size (higher = more scale freedom)",
+    "drift_px": "mean |pixel difference| to the prior on prompts without the concept, same seeds (lower = better)",
+    "drift_attr": "fraction of detected attributes that changed vs the prior on those prompts (lower = better)",
+    "eps_gap": "L_pre - L_ft on the references at fixed (t, noise) draws: memorisation (lower = less)",
+    "eps_dev": "mean ||eps_ft - eps_pre||^2 on world images without the concept (lower = closer to the prior)",
+    "ref_identity": "identity on 4 images for the references' own caption (did the LoRA learn the concept at all)",
+    "id_shape / id_colour": "identity split: concept shape / concept colour generated, on the concept prompts",
+}
+
+
+def _cell(mean: float, std: float, show_std: bool = True) -> str:
+    if isinstance(mean, float) and math.isnan(mean):
+        return "—"
+    return f"{mean:.3f} ± {std:.3f}" if show_std else f"{mean:.3f}"
+
+
+def markdown(out: dict, quick: bool) -> str:
+    res = out["results"]
+    cfg = res["config"]
+    summ = summary(res)
+    methods = ["prior"] + list(res["runs"])
+    steps = cfg["apt_config"]["train"]["steps"]
+    lines = ["# APT personalization benchmark", ""]
+    if quick:
+        lines += ["**Quick smoke run: the numbers below say nothing about quality.**", ""]
+    con = cfg["concept"]
+    lines += [
+        f"Concept: a **{con['colour']} {con['shape']}** ({con['style']} style), never seen by the prior, bound "
+        f"to `sks`; {con['n_images']} references, {con['size_name']}, {con['position']}, on a "
+        f"{con['background']} background, caption `{res['reference_caption']}`.",
+        f"Prior: `{cfg['prior']}`. Training: {steps} steps, seeds {cfg['seeds']}, settings "
+        f"`{json.dumps(cfg['apt_config'])}`, augmentation fill: {cfg['augment_fill']}.",
+        f"Evaluation at step {cfg['eval']['steps'][-1]}: {len(res['prompts'])} concept images "
+        f"({len(set(res['prompts']))} prompts x {cfg['eval']['samples_per_prompt']} seeds) and "
+        f"{len(res['drift_prompts'])} images without the concept; DDIM {cfg['eval']['sampling_steps']} "
+        f"steps, CFG {cfg['eval']['guidance']}. Mean ± sample std over training seeds "
+        f"(the prior row is one deterministic evaluation). Runtime {res['seconds']:.0f} s.", ""]
+    header = "| method | " + " | ".join(KEYS) + " | mean final gamma |"
+    lines += [header, "|" + "---|" * (len(KEYS) + 2)]
+    for m in methods:
+        row = summ[m]
+        cells = [_cell(*row[k], show_std=m != "prior") if k in row else "—" for k in KEYS]
+        g = _cell(*row["final_gamma_mean"]) if "final_gamma_mean" in row else "—"
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {g} |")
+    lines += ["", "Identity split into shape and colour, object present, and context / layout by attribute "
+              "(fraction of concept images that show what the prompt asked for):", "",
+              "| method | " + " | ".join(DETAIL) + " |", "|" + "---|" * (len(DETAIL) + 1)]
+    for m in methods:
+        row = summ[m] if m != "prior" else {k: (res["prior"].get(k, float("nan")), 0.0) for k in DETAIL}
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
+            _cell(*row.get(k, (float("nan"), 0.0)), show_std=m != "prior") for k in DETAIL) + " |")
+    lines += ["", "Metrics:", ""] + [f"- `{k}`: {v}" for k, v in DESCRIPTIONS.items()]
+    lines += ["", "Concept prompts:", ""] + [f"- `{p}`" for p in dict.fromkeys(res["prompts"])]
+    lines += ["", "Prompts without the concept (prior drift):", ""] + [f"- `{p}`" for p in res["drift_prompts"]]
+    lines += ["", "![figure](figure.png)", ""]
+    return "\n".join(lines)
+
+
+def figure(out: dict) -> "plot.Image.Image":
+    res, ims = out["results"], out["images"]
+    cfg = res["config"]
+    k = cfg["eval"]["samples_per_prompt"]
+    n = cfg["eval"]["grid_prompts"]
+    idx = [i * k for i in range(min(n, len(res["prompts"]) // max(k, 1)))]
+    header = [res["prompts"][i].replace("a sks shape, ", "") for i in idx]
+    rows = [("references", list(ims["references"]) + [np.full_like(ims["references"][0], 255)] * (len(idx) - len(ims["references"])))]
+    rows[0] = (rows[0][0], rows[0][1][:max(len(idx), len(ims["references"]))])
+    rows.append((LABELS["prior"], [ims["prior"][i] for i in idx]))
+    for m in res["runs"]:
+        if m in ims:
+            rows.append((LABELS.get(m, m) + f" s{cfg['seeds'][0]}", [ims[m][i] for i in idx]))
+    parts = [plot.grid(rows, header=header)]
+    drift_rows = [(LABELS["prior"], list(ims["prior_drift"][:n]))]
+    for m in res["runs"]:
+        if m + "_drift" in ims:
+            drift_rows.append((LABELS.get(m, m), list(ims[m + "_drift"][:n])))
+    parts.append(plot.grid(drift_rows, header=[p for p in res["drift_prompts"][:n]]))
+    methods = list(res["runs"])
+    charts = []
+    for key in ("identity", "context", "layout", "pos_spread", "drift_px", "eps_gap"):
+        series = {}
+        for m in methods:
+            runs = res["runs"][m]
+            steps = [e["step"] for e in runs[0]["evals"]]
+            vals = np.array([[e[key] for e in r["evals"]] for r in runs], float)
+            std = vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
+            series[m] = ([0] + steps, [res["prior"].get(key, 0.0)] + list(vals.mean(0)), [0.0] + list(std))
+        charts.append(plot.line_chart(series, key, xlabel="steps"))
+    gam = {}
+    for m in methods:
+        g = np.array([r["final_gamma"] for r in res["runs"][m]], float)
+        gam[m] = (list(range(g.shape[1])), list(g.mean(0)), list(g.std(0, ddof=1)) if len(g) > 1 else None)
+    charts.append(plot.line_chart(gam, "final gamma per timestep bin", xlabel="bin"))
+    lows = {}
+    for m in methods:
+        h = np.array([[ev["gamma"][0] for ev in r["history"]] for r in res["runs"][m]], float)
+        lows[m] = (list(range(1, h.shape[1] + 1)), list(h.mean(0)), None)
+    charts.append(plot.line_chart(lows, "gamma of bin 0 (t<100) over training", xlabel="steps"))
+    chart_rows = [plot.stack(charts[i:i + 4], vertical=False) for i in range(0, len(charts), 4)]
+    parts.append(plot.legend(["prior"] + methods, LABELS, chart_rows[0].width))
+    parts += chart_rows
+    return plot.stack(parts)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="quality/configs/default.json")
+    ap.add_argument("--out", default="quality/report")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 2 methods, a few steps")
+    ap.add_argument("--untrained-prior", action="store_true", help="random prior (no assets needed)")
+    ap.add_argument("--prior", default=None, help="override the config's prior folder")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--replot", action="store_true",
+                    help="only rewrite report.md and figure.png from --out's results.json and images.npz")
+    args = ap.parse_args(argv)
+    if args.replot:
+        dest = Path(args.out)
+        res = json.loads((dest / "results.json").read_text())
+        with np.load(dest / "images.npz") as z:
+            ims = {k: z[k] for k in z.files}
+        out = {"results": res, "images": ims}
+        (dest / "report.md").write_text(markdown(out, bool(res.get("smoke"))))
+        figure(out).save(dest / "figure.png")
+        return 0
+    over = {}
+    if args.prior:
+        over["prior"] = args.prior
+    if args.device:
+        over["device"] = args.device
+    cfg = load_config(args.config, over, quick=args.quick)
+    started = time.time()
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    smoke = args.quick or args.untrained_prior
+
+    def write(out: dict, partial: bool = False) -> None:
+        out["results"]["smoke"] = smoke
+        (dest / "results.json").write_text(json.dumps(out["results"], indent=1, default=float) + "\n")
+        np.savez_compressed(dest / "images.npz", **out["images"])
+        text = markdown(out, smoke)
+        if partial:
+            text = text.replace("# APT personalization benchmark", "# APT personalization benchmark "
+                                "(PARTIAL: still running, not every seed/method is in yet)", 1)
+        (dest / "report.md").write_text(text)
+        figure(out).save(dest / "figure.png")
+
+    out = run_benchmark(cfg, untrained=args.untrained_prior, on_run=lambda o: write(o, partial=True))
+    write(out)
+    print(f"wrote {dest / 'report.md'}, {dest / 'results.json'}, {dest / 'figure.png'} "
+          f"in {time.time() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Smoke test of `python -m benchmarks.speed` on the tiny model (CPU): every row runs and reports
+finite positive times. Not a timed test: nothing here asserts a speed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+import comfy_host
+from benchmarks import speed
+
+STEPS, WARMUP = 2, 1
+BASE = ["--device", "cpu", "--model", "tiny", "--resolution", "64", "--rank", "8",
+        "--steps", str(STEPS), "--warmup", str(WARMUP), "--threads", "1"]
+
+
+def _comfy_expected() -> bool:
+    return comfy_host.comfyui_available() or comfy_host.host_required()
+
+
+def _check_timed_row(row):
+    assert row["status"] == "ok", (row["key"], row["reason"])
+    assert len(row["times_ms"]) == STEPS and len(row["warmup_ms"]) == WARMUP
+    for v in row["times_ms"] + [row["median_ms"], row["min_ms"], row["max_ms"]]:
+        assert math.isfinite(v) and v > 0, (row["key"], v)
+    assert row["setup_s"] is not None and row["setup_s"] >= 0
+
+
+def test_speed_benchmark_tiny_cpu_every_row(tmp_path):
+    out = tmp_path / "speed.json"
+    code = speed.main(BASE + ["--gradient-checkpointing", "off", "--no-flops", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0, [(r["key"], r["reason"]) for r in result["rows"] if r["status"] == "error"]
+
+    rows = {r["key"]: r for r in result["rows"]}
+    forward_rows = [rid for rid, (_, _, kind) in speed.ROWS.items() if kind == "forward"]
+    assert len(forward_rows) >= 2
+    expected = forward_rows + [f"{rid}@gc_off" for rid in speed.STEP_ROWS]
+    assert sorted(rows) == sorted(expected)
+    for key in expected:
+        if key.startswith("comfy@") and not _comfy_expected():
+            assert rows[key]["status"] == "not_measured" and rows[key]["reason"]
+            continue
+        _check_timed_row(rows[key])
+
+    ratios = {q["name"] for q in result["ratios"]}
+    assert {"APT / DreamBooth", "APT / (DreamBooth + prior)", "naive (LoRA step + prior) / APT"} <= ratios
+    for q in result["ratios"]:
+        assert math.isfinite(q["value"]) and q["value"] > 0
+    # Targets are for an H100 at 1024²: on the tiny CPU model every one reads "not measured".
+    assert result["targets"] and all(t["status"] == "not measured" for t in result["targets"])
+    assert result["machine"]["cpu"] and result["machine"]["versions"]["torch"]
+    assert result["command"].startswith("python -m benchmarks.speed ")
+    one_off = result["one_off"]
+    assert one_off["model preparation: build UNet (random init on device)"] > 0
+    assert one_off["caching: encode one image + caption (cold)"] > 0
+    assert "| apt |" in result["markdown"]
+
+
+def test_speed_benchmark_sequential_with_checkpointing_and_flops(tmp_path):
+    """The GPU path's schedule (one shared UNet, rows one after the other, each restoring it),
+    gradient checkpointing, the FLOP count and the per-row memory probe."""
+    out = tmp_path / "speed.json"
+    code = speed.main(BASE + ["--gradient-checkpointing", "on", "--schedule", "sequential",
+                              "--variants", "dreambooth,apt,naive_prior", "--skip-caching",
+                              "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0, [(r["key"], r["reason"]) for r in result["rows"] if r["status"] == "error"]
+    assert [r["key"] for r in result["rows"]] == ["dreambooth@gc_on", "apt@gc_on", "naive_prior@gc_on"]
+    for row in result["rows"]:
+        _check_timed_row(row)
+        assert row["flops"] > 0
+        assert "left_unet_dirty" not in row["notes"]
+    # APT adds a no-grad prior forward to the DreamBooth step: more FLOPs, whatever the timings.
+    flops = {r["id"]: r["flops"] for r in result["rows"]}
+    assert flops["apt"] > flops["dreambooth"]
+    assert flops["naive_prior"] > flops["dreambooth"]
+
+
+def test_unknown_variant_is_rejected():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--device", "cpu", "--variants", "apt,warp_drive"])

@@ -1,0 +1,166 @@
+"""Fast checks of the quality benchmark: world, detectors, metrics, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from quality import metrics as M
+from quality.world import (BACKGROUNDS, COLOURS, SHAPES, STYLES, WORDS, Detection, caption,
+                           caption_from, combo_key, detect, random_scene, render)
+
+
+def _scenes(seed: int, n: int):
+    rng = random.Random(seed)
+    return [random_scene(rng, shapes=SHAPES, colours=COLOURS) for _ in range(n)]
+
+
+def test_world_is_deterministic_from_its_seed():
+    a, b = _scenes(3, 20), _scenes(3, 20)
+    assert a == b
+    assert all(np.array_equal(render(x), render(y)) for x, y in zip(a, b))
+    assert [caption(s) for s in a] == [caption(s) for s in b]
+    assert _scenes(4, 20) != a
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_detectors_recover_the_ground_truth_exactly_on_rendered_images(size):
+    for s in _scenes(11, 250):
+        d = detect(render(s, size))
+        assert d.present
+        assert (d.shape, d.colour, d.style, d.background, d.position, d.size_name) == combo_key(s), s
+        left = round(s.cx * size - round(s.size * size) / 2)
+        assert d.cx == pytest.approx((left + round(s.size * size) / 2) / size, abs=1.01 / size)
+        assert d.size == pytest.approx(s.size, abs=1.01 / size)
+
+
+def test_every_combination_of_shape_colour_style_is_read_back():
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for style in STYLES:
+                for size_name in ("small", "large"):
+                    s = random_scene(random.Random(0), shape=shape, colour=colour, style=style,
+                                     size_name=size_name, background="grey", position="centre")
+                    d = detect(render(s))
+                    assert (d.shape, d.colour, d.style, d.size_name) == (shape, colour, style, size_name)
+
+
+def test_empty_background_is_detected_as_absent_object():
+    for name, rgb in BACKGROUNDS.items():
+        img = np.empty((64, 64, 3), np.uint8)
+        img[:] = rgb
+        d = detect(img)
+        assert d.background == name and not d.present
+
+
+def test_captions_and_tokenizer_know_every_word():
+    from quality.models import build_tokenizers
+
+    assert caption_from({"colour": "red", "shape": "circle", "size_name": "small", "position": "top left",
+                         "background": "sky", "style": "flat"}) == \
+        "a red circle, small, top left, on a sky background, flat style"
+    assert caption_from({"background": "pink", "position": "centre"}, token="sks") == \
+        "a sks shape, in the centre, on a pink background"
+    tok_1, tok_2 = build_tokenizers()
+    for w in WORDS:
+        assert len(tok_1.tokenize(w)) == 1 and len(tok_2.tokenize(w)) == 1, w
+
+
+def _det(**kw) -> Detection:
+    base = dict(background="white", present=True, shape="cross", colour="teal", style="flat",
+                position="centre", size_name="large", cx=0.5, cy=0.5, size=0.5)
+    base.update(kw)
+    return Detection(**base)
+
+
+def test_metrics_on_hand_made_cases():
+    dets = [_det(), _det(colour="red"), _det(shape="circle"), _det(present=False, shape=None, colour=None)]
+    assert M.identity(dets, "cross", "teal") == 0.25
+    req = [{"background": "white", "style": "flat"}, {"background": "pink", "style": "flat"},
+           {"background": "white"}, {"background": "white", "style": "striped"}]
+    # hits: (T, T), (F, T), (T), (T [absent object still has a background], F) -> 5 of 7
+    assert M.attribute_match(dets, req, M.CONTEXT_ATTRS) == pytest.approx(5 / 7)
+    assert math.isnan(M.attribute_match(dets, [{}] * 4, M.LAYOUT_ATTRS))
+    moved = [_det(cx=0.8, cy=0.9, size=0.25), _det(cx=0.5, cy=0.5, size=1.0), _det(present=False)]
+    pos, scale = M.spreads(moved, 0.5, 0.5, 0.5)
+    assert pos == pytest.approx(math.sqrt((0.3 ** 2 + 0.4 ** 2) / 2))  # distances 0.5 and 0
+    assert scale == pytest.approx(1.0)  # log2 ratios -1 and +1
+    assert all(math.isnan(v) for v in M.spreads([_det(present=False)], 0.5, 0.5, 0.5))
+    a = np.zeros((2, 4, 4, 3), np.uint8)
+    b = a.copy()
+    b[0] = 255
+    assert M.drift_px(a, b) == pytest.approx(0.5)
+    assert M.drift_attr([_det(), _det()], [_det(), _det(colour="red", position="top left")]) == pytest.approx(2 / 14)
+    assert M.mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert M.mean_std([4.0]) == (4.0, 0.0)
+
+
+def test_sampler_is_deterministic_per_seed_and_independent_of_batching():
+    from quality.models import build_world_sdxl
+    from quality.sampling import sample
+
+    c = build_world_sdxl(0)
+    prompts = ["a red circle, small, top left", "a sks shape, on a pink background", ""]
+    one = sample(c, prompts, [5, 6, 7], steps=2, batch=3)
+    two = sample(c, prompts[1:], [6, 7], steps=2, batch=1)
+    assert one.shape == (3, 64, 64, 3) and one.dtype == np.uint8
+    np.testing.assert_array_equal(one, sample(c, prompts, [5, 6, 7], steps=2, batch=3))
+    # another batch split changes only float rounding (batched matmuls), never the picture
+    assert np.abs(one[1:].astype(int) - two.astype(int)).max() <= 2
+
+
+def test_background_fill_shift_is_exact():
+    """The pixel shift that makes apt_core's black fill mean "reference background" is exact."""
+    from apt_core.augment import zoom_rotate
+    from apt_core.conditioning import CachedDataset, CachedExample
+    from quality.bench import _background_fill, to_pixels
+
+    s = random_scene(random.Random(1), background="sand", size_name="large", position="centre")
+    px = to_pixels(render(s))
+    ex = CachedExample(torch.zeros(4, 8, 8), None, "", pixels=px.clone())  # type: ignore[arg-type]
+    to_real = _background_fill(CachedDataset([ex]), BACKGROUNDS["sand"])
+    zoom, angle = torch.tensor([2.5]), torch.tensor([10.0])
+    shifted = to_real(zoom_rotate(ex.pixels[None], zoom, angle, "constant", -1.0))
+    bg = torch.tensor(BACKGROUNDS["sand"], dtype=torch.float32).view(1, 3, 1, 1) / 127.5 - 1
+    direct = zoom_rotate(px[None] - bg, zoom, angle, "constant", 0.0) + bg
+    torch.testing.assert_close(shifted, direct, atol=1e-5, rtol=0)
+    assert torch.allclose(shifted[0, :, 0, 0], bg.view(3), atol=1e-5)  # a corner is background now
+
+
+def test_quick_benchmark_runs_end_to_end_on_an_untrained_prior(tmp_path):
+    from quality.run import main
+
+    assert main(["--quick", "--untrained-prior", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["runs"]) == {"baseline", "apt"}
+    for runs in res["runs"].values():
+        assert [e["step"] for e in runs[0]["evals"]] == [2, 4]
+        assert len(runs[0]["history"]) == 4 and len(runs[0]["final_gamma"]) == 10
+    assert "| DreamBooth-LoRA |" in (tmp_path / "report.md").read_text()
+    before = (tmp_path / "report.md").read_text()
+    assert main(["--replot", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "report.md").read_text() == before
+    from PIL import Image
+
+    assert Image.open(tmp_path / "figure.png").size[0] > 300
+
+
+def test_train_prior_quick_writes_a_loadable_fp16_sdxl_folder(tmp_path):
+    from apt_core.models import check_sdxl_unet, load_sdxl
+    from quality.train_prior import main
+
+    assert main(["--quick", "--out", str(tmp_path / "prior"), "--unet-steps", "2", "--vae-steps", "2",
+                 "--vae-full-steps", "1", "--n-train", "8", "--eval-prompts", "2"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "prior" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+    c = load_sdxl(tmp_path / "prior")
+    check_sdxl_unet(c.unet)
+    assert c.vae.config.scaling_factor != 1.0
+    assert json.loads((tmp_path / "prior" / "prompt_following.json").read_text())["n"] == 2
