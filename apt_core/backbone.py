@@ -50,6 +50,21 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 
 
+def transformer_lora_targets(unet: nn.Module, include_feed_forward: bool = False) -> list[str]:
+    """Names of the nn.Linear projections inside transformer blocks that get a LoRA.
+
+    The suffixes are the same in diffusers and ComfyUI/SGM module trees.
+    """
+    suffixes = ATTENTION_PROJECTIONS + (FEED_FORWARD if include_feed_forward else ())
+    return [name for name, module in unet.named_modules()
+            if isinstance(module, nn.Linear) and ".transformer_blocks." in name and name.endswith(suffixes)]
+
+
+def kohya_key(module_name: str) -> str:
+    """Module path -> kohya key: `a.b.0.to_q` -> `lora_unet_a_b_0_to_q` (either naming scheme)."""
+    return "lora_unet_" + module_name.replace(".", "_")
+
+
 class RecordingCrossAttnProcessor:
     """attn2 processor: fused SDPA normally, explicit probabilities while the probe asks for them."""
 
@@ -104,13 +119,10 @@ class DiffusersSDXLBackbone:
                          return_dict=False)[0]
 
     def lora_target_names(self, include_feed_forward: bool = False) -> list[str]:
-        suffixes = ATTENTION_PROJECTIONS + (FEED_FORWARD if include_feed_forward else ())
-        return [name for name, module in self.unet.named_modules()
-                if isinstance(module, nn.Linear) and ".transformer_blocks." in name
-                and name.endswith(suffixes)]
+        return transformer_lora_targets(self.unet, include_feed_forward)
 
     def kohya_key(self, module_name: str) -> str:
-        return "lora_unet_" + module_name.replace(".", "_")
+        return kohya_key(module_name)
 
     def up_blocks_at(self, factors: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
         """Decoder stages whose latent downsampling factor is in `factors` (4 -> 32x32 at 1024 px)."""

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from apt_core.backbone import ATTENTION_PROJECTIONS, FEED_FORWARD, ProbeHandle
+from apt_core.backbone import ProbeHandle, kohya_key, transformer_lora_targets
 from apt_core.conditioning import SDXLConditioning
 from apt_core.errors import AptModelError
 from apt_core.probes import AptProbe, explicit_attention
@@ -120,14 +120,11 @@ class ComfySDXLBackbone:
                          y=cond.pooled.to(dtype), transformer_options={})
 
     def lora_target_names(self, include_feed_forward: bool = False) -> list[str]:
-        suffixes = ATTENTION_PROJECTIONS + (FEED_FORWARD if include_feed_forward else ())
-        return [name for name, module in self.unet.named_modules()
-                if isinstance(module, nn.Linear) and ".transformer_blocks." in name
-                and name.endswith(suffixes)]
+        return transformer_lora_targets(self.unet, include_feed_forward)
 
     def kohya_key(self, module_name: str) -> str:
         """SGM module path -> kohya key, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q."""
-        return "lora_unet_" + module_name.replace(".", "_")
+        return kohya_key(module_name)
 
     def decoder_stages(self, factors: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
         """(name, SpatialTransformer) of each decoder stage whose latent downsampling factor is in
