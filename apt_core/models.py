@@ -89,11 +89,11 @@ def _bytes_to_unicode() -> list[str]:
     return [chr(c) for c in cs]
 
 
-def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
-    """Byte-level CLIP BPE vocab (bytes, bytes+</w>, a few whole words, BOS, EOS) and merges."""
+def bpe_vocab(words: Sequence[str] = _TINY_WORDS) -> tuple[dict[str, int], list[str]]:
+    """Byte-level CLIP BPE vocab (bytes, bytes+</w>, a merge chain per word, BOS, EOS) and merges."""
     chars = _bytes_to_unicode()
     tokens, merges = chars + [c + "</w>" for c in chars], []
-    for word in _TINY_WORDS:
+    for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
         while len(parts) > 1:
             pair, merged = f"{parts[0]} {parts[1]}", parts[0] + parts[1]
@@ -108,7 +108,7 @@ def _tiny_vocab() -> tuple[dict[str, int], list[str]]:
 
 def build_tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """Two offline CLIP tokenizers (max length 77); #1 pads with EOS, #2 pads with '!' (id 0)."""
-    vocab, merges = _tiny_vocab()
+    vocab, merges = bpe_vocab()
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f)

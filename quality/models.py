@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from apt_core.conditioning import SDXLConditioning, sdxl_time_ids
-from apt_core.models import SDXLComponents, check_sdxl_unet, sdxl_train_scheduler
+from apt_core.models import SDXLComponents, bpe_vocab, check_sdxl_unet, sdxl_train_scheduler
 
 from .world import WORDS
 
@@ -53,34 +53,6 @@ def vae_config() -> dict[str, Any]:
                 mid_block_add_attention=False, scaling_factor=1.0, force_upcast=True)
 
 
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> printable unicode table, in vocabulary order."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _bpe_vocab(words: Sequence[str]) -> tuple[dict[str, int], list[str]]:
-    chars = _bytes_to_unicode()
-    tokens, merges = chars + [c + "</w>" for c in chars], []
-    for word in words:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(parts) > 1:
-            pair, merged = f"{parts[0]} {parts[1]}", parts[0] + parts[1]
-            if pair not in merges:
-                merges.append(pair)
-            if merged not in tokens:
-                tokens.append(merged)
-            parts = [merged] + parts[2:]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}, merges
-
-
 def _bpe_split(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE of one word (lowest-rank adjacent pair first)."""
     parts = list(word[:-1]) + [word[-1] + "</w>"]
@@ -101,7 +73,7 @@ def world_vocab(words: Sequence[str] = WORDS) -> tuple[dict[str, int], list[str]
     """
     order = sorted(dict.fromkeys(words), key=lambda w: (-len(w), w))
     for _ in range(100):
-        vocab, merges = _bpe_vocab(order)
+        vocab, merges = bpe_vocab(order)
         ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
         failing = [w for w in order if len(_bpe_split(w, ranks)) != 1]
         if not failing:
