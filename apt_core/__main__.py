@@ -1,7 +1,9 @@
 """Standalone APT LoRA training: `python -m apt_core [options]` (or the `apt-train` script).
 
-With no --model it trains the small generated SDXL-shaped model, and with no --images it trains
-on generated sample photos, so the command always runs end to end, offline, on CPU.
+With no --model (or --model tiny) it trains a small generated SDXL-shaped model with random
+weights, and with no --images it trains on generated sample photos, so the command always runs
+end to end, offline, on CPU. --sample-prompt / --sample-prompts render the same prompts and seeds
+with the LoRA off (before) and on (after) into one labelled grid PNG.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import AptError
 from .images import load_image_folder
 from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
 from .sample_images import write_sample_folder
+from .sampling import before_after_grid, on_device, sample
 from .trainer import AptTrainer, ProgressEvent
 
 PRESETS = {"fastest": False, "low-vram": True}  # -> gradient checkpointing
@@ -32,14 +35,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io = p.add_argument_group("input and output")
     io.add_argument("--images", help="folder of 3-10 photos (+ same-name .txt captions); "
                     "default: generated sample photos")
-    io.add_argument("--model", help="SDXL diffusers folder or single .safetensors file; "
-                    "default: a small generated SDXL-shaped model (demo only)")
+    io.add_argument("--model", help="SDXL diffusers folder or single .safetensors file; 'tiny' or "
+                    "nothing: a small generated SDXL-shaped model with random weights (tests only)")
     io.add_argument("--model-config", help="local diffusers SDXL config folder for single-file models")
     io.add_argument("--out", default="output/apt_lora.safetensors", help="LoRA file to write")
     io.add_argument("--checkpoint-dir", help="default: <out>.checkpoints")
     io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     io.add_argument("--default-caption", help="caption for images without a .txt file")
-    io.add_argument("--resolution", type=int, help="training size; default 1024 (64 for the demo model)")
+    io.add_argument("--resolution", type=int, help="training size; default: the model's native size "
+                    "(1024 for SDXL, 64 for the tiny model and the quality benchmark's prior)")
     io.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=500)
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--preset", choices=sorted(PRESETS), default="fastest",
                    help="fastest: no gradient checkpointing; low-vram: gradient checkpointing (12 GB cards)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
+                   "fastest for small models on a busy machine)")
     a = p.add_argument_group("APT")
     a.add_argument("--baseline", action="store_true", help="plain DreamBooth-LoRA: every APT part off")
     a.add_argument("--no-augment", action="store_true")
@@ -64,7 +70,66 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--fill", choices=("constant", "reflect"), default=AugmentConfig.fill)
     a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
     a.add_argument("--print-every", type=int, default=25)
+    s = p.add_argument_group("before/after samples (LoRA off vs on, same seeds, one grid PNG)")
+    s.add_argument("--sample-prompt", action="append", default=[], metavar="TEXT",
+                   help="a prompt to render before and after training (repeatable)")
+    s.add_argument("--sample-prompts", metavar="FILE",
+                   help="text file with one prompt per line (blank lines and # comments skipped)")
+    s.add_argument("--samples-out", metavar="PNG", help="grid to write; default <out>.before_after.png; "
+                   "given without prompts, the training captions are rendered")
+    s.add_argument("--samples-per-prompt", type=int, default=1, help="images (seeds) per prompt")
+    s.add_argument("--sample-steps", type=int, default=25, help="DDIM steps")
+    s.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (1 = off)")
+    s.add_argument("--sample-seed", type=int, default=0, help="seed of the first image; then +1 per image")
+    s.add_argument("--sample-size", type=int, help="image side in px; default: the training resolution")
     return p.parse_args(argv)
+
+
+def sample_prompts(args: argparse.Namespace) -> list[str]:
+    """--sample-prompts FILE lines, then every --sample-prompt, in order."""
+    prompts = []
+    if args.sample_prompts:
+        path = Path(args.sample_prompts)
+        if not path.is_file():
+            raise AptError(f"sample prompt file not found: {path}")
+        prompts += [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and not ln.lstrip().startswith("#")]
+    return prompts + list(args.sample_prompt)
+
+
+def native_resolution(components) -> int:
+    """The image side the UNet was built for: sample_size x the VAE's downsampling factor."""
+    factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    return int(components.unet.config.sample_size) * factor
+
+
+class BeforeAfter:
+    """Renders the sample prompts with the LoRA off (before training) and on (after)."""
+
+    def __init__(self, args: argparse.Namespace, components, prompts: list[str], resolution: int):
+        k = max(1, args.samples_per_prompt)
+        self.args, self.components, self.prompts = args, components, prompts
+        self.all_prompts = [p for p in prompts for _ in range(k)]
+        self.seeds = [args.sample_seed + i for i in range(len(self.all_prompts))]
+        self.size = args.sample_size or resolution
+        self.batch = 32 if self.size <= 256 else 2
+        self.before = None
+
+    def render(self, device: torch.device):
+        a, started = self.args, time.perf_counter()
+        with on_device(self.components, device):
+            images = sample(self.components, self.all_prompts, self.seeds, steps=a.sample_steps,
+                            guidance=a.cfg, size=self.size, batch=self.batch)
+        print(f"rendered {len(images)} sample(s) ({a.sample_steps} DDIM steps, cfg {a.cfg:g}, "
+              f"{self.size} px) in {time.perf_counter() - started:.1f}s")
+        return images
+
+    def write(self, after, path: Path, title: str, records=()) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        refs = [((r.pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+                for r in records]
+        before_after_grid(self.prompts, self.before, after, title=title, references=refs).save(path)
+        return path
 
 
 def build_config(args: argparse.Namespace) -> AptConfig:
@@ -100,14 +165,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(args: argparse.Namespace) -> int:
     config = build_config(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     device = torch.device(args.device)
-    if args.model:
+    prompts = sample_prompts(args)
+    if args.samples_per_prompt < 1 or args.sample_steps < 1:
+        raise AptError("--samples-per-prompt and --sample-steps must be at least 1")
+    if args.model and args.model != "tiny":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         components = load_sdxl(args.model, dtype=dtype, config=args.model_config)
-        resolution = args.resolution or 1024
+        resolution = args.resolution or native_resolution(components)
     else:
-        print("no --model given: using the small generated SDXL-shaped demo model (random weights)")
+        print("using the small generated SDXL-shaped model with random weights (pipeline check only)")
         components = build_tiny_sdxl(seed=args.seed)
         resolution = args.resolution or 64
     images = args.images
@@ -122,6 +192,11 @@ def train(args: argparse.Namespace) -> int:
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
                             keep_pixels=config.augment.space == "pixel")
     print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
+    samples = None
+    if prompts or args.samples_out:
+        prompts = prompts or list(dict.fromkeys(r.caption for r in report.records))[:4]
+        samples = BeforeAfter(args, components, prompts, resolution)
+        samples.before = samples.render(device)  # the pretrained model: no LoRA exists yet
     checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     trainer = AptTrainer(
         DiffusersSDXLBackbone.from_components(components), dataset, config, checkpoint_dir=checkpoints,
@@ -142,6 +217,13 @@ def train(args: argparse.Namespace) -> int:
     if result.checkpoint:
         print(f"checkpoint: {result.checkpoint} (continue with --resume)")
     print("final gamma per bin:", " ".join(f"{g:.2f}" for g in result.gammas))
+    if samples is not None:
+        after = samples.render(device)  # LoRA on, same prompts and seeds
+        grid = Path(args.samples_out) if args.samples_out else out.with_suffix(".before_after.png")
+        method = "DreamBooth-LoRA (--baseline)" if args.baseline else "APT LoRA"
+        title = (f"{components.name}: {method} rank {args.rank}, {result.steps_done} steps, lr {args.lr:g}; "
+                 f"DDIM {args.sample_steps}, cfg {args.cfg:g}")
+        print(f"before/after grid written to {samples.write(after, grid, title, report.records)}")
     return 0
 
 

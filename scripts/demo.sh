@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# End-to-end demo on a fresh machine: sets up .venv (first run only), then trains an APT LoRA on the
-# embedded small SDXL-shaped model and generated sample photos (CPU, about a minute), printing the
-# overfitting indicator per timestep bin as it rises. Extra arguments go to `python -m apt_core`.
+# End-to-end demo on a fresh machine: sets up .venv (first run only), writes the quality
+# benchmark's personalization task into output/demo (4 reference photos of a blue cross, the new
+# concept "sks shape", with captions, plus before/after prompts; quality/demo_data.py), trains an
+# APT LoRA for it on the benchmark's small pretrained SDXL-shaped prior (quality/assets/prior,
+# 64 px) on the CPU, printing the overfitting indicator per timestep bin as it rises, and renders
+# the prompts with the LoRA off and on (same seeds) into output/demo/before_after.png.
+# Extra arguments go to `python -m apt_core` (e.g. --steps 400, --baseline, --model tiny).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh" || exit 1
-cd "$ROOT" && exec python -m apt_core --steps 300 --rank 8 --lr 1e-3 --print-every 50 \
-    --out output/demo/apt_demo.safetensors "$@"
+cd "$ROOT" || exit 1
+python -m quality.demo_data --out output/demo || exit 1
+exec python -m apt_core --model quality/assets/prior --images output/demo/photos \
+    --steps 200 --rank 8 --lr 4e-3 --print-every 25 --threads 1 \
+    --sample-prompts output/demo/prompts.txt --samples-per-prompt 2 --sample-steps 25 --cfg 5 \
+    --out output/demo/apt_demo.safetensors --samples-out output/demo/before_after.png "$@"

@@ -44,3 +44,26 @@ def test_empty_image_folder(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["--images", str(tmp_path / "empty"), "--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "no images" in capsys.readouterr().err.lower()
+
+
+def test_before_after_samples_on_the_tiny_model(tmp_path, capsys):
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\na photo of sks toy on a beach\n\n")
+    out = tmp_path / "lora.safetensors"
+    assert main(["--model", "tiny", "--steps", "2", "--rank", "2", "--sample-prompts", str(prompts),
+                 "--sample-prompt", "a photo of a dog", "--samples-per-prompt", "2", "--sample-steps", "2",
+                 "--cfg", "3", "--threads", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    grid = tmp_path / "lora.before_after.png"
+    assert text.count("rendered 4 sample(s) (2 DDIM steps, cfg 3, 64 px)") == 2  # before and after
+    assert f"before/after grid written to {grid}" in text
+    with Image.open(grid) as im:
+        assert im.width >= 300 + 4 * 128 and im.height >= 2 * 128
+    # --samples-out alone renders the training captions; a missing prompt file is a clear error
+    assert main(["--model", "tiny", "--steps", "1", "--rank", "2", "--sample-steps", "1",
+                 "--samples-out", str(tmp_path / "g.png"), "--out", str(out)]) == 0
+    assert "rendered 4 sample(s)" in capsys.readouterr().out and (tmp_path / "g.png").exists()
+    assert main(["--sample-prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
+    assert "sample prompt file not found" in capsys.readouterr().err
