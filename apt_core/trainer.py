@@ -117,6 +117,10 @@ class AptTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step_idx = 0
         self.history: list[dict] = []
+        # RNG state at the start of the step in progress (None between steps), and whether that
+        # step has begun changing the LoRA weights: what `save_last_good` needs.
+        self._rng_at_step_start: torch.Tensor | None = None
+        self._updating = False
         self._stop = threading.Event()
         self._augmented: deque[bool] = deque(maxlen=50)
         self._step_times: deque[float] = deque(maxlen=20)
@@ -162,6 +166,7 @@ class AptTrainer:
         cfg, sw = self.config, self.config.switches
         started = time.perf_counter()
         self._rng_at_step_start = self.generator.get_state()
+        self._updating = False
         idx = self._sample_batch()
         examples = [self.dataset.examples[i] for i in idx]
         dtype = next(p for p in self.backbone.unet.parameters()).dtype
@@ -203,7 +208,7 @@ class AptTrainer:
             loss_aa = cfg.regularizers.lambda_aa * aa_raw
             loss = loss_denoise + loss_rs + loss_aa
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(self.step_idx + 1, self._save_last_good())
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
             lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
                        cfg.train.steps, cfg.train.lr_schedule)
             for group in self.optimizer.param_groups:
@@ -215,7 +220,8 @@ class AptTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
         if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self.step_idx + 1, self._save_last_good())
+            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
+        self._updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -223,6 +229,7 @@ class AptTrainer:
         if loss_pre is not None:
             self.indicator.update(bins.tolist(), loss_pre.tolist(), loss_ft.detach().tolist())
         self.step_idx += 1
+        self._rng_at_step_start, self._updating = None, False  # the step is complete
         self._augmented.extend(applied.tolist())
         self._step_times.append(time.perf_counter() - started)
         return self._event(*(float(x.detach()) for x in (loss, loss_denoise, loss_rs, loss_aa)),
@@ -273,9 +280,22 @@ class AptTrainer:
             return None
         return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self.generator.get_state()))
 
-    def _save_last_good(self) -> Path | None:
-        """State before the failing step (parameters untouched by it) for a NaN/inf stop."""
+    def save_last_good(self) -> Path | None:
+        """Checkpoint the last consistent state after a step failed or was interrupted mid-way.
+
+        Call it after `train_step` raised (NaN/inf loss, out of memory, a host's Cancel inside the
+        forward): the LoRA weights, optimizer and indicator are still those of the last finished
+        step, and the RNG is rewound to the start of the failed step, so resuming from the file
+        replays that step exactly. Between steps it is the same as `save_checkpoint`.
+        Returns the file, or None when there is no checkpoint_dir, or when the failure happened
+        while the optimizer was already updating the weights (the state is half-updated and is not
+        saved; earlier checkpoints are kept).
+        """
         if self.checkpoint_dir is None:
+            return None
+        if self._rng_at_step_start is None:
+            return self.save_checkpoint()
+        if self._updating:
             return None
         return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self._rng_at_step_start))
 

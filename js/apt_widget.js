@@ -9,11 +9,16 @@
 //   * GET  /apt/runs/{node_id}   summary + full history (after a page reload / graph load, after the
 //                                websocket reconnects, when a new run is seen, when a run ends)
 //   * POST /apt/runs/{node_id}/stop  graceful stop after the current step (LoRA + checkpoint saved)
-// Messages are matched to a node by `String(message.node ?? message.node_id) === String(node.id)`.
+// Node ids: the backend keys runs and messages by the node's *execution id* (its unique_id in the
+// prompt): "7" on the top level, "12:5" for node 5 inside the subgraph instance node 12, "12:30:5"
+// deeper (ComfyUI_frontend getExecutionIdByNode). `executionIds(node)` computes it from the node's
+// graph up to the root graph. One subgraph definition can be placed several times, so a node inside
+// it may have several execution ids: the chart follows the one that ran last (`followId`).
+// A message belongs to a node when `String(message.node ?? message.node_id)` is one of its ids.
 // The plotting logic lives in apt_chart_model.js (plain module, unit-tested under Node).
 //
 // For browser tests: `node.__aptChart` is the AptLiveChart controller (`.model`, `.counts`,
-// `.draw()`, `.sync()`); the widget root is `.apt-live-chart[data-apt-node="<id>"]` and its canvas
+// `.draw()`, `.sync()`); the widget root is `.apt-live-chart[data-apt-node="<execution id>"]` and its canvas
 // carries data-apt-status, data-apt-step, data-apt-events, data-apt-run, data-apt-gamma-points
 // ("n0,n1,…" drawn points per bin) and data-apt-loss-points (JSON {loss_denoise: n, …}).
 
@@ -39,6 +44,45 @@ let listening = false;
 /** @param {any} v @returns {string} */
 const idOf = (v) => (v == null ? "" : String(v));
 
+/** The page's root graph (ComfyUI frontend with subgraphs: app.rootGraph; older: app.graph). */
+function rootGraph() {
+  return app?.rootGraph ?? app?.graph ?? null;
+}
+
+/** @param {any} g */
+const graphNodes = (g) => (Array.isArray(g?.nodes) ? g.nodes : Array.isArray(g?._nodes) ? g._nodes : []);
+
+/**
+ * Every execution id under which `node` runs: ["7"] on the top level; for a node in a subgraph one
+ * "<instance path>:<id>" per placement of that subgraph ([] while the subgraph is placed nowhere).
+ * A node not (yet) in a graph, or a page without a root graph: [String(node.id)].
+ * @param {any} node @param {any} [root]
+ * @returns {string[]}
+ */
+export function executionIds(node, root = rootGraph()) {
+  const id = node?.id;
+  if (id == null || id === -1 || id === "-1") return [];
+  const local = String(id);
+  const graph = node.graph;
+  if (!graph || !root || graph === root || graph.isRootGraph) return [local];
+  const out = [];
+  const seen = new Set();
+  const walk = (g, prefix) => {
+    if (seen.has(g)) return; // a malformed workflow could nest a subgraph in itself
+    seen.add(g);
+    for (const n of graphNodes(g)) {
+      const sub = n?.isSubgraphNode?.() ? n.subgraph : null;
+      if (!sub) continue;
+      const path = prefix ? `${prefix}:${n.id}` : String(n.id);
+      if (sub === graph) out.push(`${path}:${local}`);
+      walk(sub, path);
+    }
+    seen.delete(g); // the same definition placed again elsewhere is walked again
+  };
+  walk(root, "");
+  return out;
+}
+
 /** Register the page-wide websocket listeners once; they route to the live controllers. */
 export function ensureListeners() {
   if (listening) return;
@@ -46,13 +90,14 @@ export function ensureListeners() {
   api.addEventListener("apt.progress", (e) => {
     const d = e?.detail;
     if (!d) return;
-    for (const c of controllers) if (idOf(d.node) === c.nodeId()) c.onProgress(d);
+    const target = idOf(d.node);
+    for (const c of controllers) if (c.follow(target)) c.onProgress(d);
   });
   api.addEventListener("apt.status", (e) => {
     const d = e?.detail;
     if (!d) return;
     const target = idOf(d.node_id ?? d.node);
-    for (const c of controllers) if (target === c.nodeId()) c.onStatus(d);
+    for (const c of controllers) if (c.follow(target)) c.onStatus(d);
   });
   // events sent while the socket was down are missing: refetch
   api.addEventListener("reconnected", () => {
@@ -137,6 +182,7 @@ export class AptLiveChart {
     this.removed = false;
     this.stopPending = false;
     this.syncedId = null; // node id the history was last fetched for
+    this.followId = null; // execution id of the last run seen, for a node with several (subgraphs)
     this._wantedId = null; // node id a fetch was scheduled for
     this._syncing = false;
     this._syncAgain = null; // null | "full" | "incremental"
@@ -210,10 +256,32 @@ export class AptLiveChart {
     this.stopBtn = stopBtn;
   }
 
-  /** The node id as the backend knows it (its unique_id); "" before the node is in a graph. */
+  /** Every execution id of this node (see `executionIds`). */
+  ids() {
+    return executionIds(this.node);
+  }
+
+  /**
+   * The id the chart shows and fetches/stops by, as the backend knows it (the node's unique_id in
+   * the prompt: "7", or "12:5" inside a subgraph); "" before the node is in a graph.
+   */
   nodeId() {
-    const id = this.node?.id;
-    return id == null || id === -1 || id === "-1" ? "" : String(id);
+    const ids = this.ids();
+    return this.followId !== null && ids.includes(this.followId) ? this.followId : (ids[0] ?? "");
+  }
+
+  /**
+   * Whether a message with this node id is ours; switches the chart to that id when it is another
+   * placement of the same subgraph (the one running now).
+   * @param {string} id
+   */
+  follow(id) {
+    if (!id || this.removed) return false;
+    if (id === this.nodeId()) return true;
+    if (!this.ids().includes(id)) return false;
+    this.followId = id;
+    this.ensureSynced();
+    return true;
   }
 
   _smoothingProp() {
@@ -286,7 +354,7 @@ export class AptLiveChart {
     this.syncedId = id;
     let snap;
     if (res.status === 404) {
-      snap = { status: "idle", history: [] };
+      snap = { status: "idle", history: [] }; // older versions of the pack answered 404 for "no run"
     } else if (res.ok) {
       snap = await res.json();
     } else {
@@ -358,6 +426,8 @@ export class AptLiveChart {
 
   /** Called on every canvas frame the node is drawn: redraw when size or zoom changed. */
   _checkSize() {
+    // a node inside a subgraph gets its execution id only once the subgraph is placed (graph load)
+    if (!this._wantedId) this.ensureSynced();
     const w = this.widget;
     const key = `${w?.width ?? this.node?.size?.[0]}x${w?.computedHeight}@${this._pixelRatio()}`;
     if (key !== this._sizeKey) {

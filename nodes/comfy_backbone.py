@@ -65,7 +65,17 @@ def make_plain_parameters(module: nn.Module) -> int:
     ComfyUI creates and loads models inside `torch.inference_mode()`; autograd refuses to save such
     tensors for backward, and a frozen weight downstream of a LoRA layer is saved. The values stay
     bit-identical (so sampling with the model is unchanged); returns how many tensors were replaced.
-    Tensors are swapped one at a time, so the peak extra memory is one tensor.
+
+    Memory: tensors are swapped one at a time and the module held the only reference to the old
+    one, so it is freed right away (the CUDA caching allocator reuses it for the next copy). No
+    second copy of the UNet is kept; the peak extra is the largest single tensor. Measured on the
+    tiny test UNet: 618 tensors (12.4 MB) replaced, none of the originals alive afterwards (see
+    tests/test_nodes_job.py). Computed for SDXL (not measured on a GPU): 2,567,463,684 UNet
+    parameters = 5.13 GB in fp16 would be the cost of keeping a full copy; the actual transient
+    peak is its largest tensor, output_blocks.0.0.in_layers.2.weight (1280 x 2560 x 3 x 3) =
+    59 MB in fp16. Copying only the LoRA-targeted modules would not be enough: autograd saves every
+    frozen weight that acts on an activation needing a gradient, i.e. nearly all layers after
+    the first LoRA layer.
     """
     replaced = 0
     with torch.inference_mode(False), torch.no_grad():

@@ -71,10 +71,30 @@ def encode_latent(vae, base_model, pixels: torch.Tensor) -> torch.Tensor:
     return base_model.process_latent_in(latent.float()).detach().float().cpu().clone()[0]
 
 
+def pixel_encoder(vae, base_model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) float32 latents as the UNet sees them, for
+    pixel-space augmentation during training.
+
+    Calls the VAE's network directly instead of `VAE.encode`: that one first asks ComfyUI to load
+    the VAE, which may unload other models to make room - possibly the UNet being trained. The job
+    loads the VAE together with the UNet before training, so its weights are already in place.
+    Same network and the same input path as `VAE.encode` in `encode_latent` (IMAGE layout, clamp,
+    [0, 1] -> [-1, 1], channels-last memory), so an image gives the latent the cache holds for it.
+    """
+    def encode(pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = vae.process_input(to_comfy_image(pixels)).movedim(-1, 1)
+            latent = vae.first_stage_model.encode(x.to(vae.vae_dtype).to(vae.device)).float()
+            return base_model.process_latent_in(latent).float()
+    return encode
+
+
 def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int, adm_channels: int,
                   check_interrupt: Callable[[], None] = lambda: None,
-                  on_item: Callable[[int, int], None] = lambda i, n: None) -> CachedDataset:
-    """Encode every record once (under no_grad, on whatever device ComfyUI picks) to CPU float32."""
+                  on_item: Callable[[int, int], None] = lambda i, n: None,
+                  keep_pixels: bool = False) -> CachedDataset:
+    """Encode every record once (under no_grad, on whatever device ComfyUI picks) to CPU float32.
+    keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation."""
     if clip is None:
         raise AptModelError("No CLIP connected: the checkpoint has no text encoder. Connect the CLIP "
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
@@ -97,8 +117,9 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
                         f"expects {context_dim} / {adm_channels}. Connect the CLIP from the same SDXL "
                         "checkpoint as the MODEL.")
             latent = encode_latent(vae, base_model, r.pixels)
+            pixels = r.pixels.detach().float().cpu().clone() if keep_pixels else None
             examples.append(CachedExample(latent, cond, r.caption, str(getattr(r, "source", "")),
-                                          None, int(getattr(r, "repeats", 1))))
+                                          pixels, int(getattr(r, "repeats", 1))))
             on_item(i + 1, len(records))
         black = -torch.ones_like(records[0].pixels)
         fill = encode_latent(vae, base_model, black).mean(dim=(1, 2))

@@ -13,7 +13,8 @@ from comfy_api.latest import io
 from apt_core.config import AugmentConfig, IndicatorConfig, RegularizerConfig
 
 from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
-from .settings import (DEFAULT_PRESET, DEFAULT_RESOLUTIONS, PRESETS, RESOLUTIONS, ata_settings,
+from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRESETS,
+                       RESOLUTIONS, ata_settings,
                        build_config, reg_settings, sanitize_lora_name)
 
 log = logging.getLogger("apt_lora_trainer")
@@ -180,6 +181,12 @@ class AptAtaSettings(io.ComfyNode):
                 io.Boolean.Input("track_indicator", default=False, tooltip=(
                     "Compute gamma even when nothing above uses it (costs one extra forward per step; "
                     "useful for comparison runs).")),
+                io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default=_AUG.space, optional=True,
+                               tooltip=(
+                    "Where the zoom-out/rotation happens. latent (fast, default): the already-encoded "
+                    "image is transformed. pixel (the paper's order): the picture itself is transformed "
+                    "and re-encoded with the VAE at every augmented step - slower, and it needs more GPU "
+                    "memory because the VAE stays loaded during training.")),
             ],
             outputs=[AtaSettingsIO.Output(display_name="ata_settings", tooltip="Connect to APT Trainer.")],
         )
@@ -187,12 +194,14 @@ class AptAtaSettings(io.ComfyNode):
     @classmethod
     def execute(cls, bins: int, ema_alpha: float, indicator_scale: float, p_max: float, zoom_min: float,
                 zoom_max: float, rotation: float, fill_mode: str, loss_weight_floor: float,
-                adaptive_augmentation: bool, adaptive_loss_weight: bool, track_indicator: bool) -> io.NodeOutput:
+                adaptive_augmentation: bool, adaptive_loss_weight: bool, track_indicator: bool,
+                augmentation_space: str = "latent") -> io.NodeOutput:
         return io.NodeOutput(ata_settings(
             num_bins=bins, ema_alpha=ema_alpha, indicator_scale=indicator_scale, p_max=p_max,
             zoom_min=zoom_min, zoom_max=zoom_max, rotation_deg=rotation, fill=fill_mode,
             loss_weight_floor=loss_weight_floor, adaptive_augmentation=adaptive_augmentation,
-            adaptive_loss_weight=adaptive_loss_weight, track_indicator=track_indicator))
+            adaptive_loss_weight=adaptive_loss_weight, track_indicator=track_indicator,
+            space=augmentation_space))
 
 
 class AptRegSettings(io.ComfyNode):
@@ -250,8 +259,8 @@ class AptTrainerNode(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE from the same 'Load Checkpoint' node."),
                 AptDatasetIO.Input("dataset", tooltip="Images + captions from APT Dataset Loader / APT Caption."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip=(
-                    "Training steps (one image per step). 300-1000 for 3-10 images; the paper trains up "
-                    "to 2000.")),
+                    "Training steps (each step trains on 'batch_size' images, 1 by default). 300-1000 "
+                    "for 3-10 images; the paper trains up to 2000.")),
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip=(
                     "LoRA rank (size). 16-32 is plenty for one subject; higher = bigger file, more "
                     "memory.")),
@@ -281,6 +290,17 @@ class AptTrainerNode(io.ComfyNode):
                     "Optional: APT Indicator & Augmentation settings (defaults follow the paper).")),
                 RegSettingsIO.Input("reg_settings", optional=True, tooltip=(
                     "Optional: APT Regularization weights (defaults follow the paper).")),
+                io.Int.Input("batch_size", default=1, min=1, max=16, optional=True, tooltip=(
+                    "Images per step (all from the same aspect bucket). 1 follows the paper and uses "
+                    "the least memory; 2-4 gives smoother steps but needs about that many times the "
+                    "activation memory (use 'Low VRAM' with it).")),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True, tooltip=(
+                    "How the learning rate changes over the run. constant: the same all the way (the "
+                    "default); cosine: slowly falls to 0 at the last step, which often gives a "
+                    "cleaner final LoRA.")),
+                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
+                    "Raise the learning rate from almost 0 to its full value over the first N steps "
+                    "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip=(
@@ -296,7 +316,8 @@ class AptTrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps: int, rank: int, learning_rate: float, seed: int,
                 checkpoint_every: int, lora_name: str, overwrite: bool, resume: bool, memory_preset: str,
-                ata_settings=None, reg_settings=None) -> io.NodeOutput:
+                ata_settings=None, reg_settings=None, batch_size: int = 1, lr_schedule: str = "constant",
+                warmup_steps: int = 0) -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
         import folder_paths
@@ -310,7 +331,8 @@ class AptTrainerNode(io.ComfyNode):
         ctx = get_executing_context()
         config = build_config(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed,
                               checkpoint_every=checkpoint_every, preset=memory_preset,
-                              ata=ata_settings, reg=reg_settings)
+                              ata=ata_settings, reg=reg_settings, batch_size=batch_size,
+                              lr_schedule=lr_schedule, warmup_steps=warmup_steps)
         lora_file = sanitize_lora_name(lora_name)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         run_dir = Path(folder_paths.get_output_directory()) / "apt_lora_trainer" / Path(lora_file).stem

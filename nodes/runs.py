@@ -1,7 +1,16 @@
 """Live state of training runs, keyed by the trainer node's id, and the HTTP routes that expose it.
 
+The key is the node's *execution id* - its `unique_id` in the prompt, which is also what ComfyUI's
+own messages carry: "7" for a node on the top level of the workflow, "12:5" for node 5 inside the
+subgraph whose instance on the top level is node 12 ("12:30:5" when nested deeper). The frontend
+computes the same id for a node (ComfyUI_frontend `getExecutionIdByNode`); js/apt_widget.js does
+it by walking from the node's graph up to the root graph. In URLs the id may be percent-encoded
+("12%3A5"); aiohttp decodes it.
+
 GET  /apt/runs                     -> {node_id: summary} of every run this server has seen
-GET  /apt/runs/{node_id}?since=N   -> state + history (only events with step > N when `since` given)
+GET  /apt/runs/{node_id}?since=N   -> state + history (only events with step > N when `since` given);
+                                      a node without a run: 200 {"node_id", "status": "idle",
+                                      "history": []}
 POST /apt/runs/{node_id}/stop      -> graceful stop after the current step: checkpoint + LoRA saved,
                                       the node finishes normally (Cancel instead marks it cancelled)
 (ComfyUI also serves them under /api/...)
@@ -168,9 +177,14 @@ async def handle_get(request):
     except ValueError:
         return web.json_response({"error": "since must be an integer step"}, status=400)
     snap = RUNS.snapshot(node_id, since_step)
-    if snap is None:
-        return web.json_response({"node_id": node_id, "status": "idle", "history": []}, status=404)
+    if snap is None:  # no run for this node (yet): a normal answer, not an error
+        return web.json_response(idle_snapshot(node_id))
     return web.json_response(snap)
+
+
+def idle_snapshot(node_id: str) -> dict[str, Any]:
+    """What GET /apt/runs/{node_id} answers for a node that has no run on this server."""
+    return {"node_id": str(node_id), "status": "idle", "history": []}
 
 
 async def handle_stop(request):

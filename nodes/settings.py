@@ -25,15 +25,19 @@ RESOLUTIONS = {
 }
 DEFAULT_RESOLUTIONS = "32x32 + 64x64 (paper)"
 
+LR_SCHEDULES = ("constant", "cosine")
+AUG_SPACES = ("latent", "pixel")
+
 
 def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_max: float,
                  zoom_min: float, zoom_max: float, rotation_deg: float, fill: str,
                  loss_weight_floor: float, adaptive_augmentation: bool, adaptive_loss_weight: bool,
-                 track_indicator: bool) -> dict:
+                 track_indicator: bool, space: str = "latent") -> dict:
     """The APT_ATA_SETTINGS value (validated now, so a bad value errors on the settings node)."""
     ind = IndicatorConfig(num_bins=int(num_bins), ema_alpha=float(ema_alpha), scale=float(indicator_scale))
     aug = AugmentConfig(enabled=bool(adaptive_augmentation), p_max=float(p_max), zoom_min=float(zoom_min),
-                        zoom_max=float(zoom_max), rotation_deg=float(rotation_deg), fill=fill)
+                        zoom_max=float(zoom_max), rotation_deg=float(rotation_deg), fill=fill,
+                        space=space)
     ind.validate()
     aug.validate()
     if not 0.0 <= loss_weight_floor <= 1.0:
@@ -61,12 +65,16 @@ def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolu
 
 
 def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, checkpoint_every: int,
-                 preset: str, ata: dict | None = None, reg: dict | None = None) -> AptConfig:
+                 preset: str, ata: dict | None = None, reg: dict | None = None, batch_size: int = 1,
+                 lr_schedule: str = "constant", warmup_steps: int = 0) -> AptConfig:
     """Everything the trainer node knows -> a validated AptConfig (paper defaults elsewhere)."""
     if preset not in PRESETS:
         raise AptConfigError(f"unknown memory preset {preset!r}; choose one of {list(PRESETS)}.")
+    if warmup_steps < 0:
+        raise AptConfigError(f"warmup steps must be >= 0, got {warmup_steps}.")
     train = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed),
-                        checkpoint_every=int(checkpoint_every), **PRESETS[preset])
+                        checkpoint_every=int(checkpoint_every), batch_size=int(batch_size),
+                        lr_schedule=lr_schedule, warmup_steps=int(warmup_steps), **PRESETS[preset])
     cfg = AptConfig(train=train, lora=LoraConfig(rank=int(rank), alpha=float(rank)))
     switches = dataclasses.asdict(AptSwitches())
     if ata:

@@ -32,7 +32,7 @@ from apt_core.errors import AptDatasetError, AptError, AptOutputError
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
-from .encoding import cache_dataset
+from .encoding import cache_dataset, pixel_encoder
 from .runs import RUNS, RunState, send
 
 log = logging.getLogger("apt_lora_trainer")
@@ -89,6 +89,29 @@ def checkpoint_step(path: Path) -> int:
     return int(m.group(1)) if m else 0
 
 
+def release_memory() -> None:
+    """Give memory a finished/failed run held back: collect dropped tensors (an exception's frames
+    can keep a step's activations in reference cycles), then ComfyUI's soft_empty_cache, which
+    empties the CUDA caching allocator (torch.cuda.empty_cache) when CUDA is available."""
+    import gc
+
+    import comfy.model_management as mm
+
+    gc.collect()
+    mm.soft_empty_cache()
+
+
+def _save_quietly(trainer) -> Path | None:
+    """trainer.save_last_good(), never raising (it runs while another error is being reported)."""
+    if trainer.step_idx == 0:
+        return None  # nothing trained yet
+    try:
+        return trainer.save_last_good()
+    except Exception:  # noqa: BLE001 - the OOM message matters more than this checkpoint
+        log.warning("APT: could not save a checkpoint after running out of memory", exc_info=True)
+        return None
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
@@ -109,6 +132,8 @@ class TrainJob:
         self.resume_from: Path | None = None
         self.run_state: RunState | None = None
         self._cancel_seen = False
+        self._oom_checkpoint: Path | None = None
+        self._oom_step: int | None = None
 
     @property
     def target(self) -> Path:
@@ -159,14 +184,29 @@ class TrainJob:
                 send("apt.status", run.summary())
                 raise
         finally:
-            mm.soft_empty_cache()
+            release_memory()
         # Raised outside the except block, so the failing step's tensors are already released.
         cfg = self.config
-        msg = (f"Out of memory while training at {self.dataset.resolution} px with LoRA rank "
-               f"{cfg.lora.rank}. Try the 'Low VRAM (12-16 GB): gradient checkpointing' preset, a lower "
-               "resolution on 'APT Dataset Loader' (e.g. 768), a lower rank (e.g. 16), or hook only "
-               "32x32 in 'APT Regularization weights'; close other programs using the GPU. "
-               f"(PyTorch: {oom})")
+        where = (f"at step {self._oom_step + 1} of {cfg.train.steps}" if self._oom_step is not None
+                 else "while preparing the training")
+        if self._oom_checkpoint is not None:
+            kept = (f" The {self._oom_step} finished step(s) are saved in {self._oom_checkpoint}: with "
+                    "'resume' on and the same rank, the next run continues from there (for another rank "
+                    "turn 'resume' off or use a new LoRA name).")
+        else:
+            kept = " Checkpoints saved before the failure are kept."
+        tips = [] if cfg.train.gradient_checkpointing else [
+            "the 'Low VRAM (12-16 GB): gradient checkpointing' memory preset"]
+        if cfg.train.batch_size > 1:
+            tips.append("batch size 1")
+        tips += ["a lower resolution on 'APT Dataset Loader' (e.g. 768)", "a smaller rank (e.g. 16)",
+                 "only 32x32 in 'APT Regularization weights'"]
+        if cfg.augment.space == "pixel" and cfg.switches.adaptive_augmentation:
+            tips.append("augmentation space 'latent'")
+        batch = f", batch size {cfg.train.batch_size}" if cfg.train.batch_size > 1 else ""
+        msg = (f"Out of GPU memory {where} (training at {self.dataset.resolution} px, LoRA rank "
+               f"{cfg.lora.rank}{batch}). Try, in this order: " + "; ".join(tips) +
+               ". Close other programs using the GPU." + kept + f" (PyTorch: {oom})")
         RUNS.update(run, status="error", message=msg)
         send("apt.status", run.summary())
         raise AptOutOfMemoryError(msg)
@@ -186,16 +226,21 @@ class TrainJob:
         from apt_core.trainer import AptTrainer
 
         cfg = self.config
+        pixel_aug = cfg.switches.adaptive_augmentation and cfg.augment.space == "pixel"
         RUNS.update(run, status="encoding", message=f"encoding {len(self.dataset)} image(s)")
         send("apt.status", run.summary())
         backbone_check = ComfySDXLBackbone(self.model)  # shapes only; does not load anything
         cached = cache_dataset(list(self.dataset.records), self.model.model, self.clip, self.vae,
                                context_dim=backbone_check.context_dim,
                                adm_channels=backbone_check.adm_channels,
-                               check_interrupt=mm.throw_exception_if_processing_interrupted)
+                               check_interrupt=mm.throw_exception_if_processing_interrupted,
+                               keep_pixels=pixel_aug)
 
         patcher = self.model.clone()
-        mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+        # Pixel-space augmentation re-encodes with the VAE during training: load it together with the
+        # UNet now, so that no later load can push the UNet being trained out of GPU memory.
+        mm.load_models_gpu([patcher, self.vae.patcher] if pixel_aug else [patcher],
+                           memory_required=1e20, force_full_load=True)
         backbone = ComfySDXLBackbone(patcher)
         make_plain_parameters(backbone.unet)
 
@@ -219,7 +264,8 @@ class TrainJob:
                 mm.interrupt_current_processing(True)
 
         trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
-                             should_stop=lambda: self._should_stop(run))
+                             should_stop=lambda: self._should_stop(run),
+                             encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None)
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
             if resumed:
@@ -237,7 +283,13 @@ class TrainJob:
             except mm.InterruptProcessingException:
                 # Cancel landed inside a step: nothing of that step was applied; keep the state before it.
                 self._cancel_seen, stopped = True, True
-                ckpt = _checkpoint_before_current_step(trainer)
+                ckpt = trainer.save_last_good()  # the state before that step; resume replays it
+            except Exception as exc:
+                if _is_oom(exc):
+                    # Keep what was trained: the state before the failing step (resume replays it).
+                    self._oom_checkpoint = _save_quietly(trainer)
+                    self._oom_step = trainer.step_idx
+                raise
             ckpt_str = str(ckpt) if ckpt else None
             if self._cancel_seen:
                 RUNS.update(run, status="cancelled", checkpoint=ckpt_str,
@@ -261,9 +313,3 @@ class TrainJob:
             del trainer
 
 
-def _checkpoint_before_current_step(trainer) -> Path | None:
-    """Checkpoint the state before the interrupted step (its RNG draws are replayed on resume)."""
-    save_before = getattr(trainer, "_save_last_good", None)  # AptTrainer: state + RNG at step start
-    if save_before is not None and getattr(trainer, "_rng_at_step_start", None) is not None:
-        return save_before()
-    return trainer.save_checkpoint()

@@ -289,3 +289,36 @@ def test_bad_inputs_fail_on_the_node_not_the_server(server, case, match):
     err = _error(entry)
     assert err.get("node_id") == node and match in err.get("exception_message", ""), err
     assert server.running and "APTTrainer" in server.object_info()
+
+
+def test_trainer_inside_a_subgraph_reports_under_its_execution_id_with_the_new_inputs(server):
+    """The frontend flattens a subgraph into prompt nodes whose ids are "<instance>:<inner id>"; the run,
+    its events and routes must use that id (js/apt_widget.js computes the same one). Also runs the
+    inputs added later (batch size, LR schedule, warmup, pixel-space augmentation) through the host."""
+    from urllib.parse import quote
+
+    exec_id = "12:5"
+    graph = _graph()
+    graph["4"] = {"class_type": "APTAtaSettings", "inputs": {
+        "bins": 10, "ema_alpha": 0.1, "indicator_scale": 1000.0, "p_max": 1.0, "zoom_min": 1.0, "zoom_max": 3.0,
+        "rotation": 15.0, "fill_mode": "constant", "loss_weight_floor": 0.0, "adaptive_augmentation": True,
+        "adaptive_loss_weight": True, "track_indicator": False, "augmentation_space": "pixel"}}
+    trainer = _trainer("apt_sub", 3, batch_size=2, lr_schedule="cosine", warmup_steps=1, ata_settings=["4", 0])
+    prompt = {**graph, exec_id: trainer[TRAINER]}
+    ws = WsCollector(server)
+    try:
+        entry = _run(server, prompt)
+    finally:
+        ws.close()
+    assert ch.history_status(entry) == "success", (_error(entry), server.log_tail())
+    progress = ws.of("apt.progress")
+    assert [p["step"] for p in progress] == [1, 2, 3] and {p["node"] for p in progress} == {exec_id}
+    assert {s["node_id"] for s in ws.of("apt.status")} == {exec_id}
+    assert [p["lr"] for p in progress] == pytest.approx([5e-3, 5e-3, 2.5e-3])  # warmup 1, then cosine
+    assert all(len(p["timesteps"]) == 2 for p in progress)  # batch size 2
+    state = server.get_json(f"/apt/runs/{quote(exec_id, safe='')}")
+    assert state["node_id"] == exec_id and state["status"] == "finished" and len(state["history"]) == 3
+    assert server.get_json(f"/api/apt/runs/{exec_id}")["status"] == "finished"
+    assert server.get_json("/apt/runs/5") == {"node_id": "5", "status": "idle", "history": []}  # local id alone
+    assert server.get_json("/apt/runs/99:5") == {"node_id": "99:5", "status": "idle", "history": []}
+    assert (server.loras_dir / "apt_sub.safetensors").is_file()

@@ -229,3 +229,172 @@ def test_bad_inputs_raise_actionable_errors_and_leave_the_model_clean(m, tmp_pat
     unet = m["model"].model.diffusion_model
     assert not hasattr(unet, "peft_config") and not any("forward" in vars(x) for x in unet.modules())
     assert torch.equal(_sample(m["model"]), before)
+
+
+# ---- out of memory inside training (item: GPU-path robustness, testable on CPU) -------------------
+
+def _reference_lora(m, tmp_path, steps=4):
+    if "ref" not in m:  # the uninterrupted run (also used by the cancel tests)
+        m["ref"] = _lora_tensors(_job(m, tmp_path / "ref", "ref", steps=steps).prepare().run().lora_path)
+    return m["ref"]
+
+
+@pytest.mark.parametrize("error", ["torch", "runtime"])
+def test_oom_in_training_keeps_the_last_good_step_frees_memory_and_leaves_the_model_identical(
+        m, tmp_path, monkeypatch, error):
+    import comfy.model_management as mm
+
+    steps = 4
+    ref = _reference_lora(m, tmp_path, steps)
+    before = _sample(m["model"])
+    cb, tj = m["comfy_backbone"], m["train_job"]
+    real_predict = cb.ComfySDXLBackbone.predict
+    calls = {"n": 0}
+
+    def predict(self, *a, **k):  # the 3rd step's fine-tuned forward (after its prior forward) fails
+        calls["n"] += 1
+        if calls["n"] == 2 * 2 + 2:
+            if error == "torch":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ...")
+        return real_predict(self, *a, **k)
+
+    unet = m["model"].model.diffusion_model
+    released = []
+    real_empty = mm.soft_empty_cache
+
+    def soft_empty_cache(*a, **k):  # when memory is handed back, the LoRA must already be gone
+        released.append(not hasattr(unet, "peft_config") and not any("forward" in vars(x) for x in unet.modules()))
+        return real_empty(*a, **k)
+
+    monkeypatch.setattr(cb.ComfySDXLBackbone, "predict", predict)
+    monkeypatch.setattr(mm, "soft_empty_cache", soft_empty_cache)
+    with pytest.raises(tj.AptOutOfMemoryError) as err:
+        _job(m, tmp_path, "oom", steps=steps, node_id="oom").prepare().run()
+    monkeypatch.undo()
+    msg = str(err.value)
+    for part in ("Out of GPU memory at step 3 of 4", "Low VRAM", "lower resolution", "smaller rank",
+                 "step_000002.pt", "resume", "out of memory"):
+        assert part in msg, (part, msg)
+    assert "\n" not in msg  # only the first line of PyTorch's message
+    assert released and all(released)
+    ckpt = tmp_path / "runs" / "oom" / "step_000002.pt"
+    assert ckpt.exists() and [p.name for p in (tmp_path / "runs" / "oom").iterdir()] == ["step_000002.pt"]
+    assert not (tmp_path / "loras" / "oom.safetensors").exists()
+    run = m["runs"].RUNS.get("oom")
+    assert run.status == "error" and "Low VRAM" in run.message
+    assert not hasattr(unet, "peft_config") and not any("forward" in vars(x) for x in unet.modules())
+    assert torch.equal(_sample(m["model"]), before)  # the shared MODEL is bit-identical
+    assert torch.equal(_sample_loaded(m["model"]), before)
+    # the saved state is the one before the failing step: resuming gives the uninterrupted LoRA exactly
+    res = _job(m, tmp_path, "oom", steps=steps, resume=True, node_id="oom").prepare().run()
+    assert res.resumed_from == 2 and res.steps_done == steps
+    got = _lora_tensors(res.lora_path)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_oom_before_the_first_step_and_with_low_vram_already_on(m, tmp_path, monkeypatch):
+    cb, tj = m["comfy_backbone"], m["train_job"]
+
+    def predict(self, *a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+    monkeypatch.setattr(cb.ComfySDXLBackbone, "predict", predict)
+    low = "Low VRAM (12-16 GB): gradient checkpointing"
+    with pytest.raises(tj.AptOutOfMemoryError) as err:
+        _job(m, tmp_path, "oom0", steps=3, preset=low).prepare().run()
+    msg = str(err.value)
+    assert "at step 1 of 3" in msg and "Low VRAM" not in msg.split("(PyTorch")[0].split("Try")[1]
+    assert "Checkpoints saved before the failure are kept" in msg
+    assert not (tmp_path / "runs" / "oom0").exists() or not list((tmp_path / "runs" / "oom0").iterdir())
+    unet = m["model"].model.diffusion_model
+    assert not hasattr(unet, "peft_config") and not any("forward" in vars(x) for x in unet.modules())
+
+
+# ---- batch size, LR schedule + warmup, pixel-space augmentation ----------------------------------
+
+def test_batch_size_schedule_and_warmup_reach_the_training_loop(m, tmp_path):
+    s = m["settings"]
+    config = s.build_config(steps=4, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                            batch_size=2, lr_schedule="cosine", warmup_steps=2)
+    job = m["train_job"].TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                                  lora_file="sched.safetensors", loras_dir=tmp_path / "loras",
+                                  checkpoint_dir=tmp_path / "runs" / "sched", overwrite=False, resume=False,
+                                  node_id="sched")
+    res = job.prepare().run()
+    lrs = [h["lr"] for h in res.history]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 5e-4])  # warmup 1/2, 2/2, then cosine from the top
+    assert all(len(h["timesteps"]) == 2 for h in res.history)  # two images per step
+
+
+def test_pixel_encoder_matches_the_vae_and_pixel_space_augmentation_reencodes(m, tmp_path, monkeypatch):
+    enc, tj = m["encoding"], m["train_job"]
+    ds = _dataset(m, 2)
+    base = m["model"].model
+    px = torch.stack([r.pixels for r in ds.records])
+    with torch.no_grad():
+        want = base.process_latent_in(m["vae"].encode(enc.to_comfy_image(px)).float())
+    torch.testing.assert_close(enc.pixel_encoder(m["vae"], base)(px), want.float())
+    cached = enc.cache_dataset(list(ds.records), base, m["clip"], m["vae"], context_dim=80, adm_channels=96,
+                               keep_pixels=True)
+    assert all(torch.equal(ex.pixels, r.pixels) for ex, r in zip(cached.examples, ds.records))
+
+    from apt_core.indicator import OverfittingIndicator
+
+    # every sample augmented (gamma = 1), so each step must go through the VAE
+    monkeypatch.setattr(OverfittingIndicator, "gamma_for", lambda self, bins: torch.ones(len(bins)))
+    seen = []
+    real = tj.pixel_encoder
+
+    def spy(vae, base_model):
+        f = real(vae, base_model)
+
+        def encode(p):
+            seen.append(tuple(p.shape))
+            return f(p)
+        return encode
+    monkeypatch.setattr(tj, "pixel_encoder", spy)
+    s = m["settings"]
+    ata = s.ata_settings(num_bins=10, ema_alpha=0.1, indicator_scale=1000.0, p_max=1.0, zoom_min=2.0, zoom_max=3.0,
+                         rotation_deg=15.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                         adaptive_loss_weight=True, track_indicator=False, space="pixel")
+    config = s.build_config(steps=3, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                            ata=ata)
+    before = _sample(m["model"])
+    job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                      lora_file="pix.safetensors", loras_dir=tmp_path / "loras",
+                      checkpoint_dir=tmp_path / "runs" / "pix",
+                      overwrite=False, resume=False, node_id="pix")
+    res = job.prepare().run()
+    assert seen == [(1, 3, 64, 64)] * 3 and res.history[-1]["aug_rate"] == 1.0
+    assert res.lora_path.exists()
+    monkeypatch.undo()
+    assert torch.equal(_sample(m["model"]), before)
+
+
+def _inference_tensors(unet):
+    """Weak references to the UNet's tensors, their copies, total and largest size (no strong refs kept:
+    pytest's assertion rewriting would hold on to anything asserted here)."""
+    import weakref
+
+    ts = [t for mod in unet.modules() for t in [*mod._parameters.values(), *mod._buffers.values()] if t is not None]
+    all_inference = all(t.is_inference() for t in ts)
+    sizes = [t.numel() * t.element_size() for t in ts]
+    # detach: a clone of a Parameter that requires grad would keep it alive through its grad_fn
+    return [weakref.ref(t) for t in ts], [t.detach().clone() for t in ts], all_inference, sum(sizes), max(sizes)
+
+
+def test_make_plain_parameters_keeps_no_second_copy_of_the_unet(m):
+    """Measured: every inference-mode original is freed once swapped (peak extra = one tensor)."""
+    import gc
+
+    with torch.inference_mode():
+        model = m["fixture"].build_model(1, "sdxl")
+    unet = model.model.diffusion_model
+    refs, values, all_inference, total, largest = _inference_tensors(unet)
+    assert refs and all_inference
+    assert m["comfy_backbone"].make_plain_parameters(unet) == len(refs)
+    gc.collect()
+    assert sum(r() is not None for r in refs) == 0  # 0 of `total` bytes of originals left
+    now = [t for mod in unet.modules() for t in [*mod._parameters.values(), *mod._buffers.values()] if t is not None]
+    assert not any(t.is_inference() for t in now) and all(torch.equal(a, b) for a, b in zip(now, values))
+    assert largest < total / 20  # the transient peak (one tensor) is small next to the whole UNet

@@ -208,3 +208,102 @@ def test_run_registry_stop_and_snapshot(mods):
     reg.set_stop_callback(late, lambda: got.append(1))
     assert got == [1]
     assert runs.register_routes() is False  # no server in unit tests
+
+
+# ---- new trainer inputs: batch size, LR schedule, warmup, augmentation space --------------------
+
+def _ata(s, **kw):
+    args = dict(num_bins=10, ema_alpha=0.1, indicator_scale=1000.0, p_max=1.0, zoom_min=1.0, zoom_max=3.0,
+                rotation_deg=15.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                adaptive_loss_weight=True, track_indicator=False)
+    args.update(kw)
+    return s.ata_settings(**args)
+
+
+def test_new_inputs_sit_at_the_end_optional_with_defaults_that_keep_the_old_behaviour(mods):
+    nd, s = mods["node_defs"], mods["settings"]
+    trainer = nd.AptTrainerNode.GET_NODE_INFO_V1()
+    order = trainer["input_order"]
+    assert order["optional"][-3:] == ["batch_size", "lr_schedule", "warmup_steps"]
+    assert order["required"][-1] == "memory_preset"  # the saved widgets before them keep their places
+    opt = trainer["input"]["optional"]
+    assert opt["batch_size"][1]["default"] == 1 and opt["warmup_steps"][1]["default"] == 0
+    assert opt["lr_schedule"][1]["default"] == "constant"
+    ata = nd.AptAtaSettings.GET_NODE_INFO_V1()
+    assert ata["input_order"]["optional"] == ["augmentation_space"]
+    assert ata["input"]["optional"]["augmentation_space"][1]["default"] == "latent"
+    # defaults = the config the node built before these inputs existed
+    old = s.build_config(steps=5, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                         ata=_ata(s))
+    from apt_core.config import AugmentConfig, TrainConfig
+
+    assert (old.train.batch_size, old.train.lr_schedule, old.train.warmup_steps) == (1, "constant", 0)
+    assert old.augment.space == "latent" == AugmentConfig().space and TrainConfig().batch_size == 1
+
+
+def test_new_inputs_reach_the_config(mods):
+    s = mods["settings"]
+    cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                         ata=_ata(s, space="pixel"), batch_size=3, lr_schedule="cosine", warmup_steps=4)
+    assert (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps) == (3, "cosine", 4)
+    assert cfg.augment.space == "pixel"
+    from apt_core.errors import AptConfigError
+
+    with pytest.raises(AptConfigError, match="lr schedule"):
+        s.build_config(steps=2, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                       lr_schedule="linear")
+    with pytest.raises(AptConfigError, match="batch size"):
+        s.build_config(steps=2, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
+                       batch_size=0)
+    with pytest.raises(AptConfigError, match="augmentation space"):
+        _ata(s, space="voxel")
+
+
+# ---- routes: execution ids (top level "7", subgraph "12:5"), idle answer ---------------------------
+
+def _route_client(runs):
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    routes = web.RouteTableDef()
+    runs.add_routes(routes)
+    app = web.Application()
+    app.add_routes(routes)
+    return TestClient(TestServer(app))
+
+
+@pytest.mark.parametrize("node_id", ["7", "12:5", "12:30:5"])
+def test_routes_follow_top_level_and_subgraph_execution_ids(mods, node_id):
+    import asyncio
+    from urllib.parse import quote
+
+    runs = mods["runs"]
+    runs.RUNS._runs.pop(node_id, None)
+
+    async def go():
+        async with _route_client(runs) as client:
+            for path in {node_id, quote(node_id, safe="")}:  # raw and percent-encoded (the widget encodes)
+                r = await client.get(f"/apt/runs/{path}")
+                assert r.status == 200, path
+                assert await r.json() == {"node_id": node_id, "status": "idle", "history": []}
+                r = await client.post(f"/apt/runs/{path}/stop")
+                assert r.status == 409 and (await r.json())["stopping"] is False
+            run = runs.RUNS.start(node_id, prompt_id="p", lora_name="x.safetensors", total_steps=3)
+            runs.RUNS.add_event(run, {"step": 1, "loss": 0.5})
+            runs.RUNS.add_event(run, {"step": 2, "loss": 0.4})
+            r = await client.get(f"/apt/runs/{quote(node_id, safe='')}?since=1")
+            body = await r.json()
+            assert r.status == 200 and body["node_id"] == node_id and body["status"] == "starting"
+            assert body["history"] == [{"step": 2, "loss": 0.4}]
+            other = "5" if node_id != "5" else "6"  # the local id alone is another node
+            assert (await (await client.get(f"/apt/runs/{other}")).json())["status"] == "idle"
+            r = await client.post(f"/apt/runs/{quote(node_id, safe='')}/stop")
+            assert r.status == 200 and (await r.json()) == {"node_id": node_id, "stopping": True, "step": 2}
+            assert runs.RUNS.get(node_id).stop_requested
+            assert node_id in (await (await client.get("/apt/runs")).json())
+            r = await client.get(f"/apt/runs/{quote(node_id, safe='')}?since=x")
+            assert r.status == 400
+    try:
+        asyncio.run(go())
+    finally:
+        runs.RUNS._runs.pop(node_id, None)

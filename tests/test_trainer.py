@@ -239,3 +239,39 @@ def test_progress_events_carry_what_the_widget_plots():
     assert e["step"] == 2 and e["total_steps"] == 2 and len(e["gamma"]) == 10
     for key in ("loss", "loss_denoise", "loss_rs", "loss_aa", "aug_rate", "lr", "it_per_s", "eta_s"):
         assert math.isfinite(e[key])
+
+
+def test_save_last_good_rewinds_a_failed_step_and_refuses_a_half_updated_one(tmp_path):
+    from apt_core.checkpoint import load_checkpoint
+
+    trainer, _, _ = make_trainer(steps=4, checkpoint_dir=tmp_path)
+    trainer.train_step()
+    between = trainer.save_last_good()  # between steps: the current state, like save_checkpoint
+    assert between.name == "step_000001.pt"
+    assert torch.equal(load_checkpoint(between)["rng"], trainer.generator.get_state())
+    rng_before = trainer.generator.get_state()
+    real_step = trainer.optimizer.step
+    boom = {"where": "forward"}
+
+    def predict(*a, **k):
+        raise RuntimeError("CUDA error: out of memory")
+    real_predict = trainer.backbone.predict
+    trainer.backbone.predict = predict
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train_step()
+    trainer.backbone.predict = real_predict
+    failed = trainer.save_last_good()  # state of step 1, RNG rewound to the start of step 2
+    state = load_checkpoint(failed)
+    assert state["step"] == 1 and torch.equal(state["rng"], rng_before)
+    assert not torch.equal(trainer.generator.get_state(), rng_before)  # the failed step drew numbers
+
+    def half_update(*a, **k):  # the failure hits while the optimizer writes the weights
+        boom["where"] = "update"
+        raise RuntimeError("CUDA error: out of memory")
+    trainer.optimizer.step = half_update
+    with pytest.raises(RuntimeError):
+        trainer.train_step()
+    trainer.optimizer.step = real_step
+    assert boom["where"] == "update" and trainer.save_last_good() is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001.pt"]
+    assert not hasattr(trainer, "_save_last_good")

@@ -63,7 +63,9 @@ class FakeApi extends EventTarget {
     this.calls.push({ method, url });
     const path = url.split("?")[0];
     const route = this.routes[`${method} ${path}`];
-    const { status, body } = route ? route(url) : { status: 404, body: { status: "idle", history: [] } };
+    // default: the server's answer for a node without a run (200 idle, see nodes/runs.py)
+    const idle = { node_id: decodeURIComponent(path.split("/").pop()), status: "idle", history: [] };
+    const { status, body } = route ? route(url) : { status: 200, body: idle };
     return { ok: status >= 200 && status < 300, status, json: async () => structuredClone(body) };
   }
   emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
@@ -356,5 +358,111 @@ describe("stop button", () => {
     assert.equal(chart.model.status, "lost"); // the refetch said: no such run
     assert.equal(chart.stopBtn.disabled, true);
     node.onRemoved();
+  });
+});
+
+describe("execution ids (subgraphs)", () => {
+  // A root graph with subgraph instance nodes, shaped like the frontend's: graph.nodes, node.isSubgraphNode(),
+  // node.subgraph (the shared definition, a graph itself), node.graph (the graph a node sits in).
+  const inner = { nodes: [], isRootGraph: false }; // the definition holding the trainer
+  const outer = { nodes: [], isRootGraph: false }; // a definition holding an instance of `inner`
+  const instance = (id, subgraph) => ({ id, subgraph, isSubgraphNode: () => true });
+  const root = { nodes: [], isRootGraph: true };
+
+  beforeEach(() => {
+    inner.nodes = [];
+    outer.nodes = [instance(30, inner)];
+    root.nodes = [{ id: 1, isSubgraphNode: () => false }, instance(12, inner)];
+    fakeApp.rootGraph = root;
+  });
+  after(() => { delete fakeApp.rootGraph; });
+
+  async function createIn(graph, id) {
+    const node = new NodeType();
+    node.id = id;
+    node.graph = graph;
+    graph.nodes.push(node);
+    node.onAdded?.();
+    await settle();
+    return node;
+  }
+
+  it("computes the frontend's execution id for top-level, subgraph and nested nodes", () => {
+    assert.deepEqual(mod.executionIds({ id: 7, graph: root }), ["7"]);
+    assert.deepEqual(mod.executionIds({ id: 7 }), ["7"]); // not in a graph yet
+    assert.deepEqual(mod.executionIds({ id: -1, graph: root }), []);
+    assert.deepEqual(mod.executionIds({ id: 5, graph: inner }), ["12:5"]);
+    root.nodes.push(instance(20, outer));
+    assert.deepEqual(mod.executionIds({ id: 5, graph: inner }), ["12:5", "20:30:5"]);
+    assert.deepEqual(mod.executionIds({ id: 5, graph: { nodes: [] } }), []); // a subgraph placed nowhere
+    assert.deepEqual(mod.executionIds({ id: 5, graph: inner }, null), ["5"]); // no root graph on the page
+  });
+
+  it("a trainer inside a subgraph fetches, follows and stops by its execution id, not its local id", async () => {
+    fakeApi.routes["GET /apt/runs/12%3A5"] = () => ({ status: 200, body: {
+      node_id: "12:5", prompt_id: "p1", status: "training", step: 2, total_steps: 100, updated: 1,
+      history: [1, 2].map((s) => strip(ev(s, { node: "12:5" }))) } });
+    fakeApi.routes["POST /apt/runs/12%3A5/stop"] = () => ({ status: 200, body: { stopping: true } });
+    const node = await createIn(inner, 5);
+    const chart = node.__aptChart;
+    chart.canvas.clientWidth = 440;
+    chart.canvas.clientHeight = 240;
+    assert.equal(chart.nodeId(), "12:5");
+    assert.deepEqual(fakeApi.calls, [{ method: "GET", url: "/apt/runs/12%3A5" }]);
+    assert.equal(chart.model.size, 2);
+    fakeApi.emit("apt.progress", ev(3, { node: "5" })); // a top-level node 5 is another node
+    fakeApi.emit("apt.progress", ev(3, { node: "12:6" }));
+    fakeApi.emit("apt.progress", ev(3, { node: "12:5" }));
+    fakeApi.emit("apt.status", { node_id: "5", prompt_id: "p1", status: "error", step: 3, total_steps: 100 });
+    await settle();
+    assert.deepEqual(chart.model.events().map((e) => e.step), [1, 2, 3]);
+    assert.equal(chart.model.status, "training");
+    assert.equal(chart.root.dataset.aptNode, "12:5");
+    chart.stopBtn.click();
+    await settle();
+    assert.ok(fakeApi.calls.some((c) => c.method === "POST" && c.url === "/apt/runs/12%3A5/stop"));
+    node.onRemoved();
+  });
+
+  it("a node whose subgraph is placed only later (graph load) fetches once its id is known", async () => {
+    root.nodes = [];
+    const node = await createIn(inner, 5);
+    assert.equal(node.__aptChart.nodeId(), "");
+    assert.deepEqual(fakeApi.calls, []);
+    root.nodes.push(instance(12, inner));
+    node.__aptChart._checkSize(); // what the widget's onDraw does every frame
+    await settle();
+    assert.deepEqual(fakeApi.calls, [{ method: "GET", url: "/apt/runs/12%3A5" }]);
+    node.onRemoved();
+  });
+
+  it("a subgraph placed twice: the chart follows the placement that runs", async () => {
+    root.nodes.push(instance(14, inner));
+    fakeApi.routes["GET /apt/runs/14%3A5"] = () => ({ status: 200, body: {
+      node_id: "14:5", prompt_id: "p7", status: "training", step: 4, total_steps: 10, updated: 2,
+      history: [1, 2, 3, 4].map((s) => strip(ev(s, { node: "14:5", prompt_id: "p7", total_steps: 10 }))) } });
+    const node = await createIn(inner, 5);
+    const chart = node.__aptChart;
+    assert.equal(chart.nodeId(), "12:5"); // the first placement until another one reports
+    fakeApi.calls = [];
+    fakeApi.emit("apt.progress", ev(5, { node: "14:5", prompt_id: "p7", total_steps: 10 }));
+    await settle();
+    assert.equal(chart.nodeId(), "14:5");
+    assert.ok(fakeApi.calls.some((c) => c.url === "/apt/runs/14%3A5"));
+    assert.deepEqual(chart.model.events().map((e) => e.step), [1, 2, 3, 4, 5]);
+    node.onRemoved();
+  });
+});
+
+describe("idle node", () => {
+  it("a node without a run gets 200 idle from the server and shows idle (404 from old servers too)", async () => {
+    const node = await createNode(7);
+    assert.equal(node.__aptChart.model.status, "idle");
+    assert.equal(node.__aptChart.stopBtn.disabled, true);
+    node.onRemoved();
+    fakeApi.routes["GET /apt/runs/9"] = () => ({ status: 404, body: { error: "not found" } });
+    const old = await createNode(9);
+    assert.equal(old.__aptChart.model.status, "idle");
+    old.onRemoved();
   });
 });
