@@ -25,6 +25,24 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 bash "$ROOT/scripts/fetch_comfyui.sh" >&2
+# Headless Chromium for tests/test_widget_browser.py: Debian's package (playwright never downloads a
+# browser). Under CI (CI=true) or APT_INSTALL_CHROMIUM=1 a missing one is installed with apt-get, as
+# root or with passwordless sudo; elsewhere the browser test skips without it (and fails under CI).
+_apt_truthy() { case "$(printf %s "${1:-}" | tr '[:upper:]' '[:lower:]')" in ""|0|false|no|off) return 1 ;; *) return 0 ;; esac; }
+if { _apt_truthy "${CI:-}" || _apt_truthy "${APT_INSTALL_CHROMIUM:-}"; } && [ ! -x "${APT_CHROMIUM:-/usr/bin/chromium}" ]; then
+    if [ "$(id -u)" = 0 ]; then _apt_sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then _apt_sudo="sudo -n"; else _apt_sudo="none"; fi
+    if [ "$_apt_sudo" = none ] || ! command -v apt-get >/dev/null; then
+        echo "[env] no Chromium at ${APT_CHROMIUM:-/usr/bin/chromium} and no root/sudo/apt-get to install it: the browser test will fail" >&2
+    else
+        echo "[env] installing Debian chromium for the browser test (apt-get)" >&2
+        if ! { $_apt_sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $_apt_sudo apt-get install -y -qq chromium; } >"$VENV/apt-chromium.log" 2>&1; then
+            tail -n 20 "$VENV/apt-chromium.log" >&2
+            echo "[env] apt-get install chromium failed; full log: $VENV/apt-chromium.log" >&2
+        fi
+    fi
+fi
+unset -f _apt_truthy
+unset _apt_sudo
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 export APT_COMFYUI_DIR="$ROOT/.cache/comfyui"
