@@ -109,6 +109,11 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     include_feed_forward: bool = False
+    # LoCon-style LoRA also on the 3x3 convolutions of every UNet resnet (conv1/conv2, SGM
+    # in_layers.2/out_layers.3); exported as 4-D kohya keys that ComfyUI's LoraLoader reads.
+    # Off by default (the paper trains the attention projections only). The quality benchmark
+    # needs it: its prior draws shapes at an 8x8 level without attention (quality/README.md).
+    include_conv: bool = False
 
     def validate(self) -> None:
         if int(self.rank) != self.rank or self.rank <= 0:

@@ -1,5 +1,8 @@
 """LoRA layers on the UNet's attention projections, via peft, with a switch for the prior pass.
 
+With `LoraConfig.include_conv` the 3x3 convolutions of every resnet get a LoRA too (LoCon:
+down = Conv2d(in, r, 3x3), up = Conv2d(r, out, 1x1), exported as 4-D kohya tensors).
+
 The pretrained prior is the same UNet with every LoRA layer switched off; no second copy of the
 weights exists. `remove()` puts the original nn.Linear modules back, so a host-owned UNet is left
 exactly as it was found.
@@ -20,12 +23,26 @@ from .config import LoraConfig
 
 ADAPTER = "apt"
 
+# The two 3x3 convolutions of a resnet block: diffusers (ResnetBlock2D) and ComfyUI/SGM (ResBlock).
+RESNET_CONV_SUFFIXES = (".conv1", ".conv2", ".in_layers.2", ".out_layers.3")
+
+
+def resnet_conv_targets(model: nn.Module) -> list[str]:
+    """Names of the 3x3 nn.Conv2d layers inside the UNet's resnet blocks (either naming scheme)."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and not isinstance(m, LoraLayer) and name.endswith(RESNET_CONV_SUFFIXES)
+            and (".resnets." in name or ".in_layers." in name or ".out_layers." in name)
+            and tuple(m.kernel_size) == (3, 3)]
+
 
 class LoraAdapter:
-    """Injects trainable LoRA layers into `model` at the named nn.Linear modules."""
+    """Injects trainable LoRA layers into `model` at the named nn.Linear modules (plus the resnet
+    convolutions when `cfg.include_conv`)."""
 
     def __init__(self, model: nn.Module, target_names: list[str], cfg: LoraConfig, seed: int = 0):
         cfg.validate()
+        if getattr(cfg, "include_conv", False):
+            target_names = list(dict.fromkeys(list(target_names) + resnet_conv_targets(model)))
         if not target_names:
             raise ValueError("no LoRA target modules found in the UNet")
         self.model = model
@@ -82,7 +99,8 @@ class LoraAdapter:
             self.set_enabled(True)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """{"<module>.down": (r, in), "<module>.up": (out, r)} detached fp32 copies."""
+        """{"<module>.down": (r, in), "<module>.up": (out, r)} detached fp32 copies
+        (convolutions: (r, in, k, k) and (out, r, 1, 1))."""
         out = {}
         for name, layer in self.layers.items():
             out[f"{name}.down"] = layer.lora_A[ADAPTER].weight.detach().float().cpu().clone()

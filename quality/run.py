@@ -5,6 +5,8 @@
 
 --quick: 1 seed, baseline and APT only, a few steps (a smoke test of the pipeline, not a result).
 --untrained-prior: a randomly initialised prior of the same architecture (no assets needed).
+--merge DIR [DIR ...]: combine finished runs of the same config that differ only in their seeds
+(e.g. one process per seed on a multi-core machine) into one report in --out.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from .bench import DETAIL, KEYS, LABELS, load_config, run_benchmark, summary
 
 DESCRIPTIONS = {
     "identity": "concept generated with the references' shape and colour (higher = better)",
+    "identity_loose": "same, any shape the prior never saw (cross or diamond: a small cross decodes to a diamond-like blob) in the concept's colour",
     "context": "requested background and style generated (higher = better)",
     "layout": "requested position and size generated (higher = better)",
     "pos_spread": "RMS distance of object centres from the references' centre, fraction of the side (higher = more layout freedom)",
@@ -31,6 +34,7 @@ DESCRIPTIONS = {
     "eps_gap": "L_pre - L_ft on the references at fixed (t, noise) draws: memorisation (lower = less)",
     "eps_dev": "mean ||eps_ft - eps_pre||^2 on world images without the concept (lower = closer to the prior)",
     "ref_identity": "identity on 4 images for the references' own caption (did the LoRA learn the concept at all)",
+    "ref_identity_loose": "identity_loose on those 4 images",
     "id_shape / id_colour": "identity split: concept shape / concept colour generated, on the concept prompts",
 }
 
@@ -61,7 +65,9 @@ def markdown(out: dict, quick: bool) -> str:
         f"({len(set(res['prompts']))} prompts x {cfg['eval']['samples_per_prompt']} seeds) and "
         f"{len(res['drift_prompts'])} images without the concept; DDIM {cfg['eval']['sampling_steps']} "
         f"steps, CFG {cfg['eval']['guidance']}. Mean ± sample std over training seeds "
-        f"(the prior row is one deterministic evaluation). Runtime {res['seconds']:.0f} s.", ""]
+        f"(the prior row is one deterministic evaluation). Runtime {res['seconds']:.0f} s"
+        + (f" (wall, {len(res['merged_from'])} processes in parallel, merged with --merge)." if res.get("merged_from") else "."),
+        ""]
     header = "| method | " + " | ".join(KEYS) + " | mean final gamma |"
     lines += [header, "|" + "---|" * (len(KEYS) + 2)]
     for m in methods:
@@ -69,6 +75,11 @@ def markdown(out: dict, quick: bool) -> str:
         cells = [_cell(*row[k], show_std=m != "prior") if k in row else "—" for k in KEYS]
         g = _cell(*row["final_gamma_mean"]) if "final_gamma_mean" in row else "—"
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {g} |")
+    ceil = res.get("identity_ceiling")
+    if ceil:
+        lines += ["", f"Ceiling (a perfect generator: the concept rendered exactly as each concept prompt asks, "
+                  f"through the VAE and the detectors): identity {ceil['identity']:.3f}, identity_loose "
+                  f"{ceil['identity_loose']:.3f}."]
     lines += ["", "Identity split into shape and colour, object present, and context / layout by attribute "
               "(fraction of concept images that show what the prompt asked for):", "",
               "| method | " + " | ".join(DETAIL) + " |", "|" + "---|" * (len(DETAIL) + 1)]
@@ -104,12 +115,12 @@ def figure(out: dict) -> "plot.Image.Image":
     parts.append(plot.grid(drift_rows, header=[p for p in res["drift_prompts"][:n]]))
     methods = list(res["runs"])
     charts = []
-    for key in ("identity", "context", "layout", "pos_spread", "drift_px", "eps_gap"):
+    for key in ("identity", "identity_loose", "context", "layout", "pos_spread", "drift_px", "eps_gap"):
         series = {}
         for m in methods:
             runs = res["runs"][m]
             steps = [e["step"] for e in runs[0]["evals"]]
-            vals = np.array([[e[key] for e in r["evals"]] for r in runs], float)
+            vals = np.array([[e.get(key, np.nan) for e in r["evals"]] for r in runs], float)
             std = vals.std(0, ddof=1) if len(runs) > 1 else np.zeros(vals.shape[1])
             series[m] = ([0] + steps, [res["prior"].get(key, 0.0)] + list(vals.mean(0)), [0.0] + list(std))
         charts.append(plot.line_chart(series, key, xlabel="steps"))
@@ -129,6 +140,24 @@ def figure(out: dict) -> "plot.Image.Image":
     return plot.stack(parts)
 
 
+def merge(dirs: list[Path]) -> dict:
+    """One {"results", "images"} from runs of the same config with different seeds (in order)."""
+    parts = [json.loads((d / "results.json").read_text()) for d in dirs]
+    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "seeds"}  # noqa: E731
+    for d, p in zip(dirs[1:], parts[1:]):
+        if strip(p["config"]) != strip(parts[0]["config"]):
+            raise SystemExit(f"{d}: its config differs from {dirs[0]}'s in more than the seeds")
+    res = json.loads(json.dumps(parts[0]))
+    res["config"]["seeds"] = [s for p in parts for s in p["config"]["seeds"]]
+    res["runs"] = {m: [r for p in parts for r in p["runs"].get(m, [])] for m in parts[0]["runs"]}
+    res["seconds"] = max(p["seconds"] for p in parts)  # wall time of parallel parts
+    res["merged_from"] = [str(d) for d in dirs]
+    res["smoke"] = any(p.get("smoke") for p in parts)
+    with np.load(dirs[0] / "images.npz") as z:
+        ims = {k: z[k] for k in z.files}
+    return {"results": res, "images": ims}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="quality/configs/default.json")
@@ -137,9 +166,23 @@ def main(argv=None) -> int:
     ap.add_argument("--untrained-prior", action="store_true", help="random prior (no assets needed)")
     ap.add_argument("--prior", default=None, help="override the config's prior folder")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the config's training seeds")
+    ap.add_argument("--methods", nargs="+", default=None, help="override the config's methods")
     ap.add_argument("--replot", action="store_true",
                     help="only rewrite report.md and figure.png from --out's results.json and images.npz")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="merge the finished reports in DIR... (same config, different seeds) into --out")
     args = ap.parse_args(argv)
+    if args.merge:
+        out = merge([Path(d) for d in args.merge])
+        dest = Path(args.out)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / "results.json").write_text(json.dumps(out["results"], indent=1, default=float) + "\n")
+        np.savez_compressed(dest / "images.npz", **out["images"])
+        (dest / "report.md").write_text(markdown(out, bool(out["results"]["smoke"])))
+        figure(out).save(dest / "figure.png")
+        print(f"merged {len(args.merge)} reports into {dest}")
+        return 0
     if args.replot:
         dest = Path(args.out)
         res = json.loads((dest / "results.json").read_text())
@@ -154,6 +197,10 @@ def main(argv=None) -> int:
         over["prior"] = args.prior
     if args.device:
         over["device"] = args.device
+    if args.seeds:
+        over["seeds"] = args.seeds
+    if args.methods:
+        over["methods"] = args.methods
     cfg = load_config(args.config, over, quick=args.quick)
     started = time.time()
     dest = Path(args.out)

@@ -81,6 +81,9 @@ def _det(**kw) -> Detection:
 def test_metrics_on_hand_made_cases():
     dets = [_det(), _det(colour="red"), _det(shape="circle"), _det(present=False, shape=None, colour=None)]
     assert M.identity(dets, "cross", "teal") == 0.25
+    loose = dets + [_det(shape="diamond"), _det(shape="diamond", colour="red")]
+    assert M.identity_any(loose, ("cross", "diamond"), "teal") == pytest.approx(2 / 6)
+    assert math.isnan(M.identity_any([], ("cross",), "teal"))
     req = [{"background": "white", "style": "flat"}, {"background": "pink", "style": "flat"},
            {"background": "white"}, {"background": "white", "style": "striped"}]
     # hits: (T, T), (F, T), (T), (T [absent object still has a background], F) -> 5 of 7
@@ -148,6 +151,25 @@ def test_quick_benchmark_runs_end_to_end_on_an_untrained_prior(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "figure.png").size[0] > 300
+    assert set(res["identity_ceiling"]) == {"identity", "identity_loose"}
+    assert "identity_loose" in runs[0]["evals"][0] and "ref_identity_loose" in runs[0]["evals"][0]
+    # --merge: two runs of the same config with other seeds make one report over both seeds
+    other = tmp_path / "other"
+    other.mkdir()
+    r2 = json.loads(json.dumps(res))
+    r2["config"]["seeds"] = [5]
+    for runs in r2["runs"].values():
+        runs[0]["seed"] = 5
+    (other / "results.json").write_text(json.dumps(r2))
+    merged = tmp_path / "merged"
+    assert main(["--merge", str(tmp_path), str(other), "--out", str(merged)]) == 0
+    m = json.loads((merged / "results.json").read_text())
+    assert m["config"]["seeds"] == [0, 5] and [r["seed"] for r in m["runs"]["apt"]] == [0, 5]
+    assert "2 processes in parallel" in (merged / "report.md").read_text()
+    r2["config"]["eval"]["guidance"] = 1.0
+    (other / "results.json").write_text(json.dumps(r2))
+    with pytest.raises(SystemExit, match="differs"):
+        main(["--merge", str(tmp_path), str(other), "--out", str(merged)])
 
 
 def test_train_prior_quick_writes_a_loadable_fp16_sdxl_folder(tmp_path):

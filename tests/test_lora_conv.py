@@ -1,0 +1,126 @@
+"""Opt-in LoCon: LoRA on the resnets' 3x3 convolutions (LoraConfig.include_conv).
+
+The quality benchmark needs it (its prior draws shapes at an 8x8 level with no attention, see
+quality/README.md); here: the right layers are wrapped, the prior pass switches them off, remove()
+restores the UNet, and the exported 4-D kohya keys load in ComfyUI's LoraLoader (every key, same
+effect) and in diffusers."""
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import comfy_host as ch
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.config import AptConfig, LoraConfig
+from apt_core.lora import LoraAdapter, resnet_conv_targets
+from apt_core.models import build_tiny_sdxl
+from apt_core.trainer import AptTrainer
+
+from tiny import config, tiny_model_and_data
+
+
+def test_resnet_conv_targets_are_every_3x3_resnet_conv():
+    unet = build_tiny_sdxl(seed=0).unet
+    names = resnet_conv_targets(unet)
+    n_resnets = sum(1 for n, m in unet.named_modules() if type(m).__name__ == "ResnetBlock2D")
+    assert len(names) == 2 * n_resnets
+    assert "down_blocks.0.resnets.0.conv1" in names and "mid_block.resnets.1.conv2" in names
+    assert all(isinstance(unet.get_submodule(n), nn.Conv2d) for n in names)
+    assert not any("conv_shortcut" in n or "samplers" in n or n in ("conv_in", "conv_out") for n in names)
+
+
+def test_include_conv_is_off_by_default_and_round_trips():
+    assert LoraConfig().include_conv is False
+    cfg = AptConfig.from_dict({"lora": {"include_conv": True}})
+    assert cfg.lora.include_conv and AptConfig.from_dict(cfg.to_dict()).lora.include_conv
+
+
+def test_conv_lora_layers_switch_off_for_the_prior_and_remove_restores():
+    unet = build_tiny_sdxl(seed=0).unet
+    before = copy.deepcopy(unet.state_dict())
+    lora = LoraAdapter(unet, [], LoraConfig(rank=2, alpha=2.0, include_conv=True), seed=0)
+    assert len(lora.layers) == len(resnet_conv_targets(build_tiny_sdxl(seed=0).unet)) > 0
+    state = lora.state_dict()
+    down, up = state["down_blocks.0.resnets.0.conv1.down"], state["down_blocks.0.resnets.0.conv1.up"]
+    assert down.ndim == 4 and down.shape[:1] == (2,) and down.shape[-2:] == (3, 3)
+    assert up.ndim == 4 and up.shape[1:] == (2, 1, 1)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        cond = torch.randn(1, 77, unet.config.cross_attention_dim)
+        kw = dict(encoder_hidden_states=cond, return_dict=False,
+                  added_cond_kwargs={"text_embeds": torch.randn(1, 40), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])})
+        on = unet(x, torch.tensor([500]), **kw)[0]
+        with lora.disabled():
+            off = unet(x, torch.tensor([500]), **kw)[0]
+    lora.remove()
+    with torch.no_grad():
+        plain = unet(x, torch.tensor([500]), **kw)[0]
+    assert not torch.allclose(on, off, atol=1e-5)
+    torch.testing.assert_close(off, plain)
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.fixture(scope="module")
+def trained_conv(tmp_path_factory):
+    components, dataset = tiny_model_and_data(0)
+    cfg = config(3, learning_rate=2e-2)
+    cfg.lora.include_conv = True
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
+    trainer.run()
+    path = tmp_path_factory.mktemp("locon") / "apt_locon.safetensors"
+    trainer.save_lora(path, save_dtype="fp32")
+    ex = dataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([321])
+    with torch.no_grad():
+        expected = trainer.backbone.predict(x, t, ex.cond)
+    return trainer, path, (x, t, ex.cond), expected
+
+
+def test_conv_keys_are_exported_as_4d_kohya_tensors(trained_conv):
+    _, path, _, _ = trained_conv
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        down = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight")
+        up = f.get_tensor("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight")
+    assert "lora_unet_up_blocks_2_resnets_2_conv2.alpha" in keys
+    assert down.shape[0] == 4 and down.shape[-2:] == (3, 3) and up.shape[1:] == (4, 1, 1)
+    assert float(up.abs().max()) > 0  # trained
+
+
+def test_conv_lora_loads_in_comfyui_with_every_key_and_same_effect(trained_conv):
+    _, path, (x, t, cond), expected = trained_conv
+    base_unet = build_tiny_sdxl(seed=0).unet
+    patcher = ch.comfy_sdxl_model_from_diffusers_config(base_unet.config)
+    ch.load_diffusers_unet_into_comfy(base_unet, patcher)
+    patched, loaded, not_loaded = ch.comfy_load_lora(patcher, path, strength=1.0)
+    assert not_loaded == []
+    with safe_open(str(path), "pt") as f:
+        assert loaded == len(list(f.keys()))
+    sizes = dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
+                     cond.time_ids[0].int().tolist()))
+    with torch.no_grad(), ch.patched_diffusion_model(patched) as dm:
+        y = patched.model.encode_adm(pooled_output=cond.pooled, **sizes)
+        out = dm(x, timesteps=t, context=cond.context, y=y)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_lora_loads_in_diffusers_with_same_effect(trained_conv):
+    from diffusers import StableDiffusionXLPipeline
+
+    _, path, (x, t, cond), expected = trained_conv
+    c = build_tiny_sdxl(seed=0)
+    pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder_1, text_encoder_2=c.text_encoder_2,
+                                     tokenizer=c.tokenizer_1, tokenizer_2=c.tokenizer_2, unet=c.unet,
+                                     scheduler=c.scheduler)
+    pipe.load_lora_weights(str(path))
+    with torch.no_grad():
+        out = pipe.unet(x, t, encoder_hidden_states=cond.context,
+                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
