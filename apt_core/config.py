@@ -68,7 +68,9 @@ class RegularizerConfig:
     # Decoder stages by downsampling factor of the latent: 4 -> 32x32 and 2 -> 64x64 at 1024 px
     # (diffusers up_blocks.0 / up_blocks.1, SGM output_blocks 0-2 / 3-5).
     up_block_factors: tuple[int, ...] = (4, 2)
-    aa_distance: Literal["mse", "kl"] = "mse"
+    # KL, not MSE: MSE of attention probabilities averaged over ~77 tokens is ~1e-5 of the
+    # denoising loss at lambda 1, a measured no-op (quality/README.md, "Project decisions").
+    aa_distance: Literal["mse", "kl"] = "kl"
     aa_head_average: bool = False
 
     def validate(self) -> None:

@@ -19,7 +19,7 @@ from .regularizers import aa_layer_loss, channel_stats, mean_or_zero, rs_layer_l
 
 
 class AptProbe:
-    def __init__(self, rs: bool, aa: bool, aa_distance: str = "mse", aa_head_average: bool = False):
+    def __init__(self, rs: bool, aa: bool, aa_distance: str = "kl", aa_head_average: bool = False):
         self.rs = rs
         self.aa = aa
         self.aa_distance = aa_distance

@@ -221,8 +221,8 @@ class AptRegSettings(io.ComfyNode):
                     "Weight of Attention Alignment: cross-attention maps vs the base model. Higher = "
                     "prompts keep control of background and style.")),
                 io.Combo.Input("aa_distance", options=["mse", "kl"], default=_REG.aa_distance, tooltip=(
-                    "How attention maps are compared: mean squared error, or KL divergence over the "
-                    "prompt's tokens.")),
+                    "How attention maps are compared: KL divergence over the prompt's tokens (default), "
+                    "or mean squared error (much smaller values: needs lambda_aa around 1000).")),
                 io.Combo.Input("resolutions", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTIONS, tooltip=(
                     "Which decoder (up-block) stages are regularized, named by their size for a 1024 px "
                     "image. The paper uses both.")),
