@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import comfy_host as ch
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.errors import AptOutputError
 from apt_core.export import atomic_write, read_kohya_lora
-from apt_core.models import build_tiny_sdxl
 from apt_core.trainer import AptTrainer
 
+from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers
 from tiny import config, tiny_model_and_data
 
 KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -64,35 +63,13 @@ def test_file_round_trips_to_the_trained_weights(trained):
 
 
 def test_loads_in_comfyui_loraloader_with_every_key_and_same_effect(trained):
-    _, path, (x, t, cond), expected = trained
-    base_unet = build_tiny_sdxl(seed=0).unet
-    patcher = ch.comfy_sdxl_model_from_diffusers_config(base_unet.config)
-    ch.load_diffusers_unet_into_comfy(base_unet, patcher)
-    patched, loaded, not_loaded = ch.comfy_load_lora(patcher, path, strength=1.0)
-    assert not_loaded == []
-    with safe_open(str(path), "pt") as f:
-        assert loaded == len(list(f.keys()))
-    sizes = dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
-                     cond.time_ids[0].int().tolist()))
-    with torch.no_grad(), ch.patched_diffusion_model(patched) as dm:
-        y = patched.model.encode_adm(pooled_output=cond.pooled, **sizes)
-        out = dm(x, timesteps=t, context=cond.context, y=y)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    _, path, probe, expected = trained
+    assert_loads_in_comfyui(path, probe, expected)
 
 
 def test_loads_in_diffusers_load_lora_weights_with_same_effect(trained):
-    from diffusers import StableDiffusionXLPipeline
-
-    _, path, (x, t, cond), expected = trained
-    c = build_tiny_sdxl(seed=0)
-    pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder_1, text_encoder_2=c.text_encoder_2,
-                                     tokenizer=c.tokenizer_1, tokenizer_2=c.tokenizer_2, unet=c.unet,
-                                     scheduler=c.scheduler)
-    pipe.load_lora_weights(str(path))
-    with torch.no_grad():
-        out = pipe.unet(x, t, encoder_hidden_states=cond.context,
-                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    _, path, probe, expected = trained
+    assert_loads_in_diffusers(path, probe, expected)
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

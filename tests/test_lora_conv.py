@@ -12,13 +12,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-import comfy_host as ch
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptConfig, LoraConfig
 from apt_core.lora import LoraAdapter, resnet_conv_targets
 from apt_core.models import build_tiny_sdxl
 from apt_core.trainer import AptTrainer
 
+from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers
 from tiny import config, tiny_model_and_data
 
 
@@ -95,32 +95,10 @@ def test_conv_keys_are_exported_as_4d_kohya_tensors(trained_conv):
 
 
 def test_conv_lora_loads_in_comfyui_with_every_key_and_same_effect(trained_conv):
-    _, path, (x, t, cond), expected = trained_conv
-    base_unet = build_tiny_sdxl(seed=0).unet
-    patcher = ch.comfy_sdxl_model_from_diffusers_config(base_unet.config)
-    ch.load_diffusers_unet_into_comfy(base_unet, patcher)
-    patched, loaded, not_loaded = ch.comfy_load_lora(patcher, path, strength=1.0)
-    assert not_loaded == []
-    with safe_open(str(path), "pt") as f:
-        assert loaded == len(list(f.keys()))
-    sizes = dict(zip(("height", "width", "crop_h", "crop_w", "target_height", "target_width"),
-                     cond.time_ids[0].int().tolist()))
-    with torch.no_grad(), ch.patched_diffusion_model(patched) as dm:
-        y = patched.model.encode_adm(pooled_output=cond.pooled, **sizes)
-        out = dm(x, timesteps=t, context=cond.context, y=y)
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    _, path, probe, expected = trained_conv
+    assert_loads_in_comfyui(path, probe, expected)
 
 
 def test_conv_lora_loads_in_diffusers_with_same_effect(trained_conv):
-    from diffusers import StableDiffusionXLPipeline
-
-    _, path, (x, t, cond), expected = trained_conv
-    c = build_tiny_sdxl(seed=0)
-    pipe = StableDiffusionXLPipeline(vae=c.vae, text_encoder=c.text_encoder_1, text_encoder_2=c.text_encoder_2,
-                                     tokenizer=c.tokenizer_1, tokenizer_2=c.tokenizer_2, unet=c.unet,
-                                     scheduler=c.scheduler)
-    pipe.load_lora_weights(str(path))
-    with torch.no_grad():
-        out = pipe.unet(x, t, encoder_hidden_states=cond.context,
-                        added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
-    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    _, path, probe, expected = trained_conv
+    assert_loads_in_diffusers(path, probe, expected)
