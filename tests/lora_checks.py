@@ -43,3 +43,29 @@ def assert_loads_in_diffusers(path, probe, expected) -> None:
         out = pipe.unet(x, t, encoder_hidden_states=cond.context,
                         added_cond_kwargs={"text_embeds": cond.pooled, "time_ids": cond.time_ids}).sample
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def train_and_export(folder, cfg, filename: str):
+    """Train the tiny model (seed 0) with `cfg`, save its LoRA (fp32) into `folder`.
+
+    Returns (trainer, path, probe, expected) where expected is the trained UNet's output on probe,
+    checked to differ from the output with the LoRA off.
+    """
+    from apt_core.backbone import DiffusersSDXLBackbone
+    from apt_core.trainer import AptTrainer
+    from tiny import tiny_model_and_data
+
+    components, dataset = tiny_model_and_data(0)
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
+    trainer.run()
+    path = folder / filename
+    trainer.save_lora(path, save_dtype="fp32")
+    ex = dataset.examples[0]
+    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor([321])
+    with torch.no_grad():
+        expected = trainer.backbone.predict(x, t, ex.cond)
+        with trainer.lora.disabled():
+            base = trainer.backbone.predict(x, t, ex.cond)
+    assert not torch.allclose(expected, base, atol=1e-4)  # the LoRA does something
+    return trainer, path, (x, t, ex.cond), expected

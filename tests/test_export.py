@@ -9,33 +9,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.errors import AptOutputError
 from apt_core.export import atomic_write, read_kohya_lora
-from apt_core.trainer import AptTrainer
 
-from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers
-from tiny import config, tiny_model_and_data
+from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers, train_and_export
+from tiny import config
 
 KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    components, dataset = tiny_model_and_data(0)
-    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, config(3, learning_rate=2e-2))
-    trainer.run()
-    path = tmp_path_factory.mktemp("lora") / "apt_test.safetensors"
-    trainer.save_lora(path, save_dtype="fp32")
-    ex = dataset.examples[0]
-    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
-    t = torch.tensor([321])
-    with torch.no_grad():
-        expected = trainer.backbone.predict(x, t, ex.cond)
-        with trainer.lora.disabled():
-            base = trainer.backbone.predict(x, t, ex.cond)
-    assert not torch.allclose(expected, base, atol=1e-4)  # the LoRA does something
-    return trainer, path, (x, t, ex.cond), expected
+    return train_and_export(tmp_path_factory.mktemp("lora"), config(3, learning_rate=2e-2), "apt_test.safetensors")
 
 
 def test_keys_are_kohya_format_with_metadata(trained):

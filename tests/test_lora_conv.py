@@ -12,14 +12,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptConfig, LoraConfig
 from apt_core.lora import LoraAdapter, resnet_conv_targets
 from apt_core.models import build_tiny_sdxl
-from apt_core.trainer import AptTrainer
 
-from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers
-from tiny import config, tiny_model_and_data
+from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers, train_and_export
+from tiny import config
 
 
 def test_resnet_conv_targets_are_every_3x3_resnet_conv():
@@ -68,19 +66,9 @@ def test_conv_lora_layers_switch_off_for_the_prior_and_remove_restores():
 
 @pytest.fixture(scope="module")
 def trained_conv(tmp_path_factory):
-    components, dataset = tiny_model_and_data(0)
     cfg = config(3, learning_rate=2e-2)
     cfg.lora.include_conv = True
-    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
-    trainer.run()
-    path = tmp_path_factory.mktemp("locon") / "apt_locon.safetensors"
-    trainer.save_lora(path, save_dtype="fp32")
-    ex = dataset.examples[0]
-    x = torch.randn(1, 4, *ex.bucket, generator=torch.Generator().manual_seed(3))
-    t = torch.tensor([321])
-    with torch.no_grad():
-        expected = trainer.backbone.predict(x, t, ex.cond)
-    return trainer, path, (x, t, ex.cond), expected
+    return train_and_export(tmp_path_factory.mktemp("locon"), cfg, "apt_locon.safetensors")
 
 
 def test_conv_keys_are_exported_as_4d_kohya_tensors(trained_conv):
