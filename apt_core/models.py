@@ -108,7 +108,14 @@ def bpe_vocab(words: Sequence[str] = _TINY_WORDS) -> tuple[dict[str, int], list[
 
 def build_tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """Two offline CLIP tokenizers (max length 77); #1 pads with EOS, #2 pads with '!' (id 0)."""
-    vocab, merges = bpe_vocab()
+    return tokenizers_from_vocab(*bpe_vocab())
+
+
+def tokenizers_from_vocab(vocab: dict[str, int], merges: list[str]) -> tuple[CLIPTokenizer, CLIPTokenizer]:
+    """SDXL's pair of CLIP tokenizers (max length 77) from a BPE vocab and merges, offline.
+
+    #1 pads with EOS, #2 pads with '!' (as SDXL's second tokenizer).
+    """
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
             json.dump(vocab, f)

@@ -377,6 +377,18 @@ def _error(row: dict[str, Any], exc: BaseException) -> None:
     traceback.print_exc()
 
 
+def _prepare(w: Workload, unet, spec: Spec, row: dict[str, Any], compiled: bool):
+    """The variant's runner on `unet`; its setup time goes into row["setup_s"]; compiles the UNet
+    afterwards when asked (compile time then shows in the warm-up steps)."""
+    t0 = time.perf_counter()
+    runner = RUNNERS[spec.id](w, unet, spec)
+    sync(w.device)
+    row["setup_s"] = time.perf_counter() - t0
+    if compiled:
+        unet.compile()
+    return runner
+
+
 def run_sequential(w: Workload, specs: list[Spec], opts: Options, log) -> list[dict[str, Any]]:
     """One variant after the other on one shared UNet; each leaves it exactly as it found it."""
     rows = []
@@ -394,12 +406,7 @@ def run_sequential(w: Workload, specs: list[Spec], opts: Options, log) -> list[d
 
                 torch._dynamo.reset()
                 torch._dynamo.utils.counters.clear()
-            t0 = time.perf_counter()
-            runner = RUNNERS[spec.id](w, unet, spec)
-            sync(w.device)
-            row["setup_s"] = time.perf_counter() - t0
-            if compiled:
-                unet.compile()
+            runner = _prepare(w, unet, spec, row, compiled)
             warm = [timed(runner.step, w.device) for _ in range(opts.warmup)]
             times = [timed(runner.step, w.device) for _ in range(opts.steps)]
             _finish_row(row, times, warm, opts)
@@ -446,12 +453,7 @@ def run_interleaved(w: Workload, specs: list[Spec], opts: Options, log) -> list[
         rows.append(row)
         try:
             unet = w.fresh_unet()
-            t0 = time.perf_counter()
-            runner = RUNNERS[spec.id](w, unet, spec)
-            sync(w.device)
-            row["setup_s"] = time.perf_counter() - t0
-            if compiled:
-                unet.compile()
+            runner = _prepare(w, unet, spec, row, compiled)
             live.append((row, runner, unet, [], []))
         except Exception as exc:
             _error(row, exc)

@@ -8,9 +8,6 @@ token (byte-level CLIP BPE plus one merge chain per word), so captions never spl
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from typing import Any, Sequence
 
 import torch
@@ -18,7 +15,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from apt_core.conditioning import SDXLConditioning, sdxl_time_ids
-from apt_core.models import SDXLComponents, bpe_vocab, check_sdxl_unet, sdxl_train_scheduler
+from apt_core.models import (SDXLComponents, bpe_vocab, check_sdxl_unet, sdxl_train_scheduler,
+                             tokenizers_from_vocab)
 
 from .world import WORDS
 
@@ -84,16 +82,7 @@ def world_vocab(words: Sequence[str] = WORDS) -> tuple[dict[str, int], list[str]
 
 def build_tokenizers(words: Sequence[str] = WORDS) -> tuple[CLIPTokenizer, CLIPTokenizer]:
     """Two offline CLIP tokenizers (max length 77); #1 pads with EOS, #2 with '!' (as SDXL)."""
-    vocab, merges = world_vocab(words)
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f)
-        with open(os.path.join(tmp, "merges.txt"), "w", encoding="utf-8") as f:
-            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-        tok_1 = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, local_files_only=True)
-        tok_2 = CLIPTokenizer.from_pretrained(tmp, model_max_length=77, pad_token="!",
-                                              local_files_only=True)
-    return tok_1, tok_2
+    return tokenizers_from_vocab(*world_vocab(words))
 
 
 def _text_config(tok: CLIPTokenizer, hidden: int, act: str, **kw: Any) -> CLIPTextConfig:
