@@ -33,8 +33,23 @@ def kohya_tensors(lora_state: Mapping[str, torch.Tensor], alpha: float,
     return out
 
 
+def tag_frequency(captions: list[str]) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: how many captions contain each comma-separated tag.
+
+    LoRA browsers (and ComfyUI LoRA managers) show these as the LoRA's "trained words", which is
+    how an artist finds the trigger word again months later. Tags are stripped and lower-cased;
+    a tag counts once per caption. Returns {"apt": {tag: count}} (kohya keys by folder name).
+    """
+    counts: dict[str, int] = {}
+    for cap in captions:
+        for tag in dict.fromkeys(t.strip().lower() for t in cap.split(",")):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return {"apt": counts}
+
+
 def kohya_metadata(rank: int, alpha: float, *, steps: int, learning_rate: float, num_images: int,
-                   output_name: str, apt_settings: dict, gammas: list[float],
+                   output_name: str, apt_settings: dict, gammas: list[float], captions: list[str] = (),
                    base_model: str = "sdxl_base_v1-0", extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """String metadata in kohya's `ss_*` vocabulary plus the APT settings and final gammas."""
     meta = {
@@ -58,6 +73,7 @@ def kohya_metadata(rank: int, alpha: float, *, steps: int, learning_rate: float,
         "modelspec.title": output_name,
         "apt_settings": json.dumps(apt_settings, sort_keys=True),
         "apt_final_gamma": json.dumps([round(float(g), 6) for g in gammas]),
+        "ss_tag_frequency": json.dumps(tag_frequency(list(captions))),
     }
     meta.update(extra or {})
     return meta

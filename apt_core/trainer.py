@@ -329,7 +329,8 @@ class AptTrainer:
         meta = kohya_metadata(self.config.lora.rank, self.config.lora.alpha, steps=self.step_idx,
                               learning_rate=self.config.train.learning_rate,
                               num_images=len(self.dataset), output_name=output_name or Path(path).stem,
-                              apt_settings=self.config.to_dict(), gammas=self.indicator.gammas())
+                              apt_settings=self.config.to_dict(), gammas=self.indicator.gammas(),
+                              captions=[e.caption for e in self.dataset.examples])
         return save_kohya_lora(path, self.lora_tensors(save_dtype), meta)
 
     def close(self) -> None:

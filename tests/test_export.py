@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from apt_core.errors import AptOutputError
-from apt_core.export import atomic_write, read_kohya_lora
+from apt_core.export import atomic_write, read_kohya_lora, tag_frequency
 
 from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers, train_and_export
 from tiny import config
@@ -36,6 +36,13 @@ def test_keys_are_kohya_format_with_metadata(trained):
     gammas = json.loads(meta["apt_final_gamma"])
     assert len(gammas) == 10 and gammas == pytest.approx(trainer.indicator.gammas(), abs=1e-6)
     assert json.loads(meta["apt_settings"])["lora"]["rank"] == 4
+    tags = json.loads(meta["ss_tag_frequency"])["apt"]
+    assert sum(tags.values()) >= len(trainer.dataset.examples) and all(n >= 1 for n in tags.values())
+
+
+def test_tag_frequency_counts_each_tag_once_per_caption():
+    caps = ["sks dog, on grass, Photo", "sks dog,on the beach", " SKS DOG , sks dog, ", ""]
+    assert tag_frequency(caps) == {"apt": {"sks dog": 3, "on grass": 1, "photo": 1, "on the beach": 1}}
 
 
 def test_file_round_trips_to_the_trained_weights(trained):
