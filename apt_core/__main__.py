@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .backbone import DiffusersSDXLBackbone
-from .config import AptConfig, AptSwitches, AugmentConfig, IndicatorConfig, LoraConfig, \
+from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, IndicatorConfig, LoraConfig, \
     RegularizerConfig, TrainConfig
 from .errors import AptError
 from .images import load_image_folder
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--lambda-rs", type=float, default=RegularizerConfig.lambda_rs)
     a.add_argument("--lambda-aa", type=float, default=RegularizerConfig.lambda_aa)
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
-    a.add_argument("--fill", choices=("constant", "reflect"), default=AugmentConfig.fill)
+    a.add_argument("--fill", choices=FILL_MODES, default=AugmentConfig.fill)
     a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
     a.add_argument("--print-every", type=int, default=25)
     s = p.add_argument_group("before/after samples (LoRA off vs on, same seeds, one grid PNG)")

@@ -2,7 +2,8 @@
 
 A zoom-out by s ~ U[zoom_min, zoom_max] shrinks the image to 1/s of the canvas around its centre
 and a rotation ~ U[-r, r] degrees turns it; the uncovered border is filled with a constant
-(black in pixel space, the latent of black in latent space) or by reflection.
+(black in pixel space, the latent of black in latent space), by reflection, or by repeating the
+edge pixels ("border").
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def zoom_rotate(x: torch.Tensor, zoom: torch.Tensor, angle_deg: torch.Tensor, fi
     center = torch.tensor([(w - 1) / 2.0, (h - 1) / 2.0], device=x.device).expand(b, 2)
     inv_zoom = (1.0 / zoom.to(x.device, torch.float32)).unsqueeze(1).expand(b, 2)
     matrix = get_rotation_matrix2d(center, angle_deg.to(x.device, torch.float32), inv_zoom)
-    if fill == "reflect":
-        out = warp_affine(work, matrix, (h, w), padding_mode="reflection", align_corners=True)
+    if fill in ("reflect", "border"):
+        mode = "reflection" if fill == "reflect" else "border"
+        out = warp_affine(work, matrix, (h, w), padding_mode=mode, align_corners=True)
     else:
         offset = torch.as_tensor(fill_value, dtype=torch.float32, device=x.device)
         offset = offset.view(1, -1, 1, 1) if offset.ndim == 1 else offset

@@ -31,6 +31,9 @@ class IndicatorConfig:
             raise AptConfigError(f"indicator scale S must be > 0, got {self.scale}.")
 
 
+FILL_MODES = ("constant", "reflect", "border")
+
+
 @dataclass
 class AugmentConfig:
     """Adaptive augmentation: with probability min(gamma_b, p_max) zoom out and rotate."""
@@ -40,7 +43,9 @@ class AugmentConfig:
     zoom_min: float = 1.0  # s ~ U[zoom_min, zoom_max]; the image shrinks to 1/s of the canvas
     zoom_max: float = 3.0
     rotation_deg: float = 15.0  # rotation ~ U[-rotation_deg, +rotation_deg]
-    fill: Literal["constant", "reflect"] = "constant"
+    # "border" repeats the edge pixels outward: on a plain or studio background it extends the
+    # background instead of drawing a frame the model would learn (quality/README.md).
+    fill: Literal["constant", "reflect", "border"] = "constant"
     # "latent": transform cached latents (fast, default); "pixel": transform the image and
     # re-encode with the VAE every augmented step (the paper's order, slower, needs the VAE).
     space: Literal["latent", "pixel"] = "latent"
@@ -53,8 +58,8 @@ class AugmentConfig:
                 f"zoom range must satisfy 1 <= min <= max, got [{self.zoom_min}, {self.zoom_max}].")
         if self.rotation_deg < 0:
             raise AptConfigError(f"rotation range must be >= 0 degrees, got {self.rotation_deg}.")
-        if self.fill not in ("constant", "reflect"):
-            raise AptConfigError(f"fill mode must be 'constant' or 'reflect', got {self.fill!r}.")
+        if self.fill not in FILL_MODES:
+            raise AptConfigError(f"fill mode must be one of {FILL_MODES}, got {self.fill!r}.")
         if self.space not in ("latent", "pixel"):
             raise AptConfigError(f"augmentation space must be 'latent' or 'pixel', got {self.space!r}.")
 

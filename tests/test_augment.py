@@ -40,6 +40,15 @@ def test_reflect_fill_leaves_no_constant_border():
     assert out[0, 0, 0, 0] != 0.0 and out.min() >= x.min() - 1e-3
 
 
+def test_border_fill_extends_a_plain_background_without_a_frame():
+    x = torch.full((1, 3, 16, 16), 0.7)
+    x[:, :, 6:10, 6:10] = 5.0  # an object on a plain background
+    out = zoom_rotate(x, torch.tensor([3.0]), torch.tensor([10.0]), "border")
+    assert torch.allclose(out[0, :, 0, 0], torch.full((3,), 0.7), atol=1e-5)  # corner: background, not black
+    assert torch.allclose(out[0, :, 0, :], torch.full((3, 16), 0.7), atol=1e-5)  # no frame along the edge
+    assert out[0, 0, 8, 8] > 2.0  # the shrunk object is still in the centre
+
+
 def test_draws_follow_the_configured_ranges_and_are_seeded():
     cfg = AugmentConfig(zoom_min=1.0, zoom_max=3.0, rotation_deg=15.0)
     d1 = draw_augmentation(1000, cfg, torch.Generator().manual_seed(1))
