@@ -81,7 +81,8 @@ class AptTrainer:
                  checkpoint_dir: str | Path | None = None,
                  on_event: Callable[[ProgressEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
-                 encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 on_checkpoint_step: Callable[[int], None] | None = None):
         self.config = config.validate()
         if len(dataset) == 0:
             raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
@@ -96,6 +97,10 @@ class AptTrainer:
         self.on_event = on_event
         self.should_stop = should_stop
         self.encode_pixels = encode_pixels
+        # Called with the step number at every periodic checkpoint (each `checkpoint_every` steps),
+        # just before that checkpoint is written, e.g. to save the LoRA of that step too. Before, so
+        # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
+        self.on_checkpoint_step = on_checkpoint_step
         self.device = next(backbone.unet.parameters()).device
         self.amp_dtype = autocast_dtype(config.train.mixed_precision, self.device)
         self.generator = torch.Generator().manual_seed(config.train.seed)
@@ -262,6 +267,8 @@ class AptTrainer:
                 if self.on_event:
                     self.on_event(event)
             if every and self.step_idx % every == 0:
+                if self.on_checkpoint_step:
+                    self.on_checkpoint_step(self.step_idx)
                 last_ckpt = self.save_checkpoint()
         if self.checkpoint_dir is not None and (stopped or self.step_idx == self.config.train.steps):
             last_ckpt = self.save_checkpoint()

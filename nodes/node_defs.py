@@ -10,7 +10,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from apt_core.config import AugmentConfig, IndicatorConfig, RegularizerConfig
+from apt_core.config import FILL_MODES, AugmentConfig, IndicatorConfig, RegularizerConfig
 
 from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
 from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRESETS,
@@ -168,9 +168,10 @@ class AptAtaSettings(io.ComfyNode):
                     "Largest zoom-out factor: the image shrinks to 1/zoom of the canvas (paper: 3).")),
                 io.Float.Input("rotation", default=_AUG.rotation_deg, min=0.0, max=180.0, step=0.5, tooltip=(
                     "Random rotation range in degrees, +/- (paper: 15).")),
-                io.Combo.Input("fill_mode", options=["constant", "reflect"], default=_AUG.fill, tooltip=(
-                    "What fills the border around a zoomed-out image: constant (black, as in the paper) "
-                    "or a reflection of the image.")),
+                io.Combo.Input("fill_mode", options=list(FILL_MODES), default=_AUG.fill, tooltip=(
+                    "What fills the space around a zoomed-out image: constant (black, as in the paper), "
+                    "reflect (a mirror image: can repeat the subject), or border (the edge pixels "
+                    "stretched outward: best for plain or studio backgrounds, no frame to learn).")),
                 io.Float.Input("loss_weight_floor", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Lowest loss weight: each sample's loss is multiplied by max(1 - gamma, floor). "
                     "0 follows the paper.")),
@@ -301,6 +302,11 @@ class AptTrainerNode(io.ComfyNode):
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
                     "Raise the learning rate from almost 0 to its full value over the first N steps "
                     "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
+                io.Boolean.Input("save_lora_every_checkpoint", default=False, optional=True, tooltip=(
+                    "Also save the LoRA at every checkpoint ('checkpoint_every' steps) into your loras "
+                    "folder, next to the final file, as '<LoRA name>_step00300.safetensors' and so on. "
+                    "Use it to pick an earlier step if the final LoRA looks overfitted: subject too "
+                    "big/centred, backgrounds ignored. 'overwrite' covers these files too.")),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip=(
@@ -317,7 +323,7 @@ class AptTrainerNode(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, steps: int, rank: int, learning_rate: float, seed: int,
                 checkpoint_every: int, lora_name: str, overwrite: bool, resume: bool, memory_preset: str,
                 ata_settings=None, reg_settings=None, batch_size: int = 1, lr_schedule: str = "constant",
-                warmup_steps: int = 0) -> io.NodeOutput:
+                warmup_steps: int = 0, save_lora_every_checkpoint: bool = False) -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
         import folder_paths
@@ -338,7 +344,8 @@ class AptTrainerNode(io.ComfyNode):
         run_dir = Path(folder_paths.get_output_directory()) / "apt_lora_trainer" / Path(lora_file).stem
         job = TrainJob(model=model, clip=clip, vae=vae, dataset=dataset, config=config, lora_file=lora_file,
                        loras_dir=loras_dir, checkpoint_dir=run_dir, overwrite=overwrite, resume=resume,
-                       node_id=node_id, prompt_id=getattr(ctx, "prompt_id", None)).prepare()
+                       node_id=node_id, prompt_id=getattr(ctx, "prompt_id", None),
+                       save_step_loras=save_lora_every_checkpoint).prepare()
         result = run_in_worker(job.run)
 
         lora_sd = comfy.utils.load_torch_file(str(result.lora_path), safe_load=True)

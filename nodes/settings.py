@@ -107,3 +107,14 @@ def sanitize_lora_name(name: str) -> str:
     if stem.split(".")[0].lower() in _RESERVED:
         stem += "_lora"
     return stem + ".safetensors"
+
+
+def step_lora_name(lora_file: str, step: int) -> str:
+    """The LoRA saved at a periodic checkpoint: 'apt_lora.safetensors', 300 -> 'apt_lora_step00300.safetensors'."""
+    return f"{lora_file[: -len('.safetensors')]}_step{int(step):05d}.safetensors"
+
+
+def is_step_lora_name(lora_file: str, name: str) -> bool:
+    """Whether `name` is one of `lora_file`'s step files (as `step_lora_name` writes them)."""
+    stem = re.escape(lora_file[: -len(".safetensors")])
+    return re.fullmatch(stem + r"_step\d{5,}\.safetensors", name) is not None

@@ -34,6 +34,7 @@ from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_para
 from .dataset import AptDataset
 from .encoding import cache_dataset, pixel_encoder
 from .runs import RUNS, RunState, send
+from .settings import is_step_lora_name, step_lora_name
 
 log = logging.getLogger("apt_lora_trainer")
 _STEP = re.compile(r"step_(\d+)\.pt$")
@@ -55,11 +56,12 @@ class JobResult:
     checkpoint: str | None
     gammas: list[float]
     history: list[dict] = field(default_factory=list)
+    step_files: list[str] = field(default_factory=list)  # LoRAs saved at checkpoints by this run
 
     def summary(self) -> dict[str, Any]:
         return {"lora_name": self.lora_file, "steps_done": self.steps_done, "total_steps": self.total_steps,
                 "resumed_from": self.resumed_from, "stopped": self.stopped, "cancelled": self.cancelled,
-                "checkpoint": self.checkpoint, "final_gamma": self.gammas}
+                "checkpoint": self.checkpoint, "final_gamma": self.gammas, "step_files": self.step_files}
 
 
 def run_in_worker(fn: Callable[[], Any], name: str = "apt-train") -> Any:
@@ -112,6 +114,14 @@ def _save_quietly(trainer) -> Path | None:
         return None
 
 
+def _step_files_text(names: list[str], every: int) -> str:
+    """'; also saved 3 step LoRAs: a, b, c' for the run's final message ('' when there are none)."""
+    if not names:
+        return ""
+    shown = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]} (every {every} steps)"
+    return f"; also saved {len(names)} step LoRA{'s' if len(names) > 1 else ''}: {shown}"
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
@@ -121,13 +131,16 @@ def _is_oom(exc: BaseException) -> bool:
 class TrainJob:
     def __init__(self, *, model, clip, vae, dataset: AptDataset, config: AptConfig, lora_file: str,
                  loras_dir: str | Path, checkpoint_dir: str | Path, overwrite: bool, resume: bool,
-                 node_id: str, prompt_id: str | None = None):
+                 node_id: str, prompt_id: str | None = None, save_step_loras: bool = False):
         self.model, self.clip, self.vae = model, clip, vae
         self.dataset, self.config = dataset, config
         self.lora_file = lora_file
         self.loras_dir = Path(loras_dir)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.overwrite, self.resume = bool(overwrite), bool(resume)
+        # Also save '<name>_stepNNNNN.safetensors' into loras_dir at every periodic checkpoint.
+        self.save_step_loras = bool(save_step_loras)
+        self.step_files: list[str] = []
         self.node_id, self.prompt_id = str(node_id), prompt_id
         self.resume_from: Path | None = None
         self.run_state: RunState | None = None
@@ -138,6 +151,13 @@ class TrainJob:
     @property
     def target(self) -> Path:
         return self.loras_dir / self.lora_file
+
+    def existing_step_files(self) -> list[Path]:
+        """This LoRA name's step files in loras_dir ('<name>_stepNNNNN.safetensors'), oldest step first."""
+        if not self.loras_dir.is_dir():
+            return []
+        found = [p for p in self.loras_dir.iterdir() if is_step_lora_name(self.lora_file, p.name)]
+        return sorted(found, key=lambda p: (len(p.name), p.name))  # same stem: more digits = later step
 
     # ---- cheap checks, in the calling thread -------------------------------------------------
     def prepare(self) -> "TrainJob":
@@ -151,6 +171,18 @@ class TrainJob:
         if self.target.exists() and not self.overwrite and self.resume_from is None:
             raise AptOutputError(f"A LoRA named {self.lora_file} already exists in {self.loras_dir}. "
                                  "Choose another LoRA name, or turn on 'overwrite'.")
+        # Step files belong to their run: a resumed run may replace its own, a fresh one may not
+        # silently replace (or mix with) those of an earlier run of the same name.
+        old_steps = (self.existing_step_files() if self.save_step_loras and self.config.train.checkpoint_every
+                     and self.resume_from is None else [])
+        if old_steps and not self.overwrite:
+            names = ", ".join(p.name for p in old_steps[:3]) + (" ..." if len(old_steps) > 3 else "")
+            raise AptOutputError(f"Step LoRAs of an earlier run named {self.lora_file} already exist in "
+                                 f"{self.loras_dir} ({names}). Choose another LoRA name, or turn on "
+                                 "'overwrite' (this deletes them).")
+        for old in old_steps:
+            log.info("APT: overwrite is on; deleting the earlier run's step LoRA %s", old)
+            old.unlink(missing_ok=True)
         if latest is not None and self.resume_from is None:
             why = ("resume is off" if not self.resume else
                    f"it already reached {step} of {self.config.train.steps} steps")
@@ -263,9 +295,17 @@ class TrainJob:
                 # ComfyUI's progress hook raises and clears the Cancel flag: keep it for _should_stop.
                 mm.interrupt_current_processing(True)
 
+        def save_step_lora(step: int) -> None:
+            name = step_lora_name(self.lora_file, step)
+            path = trainer.save_lora(self.loras_dir / name, output_name=Path(name).stem)
+            if name not in self.step_files:
+                self.step_files.append(name)
+            log.info("APT: saved the LoRA of step %d to %s", step, path)
+
         trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
                              should_stop=lambda: self._should_stop(run),
-                             encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None)
+                             encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
+                             on_checkpoint_step=save_step_lora if self.save_step_loras else None)
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
             if resumed:
@@ -291,9 +331,13 @@ class TrainJob:
                     self._oom_step = trainer.step_idx
                 raise
             ckpt_str = str(ckpt) if ckpt else None
+            steps_text = _step_files_text(self.step_files, cfg.train.checkpoint_every)
+            if self.save_step_loras and not cfg.train.checkpoint_every:
+                steps_text = "; no step LoRAs saved: 'checkpoint_every' is 0"
             if self._cancel_seen:
                 RUNS.update(run, status="cancelled", checkpoint=ckpt_str,
-                            message=f"cancelled at step {trainer.step_idx}; resumable checkpoint: {ckpt_str}")
+                            message=f"cancelled at step {trainer.step_idx}; resumable checkpoint: {ckpt_str}"
+                                    + steps_text)
                 send("apt.status", run.summary())
                 log.info("APT: %s cancelled at step %d, checkpoint %s", self.lora_file, trainer.step_idx, ckpt_str)
                 raise mm.InterruptProcessingException()
@@ -302,11 +346,12 @@ class TrainJob:
             path = trainer.save_lora(self.target, output_name=Path(self.lora_file).stem)
             status = "stopped" if stopped else "finished"
             RUNS.update(run, status=status, checkpoint=ckpt_str,
-                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}")
+                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}" + steps_text)
             send("apt.status", run.summary())
-            log.info("APT: saved %s (%d steps) to %s", self.lora_file, trainer.step_idx, path)
+            log.info("APT: saved %s (%d steps) to %s%s", self.lora_file, trainer.step_idx, path, steps_text)
             return JobResult(self.lora_file, Path(path), trainer.step_idx, cfg.train.steps, resumed, stopped,
-                             False, ckpt_str, trainer.indicator.gammas(), list(trainer.history))
+                             False, ckpt_str, trainer.indicator.gammas(), list(trainer.history),
+                             list(self.step_files))
         finally:
             RUNS.set_stop_callback(run, None)
             trainer.close()

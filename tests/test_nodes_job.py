@@ -45,7 +45,7 @@ def _dataset(m, n=3, nan=False):
 
 
 def _job(m, tmp_path, name="t", steps=STEPS, resume=False, overwrite=False, node_id="n1", dataset=None, model=None,
-         checkpoint_every=0, **cfg):
+         checkpoint_every=0, save_step_loras=False, **cfg):
     config = m["settings"].build_config(steps=steps, rank=4, learning_rate=cfg.pop("learning_rate", 1e-3), seed=0,
                                         checkpoint_every=checkpoint_every,
                                         preset=cfg.pop("preset", m["settings"].DEFAULT_PRESET))
@@ -53,7 +53,7 @@ def _job(m, tmp_path, name="t", steps=STEPS, resume=False, overwrite=False, node
         model=model or m["model"], clip=m["clip"], vae=m["vae"], config=config,
         dataset=_dataset(m) if dataset is None else dataset,
         lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras", checkpoint_dir=tmp_path / "runs" / name,
-        overwrite=overwrite, resume=resume, node_id=node_id)
+        overwrite=overwrite, resume=resume, node_id=node_id, save_step_loras=save_step_loras)
 
 
 def _sample(model, seed=0):
@@ -143,6 +143,96 @@ def test_existing_file_needs_overwrite_and_resume_off_starts_fresh(m, tmp_path):
     assert (tmp_path / "runs" / "dup" / "step_000001.pt").exists()  # a refused run deletes nothing
     res = _job(m, tmp_path, "dup", steps=1, overwrite=True).prepare().run()
     assert res.resumed_from == 0
+
+
+# ---- a LoRA file at every checkpoint (save_lora_every_checkpoint) -----------------------------------
+
+def _stop_at(m, monkeypatch, node_id, step):
+    """Request a graceful stop (the node's Stop button) when the progress event of `step` goes out."""
+    tj = m["train_job"]
+    real_send = tj.send
+
+    def send(event, data):
+        real_send(event, data)
+        if event == "apt.progress" and data["step"] == step:
+            assert m["runs"].RUNS.request_stop(node_id) is not None
+    monkeypatch.setattr(tj, "send", send)
+
+
+def test_every_checkpoint_also_saves_a_loadable_step_lora(m, tmp_path):
+    from safetensors import safe_open
+
+    loras = tmp_path / "loras"
+    res = _job(m, tmp_path, "steps", steps=6, checkpoint_every=2, save_step_loras=True,
+               node_id="stepper").prepare().run()
+    names = ["steps_step00002.safetensors", "steps_step00004.safetensors", "steps_step00006.safetensors"]
+    assert res.step_files == names and res.summary()["step_files"] == names
+    assert sorted(p.name for p in loras.iterdir()) == sorted(names + ["steps.safetensors"])  # no *.tmp left
+    files = {n: _lora_tensors(loras / n) for n in names}
+    final = _lora_tensors(res.lora_path)
+    for name, tensors in files.items():
+        assert tensors.keys() == final.keys()
+        loaded, not_loaded = ch.comfy_lora_load_report(m["model"], loras / name)  # what LoraLoader does
+        assert not_loaded == [] and loaded == len(tensors)
+        with safe_open(str(loras / name), "pt") as f:
+            meta = f.metadata()
+        assert meta["ss_steps"] == str(int(name[-17:-12])) and meta["ss_output_name"] == name[:-12]
+    a, b, c = (files[n] for n in names)
+    for earlier, later in ((a, b), (b, c), (a, c)):  # each step's file holds that step's weights
+        assert any(not torch.equal(earlier[k], later[k]) for k in earlier)
+    assert all(torch.equal(c[k], final[k]) for k in c)  # the last checkpoint is the final LoRA
+    msg = m["runs"].RUNS.get("stepper").message
+    assert msg.startswith("finished at step 6; saved steps.safetensors") and all(n in msg for n in names)
+    # off (the default): only the final file, as before
+    res = _job(m, tmp_path, "nosteps", steps=2, checkpoint_every=1).prepare().run()
+    assert res.step_files == [] and not list(loras.glob("nosteps_step*"))
+
+
+def test_step_loras_are_never_replaced_silently_but_a_resumed_run_may_redo_its_own(m, tmp_path, monkeypatch):
+    from apt_core.errors import AptOutputError
+
+    loras, ckpts = tmp_path / "loras", tmp_path / "runs" / "own"
+    # every=1, stopped after step 2: step files 1 and 2, checkpoints 1 and 2, the final file
+    _stop_at(m, monkeypatch, "own", 2)
+    res = _job(m, tmp_path, "own", steps=3, checkpoint_every=1, save_step_loras=True, node_id="own").prepare().run()
+    monkeypatch.undo()
+    assert res.stopped and res.step_files == ["own_step00001.safetensors", "own_step00002.safetensors"]
+    step2 = _lora_tensors(loras / "own_step00002.safetensors")
+    # lose the last checkpoint: the resumed run replays step 2 and rewrites its own step-2 file
+    (ckpts / "step_000002.pt").unlink()
+    res = _job(m, tmp_path, "own", steps=3, checkpoint_every=1, save_step_loras=True, resume=True,
+               node_id="own").prepare().run()
+    assert res.resumed_from == 1 and res.steps_done == 3
+    assert res.step_files == ["own_step00002.safetensors", "own_step00003.safetensors"]
+    again = _lora_tensors(loras / "own_step00002.safetensors")
+    assert all(torch.equal(step2[k], again[k]) for k in step2)  # bit-exact replay of step 2
+
+    # a run from scratch under that name: refused before anything is touched, without overwrite ...
+    (loras / "own.safetensors").unlink()  # even with the final file gone (moved away by the artist)
+    before = {p.name: p.stat().st_mtime_ns for p in loras.iterdir()}
+    kept_ckpts = sorted(p.name for p in ckpts.iterdir())
+    with pytest.raises(AptOutputError, match=r"Step LoRAs .*own_step00001\.safetensors.*overwrite"):
+        _job(m, tmp_path, "own", steps=2, checkpoint_every=1, save_step_loras=True, node_id="own").prepare()
+    with pytest.raises(AptOutputError, match="overwrite"):  # resume on, but the run already reached its steps
+        _job(m, tmp_path, "own", steps=3, checkpoint_every=1, save_step_loras=True, resume=True,
+             node_id="own").prepare()
+    assert {p.name: p.stat().st_mtime_ns for p in loras.iterdir()} == before
+    assert sorted(p.name for p in ckpts.iterdir()) == kept_ckpts
+    # ... while a run that writes no step files (option off, or checkpoint_every 0) leaves them alone
+    _job(m, tmp_path, "own", steps=2, checkpoint_every=1, node_id="own").prepare()
+    _job(m, tmp_path, "own", steps=2, checkpoint_every=0, save_step_loras=True, node_id="own").prepare()
+    assert sorted(p.name for p in loras.iterdir()) == [f"own_step0000{i}.safetensors" for i in (1, 2, 3)]
+
+    # ... and with overwrite on, the earlier run's step files are replaced (stale ones removed)
+    (loras / "own_step00002_old.safetensors").write_bytes(b"x")  # not a step file of 'own'
+    (loras / "own2_step00001.safetensors").write_bytes(b"x")  # another LoRA's step file
+    res = _job(m, tmp_path, "own", steps=2, checkpoint_every=2, save_step_loras=True, overwrite=True,
+               learning_rate=3e-3, node_id="own").prepare().run()
+    assert res.resumed_from == 0 and res.step_files == ["own_step00002.safetensors"]
+    assert sorted(p.name for p in loras.iterdir()) == [
+        "own.safetensors", "own2_step00001.safetensors", "own_step00002.safetensors", "own_step00002_old.safetensors"]
+    new2 = _lora_tensors(loras / "own_step00002.safetensors")
+    assert any(not torch.equal(step2[k], new2[k]) for k in step2)
 
 
 def test_stop_route_stops_after_the_current_step_and_saves(m, tmp_path, monkeypatch):

@@ -183,6 +183,17 @@ def test_lora_names_are_sanitised(mods, raw, want):
     assert mods["settings"].sanitize_lora_name(raw) == want
 
 
+def test_step_lora_names(mods):
+    s = mods["settings"]
+    assert s.step_lora_name("apt_lora.safetensors", 300) == "apt_lora_step00300.safetensors"
+    assert s.step_lora_name("a.b.safetensors", 123456) == "a.b_step123456.safetensors"
+    assert s.is_step_lora_name("apt_lora.safetensors", "apt_lora_step00300.safetensors")
+    assert s.is_step_lora_name("a.b.safetensors", "a.b_step123456.safetensors")
+    for other in ("apt_lora.safetensors", "apt_lora_step300.safetensors", "apt_lora_step00300_x.safetensors",
+                  "apt_lora2_step00300.safetensors", "xapt_lora_step00300.safetensors", "a_b_step00001.safetensors"):
+        assert not s.is_step_lora_name("apt_lora.safetensors" if "apt" in other else "a.b.safetensors", other)
+
+
 def test_empty_lora_name_is_an_error(mods):
     with pytest.raises(Exception, match="no usable characters"):
         mods["settings"].sanitize_lora_name(" /// ")
@@ -224,10 +235,13 @@ def test_new_inputs_sit_at_the_end_optional_with_defaults_that_keep_the_old_beha
     nd, s = mods["node_defs"], mods["settings"]
     trainer = nd.AptTrainerNode.GET_NODE_INFO_V1()
     order = trainer["input_order"]
-    assert order["optional"][-3:] == ["batch_size", "lr_schedule", "warmup_steps"]
+    assert order["optional"][-4:] == ["batch_size", "lr_schedule", "warmup_steps", "save_lora_every_checkpoint"]
     assert order["required"][-1] == "memory_preset"  # the saved widgets before them keep their places
     opt = trainer["input"]["optional"]
     assert opt["batch_size"][1]["default"] == 1 and opt["warmup_steps"][1]["default"] == 0
+    assert opt["save_lora_every_checkpoint"][0] == "BOOLEAN"
+    assert opt["save_lora_every_checkpoint"][1]["default"] is False  # off: only the final file, as before
+    assert "overfitted" in opt["save_lora_every_checkpoint"][1]["tooltip"]
     assert opt["lr_schedule"][1]["default"] == "constant"
     ata = nd.AptAtaSettings.GET_NODE_INFO_V1()
     assert ata["input_order"]["optional"] == ["augmentation_space"]

@@ -241,6 +241,15 @@ def test_progress_events_carry_what_the_widget_plots():
         assert math.isfinite(e[key])
 
 
+def test_on_checkpoint_step_runs_at_each_periodic_checkpoint_before_it_is_written(tmp_path):
+    seen = []
+    trainer, _, _ = make_trainer(steps=5, checkpoint_every=2, checkpoint_dir=tmp_path,
+                                 on_checkpoint_step=lambda step: seen.append(
+                                     (step, trainer.step_idx, sorted(p.name for p in tmp_path.iterdir()))))
+    trainer.run()
+    assert seen == [(2, 2, []), (4, 4, ["step_000002.pt"])]  # not at the final (non-periodic) step 5
+
+
 def test_save_last_good_rewinds_a_failed_step_and_refuses_a_half_updated_one(tmp_path):
     from apt_core.checkpoint import load_checkpoint
 
