@@ -43,9 +43,10 @@ class AugmentConfig:
     zoom_min: float = 1.0  # s ~ U[zoom_min, zoom_max]; the image shrinks to 1/s of the canvas
     zoom_max: float = 3.0
     rotation_deg: float = 15.0  # rotation ~ U[-rotation_deg, +rotation_deg]
-    # "border" repeats the edge pixels outward: on a plain or studio background it extends the
-    # background instead of drawing a frame the model would learn (quality/README.md).
-    fill: Literal["constant", "reflect", "border"] = "constant"
+    # "border" repeats the edge pixels outward, extending the background. Default because the
+    # paper's black ("constant") frame is learned as content: in the quality benchmark it kept
+    # APT from learning the concept at all and doubled drift (quality/README.md, "black fill").
+    fill: Literal["constant", "reflect", "border"] = "border"
     # "latent": transform cached latents (fast, default); "pixel": transform the image and
     # re-encode with the VAE every augmented step (the paper's order, slower, needs the VAE).
     space: Literal["latent", "pixel"] = "latent"

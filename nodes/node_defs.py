@@ -169,9 +169,10 @@ class AptAtaSettings(io.ComfyNode):
                 io.Float.Input("rotation", default=_AUG.rotation_deg, min=0.0, max=180.0, step=0.5, tooltip=(
                     "Random rotation range in degrees, +/- (paper: 15).")),
                 io.Combo.Input("fill_mode", options=list(FILL_MODES), default=_AUG.fill, tooltip=(
-                    "What fills the space around a zoomed-out image: constant (black, as in the paper), "
-                    "reflect (a mirror image: can repeat the subject), or border (the edge pixels "
-                    "stretched outward: best for plain or studio backgrounds, no frame to learn).")),
+                    "What fills the space around a zoomed-out image. border (default): the edge pixels "
+                    "stretched outward, no frame for the LoRA to learn; constant: black, as in the "
+                    "paper (the benchmark's LoRAs learned the black frame); reflect: a mirror image "
+                    "(can repeat the subject).")),
                 io.Float.Input("loss_weight_floor", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Lowest loss weight: each sample's loss is multiplied by max(1 - gamma, floor). "
                     "0 follows the paper.")),

@@ -59,9 +59,11 @@ DEFAULTS: dict[str, Any] = {
     # apt_core.config.AptConfig.from_dict overrides shared by every method (switches come from METHODS)
     "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0},
                    "lora": {"rank": 8, "alpha": 8.0},
-                   "augment": {"space": "pixel"}},
-    # "black": apt_core's constant fill (the paper's figure); "background": fill with the
-    # references' background colour (done by shifting the cached pixels, see _background_fill).
+                   "augment": {"space": "pixel", "fill": "constant"}},
+    # With apt_core's "constant" fill (pinned above: the committed reports used it; apt_core's
+    # default is now "border"): "black" is that fill as is (the paper's figure); "background"
+    # fills with the references' background colour (by shifting the cached pixels, see
+    # _background_fill). Ignored for apt_config.augment.fill "reflect" / "border".
     "augment_fill": "black",
     "eval": {"steps": [100, 200], "samples_per_prompt": 2, "sample_seed": 1000,
              "sampling_steps": 20, "guidance": 5.0, "gap_draws": 32, "grid_prompts": 6},
@@ -309,6 +311,12 @@ def apt_config(cfg: dict, method: str, seed: int) -> AptConfig:
     data.setdefault("train", {})["seed"] = seed
     data["switches"] = dict(METHODS[method])
     return AptConfig.from_dict(data).validate()
+
+
+def fill_description(cfg: dict) -> str:
+    """The augmentation fill a config trains with, in words for the report."""
+    fill = cfg["apt_config"].get("augment", {}).get("fill", "constant")
+    return cfg["augment_fill"] if fill == "constant" else fill
 
 
 def load_prior(cfg: dict, untrained: bool = False) -> SDXLComponents:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import plot
-from .bench import DETAIL, KEYS, LABELS, load_config, run_benchmark, summary
+from .bench import DETAIL, KEYS, LABELS, METHODS, fill_description, load_config, run_benchmark, summary
 
 DESCRIPTIONS = {
     "identity": "concept generated with the references' shape and colour (higher = better)",
@@ -60,7 +60,7 @@ def markdown(out: dict, quick: bool) -> str:
         f"to `sks`; {con['n_images']} references, {con['size_name']}, {con['position']}, on a "
         f"{con['background']} background, caption `{res['reference_caption']}`.",
         f"Prior: `{cfg['prior']}`. Training: {steps} steps, seeds {cfg['seeds']}, settings "
-        f"`{json.dumps(cfg['apt_config'])}`, augmentation fill: {cfg['augment_fill']}.",
+        f"`{json.dumps(cfg['apt_config'])}`, augmentation fill: {fill_description(cfg)}.",
         f"Evaluation at step {cfg['eval']['steps'][-1]}: {len(res['prompts'])} concept images "
         f"({len(set(res['prompts']))} prompts x {cfg['eval']['samples_per_prompt']} seeds) and "
         f"{len(res['drift_prompts'])} images without the concept; DDIM {cfg['eval']['sampling_steps']} "
@@ -141,20 +141,36 @@ def figure(out: dict) -> "plot.Image.Image":
 
 
 def merge(dirs: list[Path]) -> dict:
-    """One {"results", "images"} from runs of the same config with different seeds (in order)."""
+    """One {"results", "images"} from runs of the same config that differ only in their seeds and
+    methods (e.g. one process per method and seed). Runs are ordered by seed; each method's
+    images come from its lowest seed, as in a single-process run."""
     parts = [json.loads((d / "results.json").read_text()) for d in dirs]
-    strip = lambda cfg: {k: v for k, v in cfg.items() if k != "seeds"}  # noqa: E731
+    strip = lambda cfg: {k: v for k, v in cfg.items() if k not in ("seeds", "methods")}  # noqa: E731
     for d, p in zip(dirs[1:], parts[1:]):
         if strip(p["config"]) != strip(parts[0]["config"]):
-            raise SystemExit(f"{d}: its config differs from {dirs[0]}'s in more than the seeds")
+            raise SystemExit(f"{d}: its config differs from {dirs[0]}'s in more than the seeds and methods")
+    found = {m for p in parts for m in p["runs"]}
+    methods = [m for m in METHODS if m in found]
     res = json.loads(json.dumps(parts[0]))
-    res["config"]["seeds"] = [s for p in parts for s in p["config"]["seeds"]]
-    res["runs"] = {m: [r for p in parts for r in p["runs"].get(m, [])] for m in parts[0]["runs"]}
+    res["config"]["methods"] = methods
+    res["config"]["seeds"] = sorted({s for p in parts for s in p["config"]["seeds"]})
+    res["runs"] = {m: sorted((r for p in parts for r in p["runs"].get(m, [])), key=lambda r: r["seed"])
+                   for m in methods}
+    for m, runs in res["runs"].items():
+        seeds = [r["seed"] for r in runs]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"method {m} has seed(s) {sorted(s for s in set(seeds) if seeds.count(s) > 1)} twice")
     res["seconds"] = max(p["seconds"] for p in parts)  # wall time of parallel parts
     res["merged_from"] = [str(d) for d in dirs]
     res["smoke"] = any(p.get("smoke") for p in parts)
-    with np.load(dirs[0] / "images.npz") as z:
-        ims = {k: z[k] for k in z.files}
+    ims: dict[str, np.ndarray] = {}
+    by_first_seed = sorted(zip(dirs, parts), key=lambda dp: min(dp[1]["config"]["seeds"]))
+    for d, p in by_first_seed:
+        if not (d / "images.npz").exists():  # a results-only copy: its runs count, no images
+            continue
+        with np.load(d / "images.npz") as z:
+            for k in z.files:
+                ims.setdefault(k, z[k])
     return {"results": res, "images": ims}
 
 

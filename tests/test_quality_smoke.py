@@ -166,6 +166,19 @@ def test_quick_benchmark_runs_end_to_end_on_an_untrained_prior(tmp_path):
     m = json.loads((merged / "results.json").read_text())
     assert m["config"]["seeds"] == [0, 5] and [r["seed"] for r in m["runs"]["apt"]] == [0, 5]
     assert "2 processes in parallel" in (merged / "report.md").read_text()
+    # ... and runs of other methods (one process per method and seed) join the same report
+    third = tmp_path / "third"
+    third.mkdir()
+    r3 = json.loads(json.dumps(r2))
+    r3["config"]["methods"], r3["runs"] = ["baseline"], {"baseline": r3["runs"]["baseline"]}
+    r3["runs"]["baseline"][0]["seed"], r3["config"]["seeds"] = 3, [3]
+    (third / "results.json").write_text(json.dumps(r3))
+    assert main(["--merge", str(other), str(third), str(tmp_path), "--out", str(merged)]) == 0
+    m = json.loads((merged / "results.json").read_text())
+    assert list(m["runs"]) == ["baseline", "apt"] and m["config"]["seeds"] == [0, 3, 5]
+    assert [r["seed"] for r in m["runs"]["baseline"]] == [0, 3, 5] and [r["seed"] for r in m["runs"]["apt"]] == [0, 5]
+    with pytest.raises(SystemExit, match="twice"):
+        main(["--merge", str(tmp_path), str(other), str(other), "--out", str(merged)])
     r2["config"]["eval"]["guidance"] = 1.0
     (other / "results.json").write_text(json.dumps(r2))
     with pytest.raises(SystemExit, match="differs"):
