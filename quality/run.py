@@ -66,7 +66,10 @@ def markdown(out: dict, quick: bool) -> str:
         f"{len(res['drift_prompts'])} images without the concept; DDIM {cfg['eval']['sampling_steps']} "
         f"steps, CFG {cfg['eval']['guidance']}. Mean ± sample std over training seeds "
         f"(the prior row is one deterministic evaluation). Runtime {res['seconds']:.0f} s"
-        + (f" (wall, {len(res['merged_from'])} processes in parallel, merged with --merge)." if res.get("merged_from") else "."),
+        + (f" (the longest of {len(res['merged_from'])} processes merged with --merge; their sum "
+           f"{res['seconds_total']:.0f} s)." if res.get("seconds_total") else
+           f" (the longest of {len(res['merged_from'])} processes merged with --merge)." if res.get("merged_from")
+           else "."),
         ""]
     header = "| method | " + " | ".join(KEYS) + " | mean final gamma |"
     lines += [header, "|" + "---|" * (len(KEYS) + 2)]
@@ -140,6 +143,33 @@ def figure(out: dict) -> "plot.Image.Image":
     return plot.stack(parts)
 
 
+def _compact_history(results: dict) -> dict:
+    """results with each run's per-step history rounded to 6 significant digits (a third of the
+    file; every metric in the report comes from the evaluations, which are kept exact)."""
+    def rnd(v):
+        return float(f"{v:.6g}") if isinstance(v, float) else [rnd(x) for x in v] if isinstance(v, list) else v
+    out = dict(results)
+    out["runs"] = {m: [{**r, "history": [{k: rnd(v) for k, v in h.items()} for h in r["history"]]} for r in runs]
+                   for m, runs in results["runs"].items()}
+    return out
+
+
+def write_results(path: Path, results: dict) -> None:
+    """results.json: settings and evaluations indented, one line per training step."""
+    res = _compact_history(results)
+    steps: dict[str, str] = {}
+    for m, runs in res["runs"].items():
+        for i, r in enumerate(runs):
+            marker = f"@history:{m}:{i}@"
+            steps[json.dumps(marker)] = "[\n" + ",\n".join(
+                json.dumps(h, separators=(",", ":"), default=float) for h in r["history"]) + "]"
+            r["history"] = marker
+    text = json.dumps(res, indent=1, default=float)
+    for quoted, block in steps.items():
+        text = text.replace(quoted, block, 1)
+    path.write_text(text + "\n")
+
+
 def merge(dirs: list[Path]) -> dict:
     """One {"results", "images"} from runs of the same config that differ only in their seeds and
     methods (e.g. one process per method and seed). Runs are ordered by seed; each method's
@@ -160,7 +190,8 @@ def merge(dirs: list[Path]) -> dict:
         seeds = [r["seed"] for r in runs]
         if len(set(seeds)) != len(seeds):
             raise SystemExit(f"method {m} has seed(s) {sorted(s for s in set(seeds) if seeds.count(s) > 1)} twice")
-    res["seconds"] = max(p["seconds"] for p in parts)  # wall time of parallel parts
+    res["seconds"] = max(p["seconds"] for p in parts)
+    res["seconds_total"] = sum(p.get("seconds_total", p["seconds"]) for p in parts)
     res["merged_from"] = [str(d) for d in dirs]
     res["smoke"] = any(p.get("smoke") for p in parts)
     ims: dict[str, np.ndarray] = {}
@@ -193,7 +224,7 @@ def main(argv=None) -> int:
         out = merge([Path(d) for d in args.merge])
         dest = Path(args.out)
         dest.mkdir(parents=True, exist_ok=True)
-        (dest / "results.json").write_text(json.dumps(out["results"], indent=1, default=float) + "\n")
+        write_results(dest / "results.json", out["results"])
         np.savez_compressed(dest / "images.npz", **out["images"])
         (dest / "report.md").write_text(markdown(out, bool(out["results"]["smoke"])))
         figure(out).save(dest / "figure.png")
@@ -225,7 +256,7 @@ def main(argv=None) -> int:
 
     def write(out: dict, partial: bool = False) -> None:
         out["results"]["smoke"] = smoke
-        (dest / "results.json").write_text(json.dumps(out["results"], indent=1, default=float) + "\n")
+        write_results(dest / "results.json", out["results"])
         np.savez_compressed(dest / "images.npz", **out["images"])
         text = markdown(out, smoke)
         if partial:

@@ -165,7 +165,7 @@ def test_quick_benchmark_runs_end_to_end_on_an_untrained_prior(tmp_path):
     assert main(["--merge", str(tmp_path), str(other), "--out", str(merged)]) == 0
     m = json.loads((merged / "results.json").read_text())
     assert m["config"]["seeds"] == [0, 5] and [r["seed"] for r in m["runs"]["apt"]] == [0, 5]
-    assert "2 processes in parallel" in (merged / "report.md").read_text()
+    assert "the longest of 2 processes merged" in (merged / "report.md").read_text()
     # ... and runs of other methods (one process per method and seed) join the same report
     third = tmp_path / "third"
     third.mkdir()
