@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--steps", type=int, default=500)
     t.add_argument("--rank", type=int, default=32)
     t.add_argument("--alpha", type=float, help="default: the rank")
+    t.add_argument("--lora-ff", action="store_true",
+                   help="LoRA also on the transformer feed-forward layers (bigger file, learns more)")
+    t.add_argument("--lora-conv", action="store_true",
+                   help="LoRA also on the resnet 3x3 convolutions (LoCon; ComfyUI's LoraLoader reads it)")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
@@ -140,7 +144,8 @@ def build_config(args: argparse.Namespace) -> AptConfig:
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                           seed=args.seed, checkpoint_every=args.checkpoint_every,
                           gradient_checkpointing=PRESETS[args.preset]),
-        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha else float(args.rank)),
+        lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha else float(args.rank),
+                        include_feed_forward=args.lora_ff, include_conv=args.lora_conv),
         indicator=IndicatorConfig(scale=args.indicator_scale),
         augment=AugmentConfig(p_max=args.p_max, fill=args.fill),
         regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa),

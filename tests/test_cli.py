@@ -21,6 +21,21 @@ def test_demo_run_writes_a_lora_and_a_resumable_checkpoint(tmp_path, capsys):
     assert "resuming at step 4" in text and "finished at step 6" in text
 
 
+def test_lora_ff_and_conv_flags_add_those_layers_to_the_file(tmp_path):
+    def keys(*flags):
+        out = tmp_path / f"l{len(flags)}.safetensors"
+        assert main(["--steps", "1", "--rank", "2", "--checkpoint-every", "0", *flags, "--out", str(out)]) == 0
+        with safe_open(str(out), "pt") as f:
+            return {k: f.get_slice(k).get_shape() for k in f.keys()}
+
+    plain, both = keys(), keys("--lora-ff", "--lora-conv")
+    assert not any("_ff_" in k or "resnets" in k for k in plain)
+    assert any("_ff_net_" in k for k in both)
+    conv = [k for k in both if "resnets" in k and k.endswith("conv1.lora_down.weight")]
+    assert conv and all(len(both[k]) == 4 for k in conv)  # LoCon: 4-D kohya keys
+    assert set(plain) < set(both)
+
+
 def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
     model = save_tiny_sdxl(build_tiny_sdxl(seed=1), tmp_path / "model")
     from apt_core.sample_images import write_sample_folder
