@@ -66,7 +66,8 @@ DEFAULTS: dict[str, Any] = {
     # _background_fill). Ignored for apt_config.augment.fill "reflect" / "border".
     "augment_fill": "black",
     "eval": {"steps": [100, 200], "samples_per_prompt": 2, "sample_seed": 1000,
-             "sampling_steps": 20, "guidance": 5.0, "gap_draws": 32, "grid_prompts": 6},
+             "sampling_steps": 20, "guidance": 5.0, "gap_draws": 32, "grid_prompts": 6,
+             "ref_samples": 4},
 }
 
 
@@ -101,7 +102,7 @@ def quick_overrides() -> dict:
     return {"methods": ["baseline", "apt"], "seeds": [0],
             "apt_config": {"train": {"steps": 4}},
             "eval": {"steps": [2, 4], "samples_per_prompt": 1, "sampling_steps": 3, "gap_draws": 4,
-                     "grid_prompts": 3},
+                     "grid_prompts": 3, "ref_samples": 2},
             "concept": {"n_images": 3}}
 
 
@@ -220,8 +221,9 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
     dseeds = [base + 10_000 + i for i in range(len(dp))]
     es = EvalSet(p_all, r_all, seeds, dp, dseeds, float(np.mean([s.cx for s in refs])),
                  float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])))
-    es.ref_prompts = [reference_caption(cfg)] * 4
-    es.ref_seeds = [base + 40_000 + i for i in range(4)]
+    n_ref = int(cfg["eval"]["ref_samples"])  # images of the references' own caption (ref_identity)
+    es.ref_prompts = [reference_caption(cfg)] * n_ref
+    es.ref_seeds = [base + 40_000 + i for i in range(n_ref)]
     g = torch.Generator().manual_seed(base + 20_000)
     n_refs = cfg["concept"]["n_images"]
     for i in range(ev["gap_draws"]):
