@@ -6,7 +6,7 @@
 --quick: 1 seed, baseline and APT only, a few steps (a smoke test of the pipeline, not a result).
 --untrained-prior: a randomly initialised prior of the same architecture (no assets needed).
 --merge DIR [DIR ...]: combine finished runs of the same config that differ only in their seeds
-(e.g. one process per seed on a multi-core machine) into one report in --out.
+and methods (e.g. one process per method and seed on a multi-core machine) into one report in --out.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ DESCRIPTIONS = {
     "drift_attr": "fraction of detected attributes that changed vs the prior on those prompts (lower = better)",
     "eps_gap": "L_pre - L_ft on the references at fixed (t, noise) draws: memorisation (lower = less)",
     "eps_dev": "mean ||eps_ft - eps_pre||^2 on world images without the concept (lower = closer to the prior)",
-    "ref_identity": "identity on 4 images for the references' own caption (did the LoRA learn the concept at all)",
-    "ref_identity_loose": "identity_loose on those 4 images",
+    "ref_identity": "identity on {n_ref} images for the references' own caption (did the LoRA learn the concept at all)",
+    "ref_identity_loose": "identity_loose on those {n_ref} images",
     "id_shape / id_colour": "identity split: concept shape / concept colour generated, on the concept prompts",
 }
 
@@ -90,7 +90,8 @@ def markdown(out: dict, quick: bool) -> str:
         row = summ[m] if m != "prior" else {k: (res["prior"].get(k, float("nan")), 0.0) for k in DETAIL}
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
             _cell(*row.get(k, (float("nan"), 0.0)), show_std=m != "prior") for k in DETAIL) + " |")
-    lines += ["", "Metrics:", ""] + [f"- `{k}`: {v}" for k, v in DESCRIPTIONS.items()]
+    n_ref = cfg["eval"].get("ref_samples", 4)  # reports from before the setting used 4
+    lines += ["", "Metrics:", ""] + [f"- `{k}`: {v.format(n_ref=n_ref)}" for k, v in DESCRIPTIONS.items()]
     lines += ["", "Concept prompts:", ""] + [f"- `{p}`" for p in dict.fromkeys(res["prompts"])]
     lines += ["", "Prompts without the concept (prior drift):", ""] + [f"- `{p}`" for p in res["drift_prompts"]]
     lines += ["", "![figure](figure.png)", ""]
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replot", action="store_true",
                     help="only rewrite report.md and figure.png from --out's results.json and images.npz")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                    help="merge the finished reports in DIR... (same config, different seeds) into --out")
+                    help="merge the finished reports in DIR... (same config, other seeds / methods) into --out")
     args = ap.parse_args(argv)
     if args.merge:
         out = merge([Path(d) for d in args.merge])
