@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--no-aa", action="store_true")
     a.add_argument("--lambda-rs", type=float, default=RegularizerConfig.lambda_rs)
     a.add_argument("--lambda-aa", type=float, default=RegularizerConfig.lambda_aa)
+    a.add_argument("--aa-free-word", action="append", default=[], metavar="WORD",
+                   help="leave this word's tokens (e.g. the trigger word) out of attention alignment; "
+                        "repeatable; default: align every token, as the paper does")
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
     a.add_argument("--fill", choices=FILL_MODES, default=AugmentConfig.fill)
     a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
@@ -148,7 +151,8 @@ def build_config(args: argparse.Namespace) -> AptConfig:
                         include_feed_forward=args.lora_ff, include_conv=args.lora_conv),
         indicator=IndicatorConfig(scale=args.indicator_scale),
         augment=AugmentConfig(p_max=args.p_max, fill=args.fill),
-        regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa),
+        regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa,
+                                       aa_free_words=tuple(args.aa_free_word)),
         switches=switches).validate()
 
 
@@ -195,7 +199,8 @@ def train(args: argparse.Namespace) -> int:
     components.unet.to(device)
     started = time.perf_counter()
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
-                            keep_pixels=config.augment.space == "pixel")
+                            keep_pixels=config.augment.space == "pixel",
+                            aa_free_words=config.regularizers.aa_free_words)
     print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
     samples = None
     if prompts or args.samples_out:

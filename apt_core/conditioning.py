@@ -16,23 +16,55 @@ class SDXLConditioning:
     pooled:     (B, 1280) pooled (projected) output of the second text encoder
     time_ids:   (B, 6) original (h, w), crop (top, left), target (h, w) in pixels
     token_mask: (B, 77) bool, True for real tokens (BOS .. first EOS); padding is False
+    free_tokens: (B, 77) bool or None, True for the tokens of words attention alignment leaves
+                 free (RegularizerConfig.aa_free_words, e.g. the trigger word)
     """
 
     context: torch.Tensor
     pooled: torch.Tensor
     time_ids: torch.Tensor
     token_mask: torch.Tensor
+    free_tokens: torch.Tensor | None = None
+
+    @property
+    def aligned_tokens(self) -> torch.Tensor:
+        """(B, 77) bool: the tokens whose cross-attention AA aligns with the prior's."""
+        if self.free_tokens is None:
+            return self.token_mask
+        return self.token_mask & ~self.free_tokens.to(self.token_mask.device)
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "SDXLConditioning":
         cast = (lambda t: t.to(device=device, dtype=dtype)) if dtype else (lambda t: t.to(device))
+        free = None if self.free_tokens is None else self.free_tokens.to(device)
         return SDXLConditioning(cast(self.context), cast(self.pooled), cast(self.time_ids),
-                                self.token_mask.to(device))
+                                self.token_mask.to(device), free)
 
     @staticmethod
     def cat(items: Sequence["SDXLConditioning"]) -> "SDXLConditioning":
+        free = None
+        if any(c.free_tokens is not None for c in items):
+            free = torch.cat([torch.zeros_like(c.token_mask) if c.free_tokens is None else c.free_tokens
+                              for c in items])
         return SDXLConditioning(
             torch.cat([c.context for c in items]), torch.cat([c.pooled for c in items]),
-            torch.cat([c.time_ids for c in items]), torch.cat([c.token_mask for c in items]))
+            torch.cat([c.time_ids for c in items]), torch.cat([c.token_mask for c in items]), free)
+
+
+def word_token_mask(ids: torch.Tensor, words: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, K) bool, True at every position inside an occurrence of one of `words` in `ids`.
+
+    ids: (B, K) token ids of the captions; words: each word's token ids (BPE may split a made-up
+    trigger word like "ohwx" into several tokens; every occurrence of the whole sequence counts).
+    """
+    out = torch.zeros(ids.shape, dtype=torch.bool)
+    rows = ids.tolist()
+    for w in (list(w) for w in words if len(w)):
+        n = len(w)
+        for b, row in enumerate(rows):
+            for i in range(len(row) - n + 1):
+                if row[i:i + n] == w:
+                    out[b, i:i + n] = True
+    return out.to(ids.device)
 
 
 def sdxl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],

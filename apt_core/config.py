@@ -78,6 +78,10 @@ class RegularizerConfig:
     # denoising loss at lambda 1, a measured no-op (quality/README.md, "Project decisions").
     aa_distance: Literal["mse", "kl"] = "kl"
     aa_head_average: bool = False
+    # Words (e.g. the trigger word) whose tokens AA leaves out, so the new token's attention may
+    # move onto the concept while every other token keeps the prior's map. Empty = all tokens,
+    # as in the paper. Applied when the captions are encoded (cache_dataset).
+    aa_free_words: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.lambda_rs < 0 or self.lambda_aa < 0:
@@ -86,6 +90,8 @@ class RegularizerConfig:
             raise AptConfigError("at least one up-block resolution must be hooked for RS/AA.")
         if self.aa_distance not in ("mse", "kl"):
             raise AptConfigError(f"AA distance must be 'mse' or 'kl', got {self.aa_distance!r}.")
+        if any(not isinstance(w, str) or not w.strip() or len(w.split()) != 1 for w in self.aa_free_words):
+            raise AptConfigError(f"AA free words must be single non-empty words, got {list(self.aa_free_words)}.")
 
 
 @dataclass

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
-from .conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids
+from .conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids, word_token_mask
 from .errors import AptModelError
 
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -334,6 +334,17 @@ def encode_text(components: SDXLComponents, captions: Sequence[str]
     return torch.cat(states, dim=-1), pooled, mask  # type: ignore[return-value]
 
 
+def free_token_mask(components: SDXLComponents, captions: Sequence[str], words: Sequence[str]
+                    ) -> torch.Tensor:
+    """(B, 77) bool on CPU: True for the tokens of `words` in each caption (tokenizer_1's ids,
+    the ids token_mask is built from; both SDXL tokenizers split words the same way)."""
+    tok = components.tokenizer_1
+    ids = tok(list(captions), padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt").input_ids
+    word_ids = [tok(w, add_special_tokens=False).input_ids for w in words]
+    return word_token_mask(ids, word_ids)
+
+
 def encode_prompts(components: SDXLComponents, captions: Sequence[str], original_hw: Any,
                    crop_top_left: Any, target_hw: Any) -> SDXLConditioning:
     """SDXL conditioning for a batch of captions.
@@ -375,13 +386,15 @@ def _move(modules: Iterable[torch.nn.Module], device: torch.device | str) -> lis
 
 def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: torch.device | str,
                   dtype: torch.dtype, keep_pixels: bool = False,
-                  store_device: torch.device | str = "cpu") -> CachedDataset:
+                  store_device: torch.device | str = "cpu",
+                  aa_free_words: Sequence[str] = ()) -> CachedDataset:
     """Encode every record once: VAE latent (4, H/8, W/8) and SDXL conditioning (batch 1).
 
     records: objects with `pixels` (3, H, W) in [-1, 1], `caption`, `original_hw`,
     `crop_top_left`, `target_hw`, `source`. Encoding runs on `device` (VAE in float32); results
     are stored on `store_device` in `dtype` (time_ids and pixels stay float32). The VAE and text
-    encoders are moved back to where they were afterwards.
+    encoders are moved back to where they were afterwards. aa_free_words: marks those words'
+    tokens in each conditioning's `free_tokens` (RegularizerConfig.aa_free_words).
     """
     if not records:
         raise ValueError("cache_dataset needs at least one record")
@@ -392,14 +405,15 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
         text = {}
         for cap in dict.fromkeys(r.caption for r in records):  # unique, in order
             ctx, pooled, mask = encode_text(c, [cap])
-            text[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device))
+            free = free_token_mask(c, [cap], aa_free_words).to(store_device) if aa_free_words else None
+            text[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device), free)
         examples = []
         for r in records:
             latent = encode_pixels(c, r.pixels[None])[0].to(store_device, dtype)
-            ctx, pooled, mask = text[r.caption]
+            ctx, pooled, mask, free = text[r.caption]
             time_ids = sdxl_time_ids(tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw))
             pixels = r.pixels.detach().to(store_device, torch.float32).clone() if keep_pixels else None
-            examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids.to(store_device), mask),
+            examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids.to(store_device), mask, free),
                                           r.caption, str(getattr(r, "source", "")), pixels,
                                           int(getattr(r, "repeats", 1))))
         black = -torch.ones(1, *records[0].pixels.shape)

@@ -194,7 +194,7 @@ class AptTrainer:
             acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
         x_t, target = x_t.to(dtype), target.float()
 
-        self.probe.begin_step(cond.token_mask)
+        self.probe.begin_step(cond.aligned_tokens)
         try:
             loss_pre = None
             if sw.needs_prior:

@@ -15,7 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from apt_core.conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids
+from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids,
+                                   word_token_mask)
 from apt_core.errors import AptModelError
 
 
@@ -26,20 +27,29 @@ def to_comfy_image(pixels: torch.Tensor) -> torch.Tensor:
     return ((pixels.float() + 1.0) * 0.5).clamp(0.0, 1.0).movedim(1, -1).contiguous()
 
 
+def _clip_l_ids(clip, tokens: dict) -> tuple[list[list], int] | None:
+    """(token ids per 77-token chunk, end token id) of the CLIP-L tokens ("l"), or None when the
+    tokenizer is unknown (custom text encoders). Embedding tokens are not ints; kept as they are."""
+    key = "l" if "l" in tokens else next(iter(tokens), None)
+    tok = getattr(getattr(clip, "tokenizer", None), f"clip_{key}", None) if key else None
+    end = getattr(tok, "end_token", None)
+    if key is None or end is None:
+        return None
+    return [[t[0] for t in chunk] for chunk in tokens[key]], end
+
+
 def token_mask(clip, tokens: dict, length: int) -> torch.Tensor:
     """(1, length) bool: True from BOS up to and including the first EOS of each 77-token chunk.
 
     Uses the CLIP-L ids ("l"); falls back to all True when the tokenizer is unknown or the chunk
     layout does not match the context length (custom text encoders).
     """
-    key = "l" if "l" in tokens else next(iter(tokens), None)
-    tok = getattr(getattr(clip, "tokenizer", None), f"clip_{key}", None) if key else None
-    end = getattr(tok, "end_token", None)
-    if key is None or end is None:
+    found = _clip_l_ids(clip, tokens)
+    if found is None:
         return torch.ones(1, length, dtype=torch.bool)
+    chunks, end = found
     parts = []
-    for chunk in tokens[key]:
-        ids = [t[0] for t in chunk]
+    for ids in chunks:
         first_end = next((i for i, t in enumerate(ids) if isinstance(t, int) and t == end), len(ids) - 1)
         parts += [i <= first_end for i in range(len(ids))]
     if len(parts) != length:
@@ -47,8 +57,24 @@ def token_mask(clip, tokens: dict, length: int) -> torch.Tensor:
     return torch.tensor(parts, dtype=torch.bool)[None]
 
 
-def encode_caption(clip, base_model, caption: str, original_hw, crop_top_left, target_hw
-                   ) -> SDXLConditioning:
+def free_token_mask(clip, tokens: dict, words: Sequence[str], length: int) -> torch.Tensor | None:
+    """(1, length) bool: True for the tokens of `words` in a caption's tokens (CLIP-L ids, the
+    ids token_mask reads); None without words or when the tokenizer/layout is unknown."""
+    found = _clip_l_ids(clip, tokens)
+    if not words or found is None or sum(len(c) for c in found[0]) != length:
+        return None
+    chunks, end = found
+    word_ids = []
+    for w in words:
+        ids = _clip_l_ids(clip, clip.tokenize(w))[0][0]  # BOS, the word's tokens, EOS, padding
+        stop = next((i for i, t in enumerate(ids) if i > 0 and t == end), len(ids))
+        word_ids.append(ids[1:stop])
+    flat = torch.tensor([[t if isinstance(t, int) else -1 for c in chunks for t in c]])
+    return word_token_mask(flat, word_ids)
+
+
+def encode_caption(clip, base_model, caption: str, original_hw, crop_top_left, target_hw,
+                   aa_free_words: Sequence[str] = ()) -> SDXLConditioning:
     """One caption -> SDXLConditioning (batch 1) with ComfyUI's adm vector in `pooled`."""
     tokens = clip.tokenize(caption)
     out = clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
@@ -62,7 +88,8 @@ def encode_caption(clip, base_model, caption: str, original_hw, crop_top_left, t
         context=cond.detach().float().cpu().clone(),
         pooled=y.detach().float().cpu().clone(),
         time_ids=sdxl_time_ids(tuple(original_hw), tuple(crop_top_left), tuple(target_hw)),
-        token_mask=token_mask(clip, tokens, cond.shape[1]))
+        token_mask=token_mask(clip, tokens, cond.shape[1]),
+        free_tokens=free_token_mask(clip, tokens, aa_free_words, cond.shape[1]))
 
 
 def encode_latent(vae, base_model, pixels: torch.Tensor) -> torch.Tensor:
@@ -92,9 +119,10 @@ def pixel_encoder(vae, base_model) -> Callable[[torch.Tensor], torch.Tensor]:
 def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int, adm_channels: int,
                   check_interrupt: Callable[[], None] = lambda: None,
                   on_item: Callable[[int, int], None] = lambda i, n: None,
-                  keep_pixels: bool = False) -> CachedDataset:
+                  keep_pixels: bool = False, aa_free_words: Sequence[str] = ()) -> CachedDataset:
     """Encode every record once (under no_grad, on whatever device ComfyUI picks) to CPU float32.
-    keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation."""
+    keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation;
+    aa_free_words: mark those words' tokens in `free_tokens` (RegularizerConfig.aa_free_words)."""
     if clip is None:
         raise AptModelError("No CLIP connected: the checkpoint has no text encoder. Connect the CLIP "
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
@@ -107,7 +135,7 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
             check_interrupt()
             key = (r.caption, tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw))
             if key not in text_cache:
-                text_cache[key] = encode_caption(clip, base_model, *key)
+                text_cache[key] = encode_caption(clip, base_model, *key, aa_free_words=aa_free_words)
             cond = text_cache[key]
             if i == 0:
                 if cond.context.shape[-1] != context_dim or cond.pooled.shape[-1] != adm_channels:

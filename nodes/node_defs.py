@@ -231,17 +231,23 @@ class AptRegSettings(io.ComfyNode):
                 io.Boolean.Input("representation_stabilization", default=True, tooltip="Turn RS on/off."),
                 io.Boolean.Input("attention_alignment", default=True, tooltip=(
                     "Turn AA on/off (off saves some memory and time).")),
+                io.String.Input("aa_free_words", default="", optional=True, tooltip=(
+                    "Words whose attention AA leaves free, e.g. your trigger word 'sks': it may then "
+                    "attend to the subject while every other word keeps the base model's attention. "
+                    "Separate several words with commas. Empty (default) aligns every word, as in the "
+                    "paper.")),
             ],
             outputs=[RegSettingsIO.Output(display_name="reg_settings", tooltip="Connect to APT Trainer.")],
         )
 
     @classmethod
     def execute(cls, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
-                representation_stabilization: bool, attention_alignment: bool) -> io.NodeOutput:
+                representation_stabilization: bool, attention_alignment: bool,
+                aa_free_words: str = "") -> io.NodeOutput:
         return io.NodeOutput(reg_settings(
             lambda_rs=lambda_rs, lambda_aa=lambda_aa, aa_distance=aa_distance, resolutions=resolutions,
             representation_stabilization=representation_stabilization,
-            attention_alignment=attention_alignment))
+            attention_alignment=attention_alignment, aa_free_words=aa_free_words))
 
 
 class AptTrainerNode(io.ComfyNode):

@@ -51,13 +51,14 @@ def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_m
 
 def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
                  representation_stabilization: bool, attention_alignment: bool,
-                 aa_head_average: bool = False) -> dict:
-    """The APT_REG_SETTINGS value."""
+                 aa_head_average: bool = False, aa_free_words: str = "") -> dict:
+    """The APT_REG_SETTINGS value. aa_free_words: comma-separated words ("sks, ohwx")."""
     if resolutions not in RESOLUTIONS:
         raise AptConfigError(f"unknown resolutions {resolutions!r}; choose one of {list(RESOLUTIONS)}.")
+    free = tuple(w.strip() for w in (aa_free_words or "").split(",") if w.strip())
     reg = RegularizerConfig(lambda_rs=float(lambda_rs), lambda_aa=float(lambda_aa),
                             up_block_factors=RESOLUTIONS[resolutions], aa_distance=aa_distance,
-                            aa_head_average=bool(aa_head_average))
+                            aa_head_average=bool(aa_head_average), aa_free_words=free)
     reg.validate()
     return {"regularizers": dataclasses.asdict(reg),
             "switches": {"representation_stabilization": bool(representation_stabilization),

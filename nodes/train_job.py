@@ -266,7 +266,7 @@ class TrainJob:
                                context_dim=backbone_check.context_dim,
                                adm_channels=backbone_check.adm_channels,
                                check_interrupt=mm.throw_exception_if_processing_interrupted,
-                               keep_pixels=pixel_aug)
+                               keep_pixels=pixel_aug, aa_free_words=cfg.regularizers.aa_free_words)
 
         patcher = self.model.clone()
         # Pixel-space augmentation re-encodes with the VAE during training: load it together with the

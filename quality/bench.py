@@ -354,7 +354,8 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     ref_images = [render(s, IMAGE_SIZE) for s in refs]
     ref_cap = reference_caption(cfg)
     records = [Record(to_pixels(im), ref_cap, f"ref{i}") for i, im in enumerate(ref_images)]
-    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
+    free_words = apt_config(cfg, cfg["methods"][0], 0).regularizers.aa_free_words  # same for every method
+    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=free_words)
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])

@@ -36,6 +36,13 @@ def test_lora_ff_and_conv_flags_add_those_layers_to_the_file(tmp_path):
     assert set(plain) < set(both)
 
 
+def test_aa_free_words_reach_the_config():
+    from apt_core.__main__ import build_config, parse_args
+    cfg = build_config(parse_args(["--aa-free-word", "sks", "--aa-free-word", "ohwx"]))
+    assert cfg.regularizers.aa_free_words == ("sks", "ohwx")
+    assert build_config(parse_args([])).regularizers.aa_free_words == ()
+
+
 def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
     model = save_tiny_sdxl(build_tiny_sdxl(seed=1), tmp_path / "model")
     from apt_core.sample_images import write_sample_folder
@@ -49,6 +56,7 @@ def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
     (["--images", "/no/such/folder"], "Image folder not found"),
     (["--rank", "0"], "rank must be a positive integer"),
     (["--model", "/no/such/model.safetensors"], "not found"),
+    (["--aa-free-word", "sks dog"], "single non-empty words"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys, args, message):
     assert main(args + ["--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -31,6 +31,8 @@ def test_baseline_needs_no_prior_pass_and_tracking_does():
     (lambda c: setattr(c.train, "steps", 0), "steps"),
     (lambda c: setattr(c, "loss_weight_floor", 2.0), "floor"),
     (lambda c: setattr(c.regularizers, "lambda_aa", -1.0), "lambda"),
+    (lambda c: setattr(c.regularizers, "aa_free_words", ("sks dog",)), "single non-empty words"),
+    (lambda c: setattr(c.regularizers, "aa_free_words", ("",)), "single non-empty words"),
 ])
 def test_out_of_range_settings_are_clear_errors(edit, message):
     cfg = AptConfig()
@@ -42,6 +44,7 @@ def test_out_of_range_settings_are_clear_errors(edit, message):
 def test_dict_round_trip_and_unknown_keys():
     cfg = AptConfig()
     cfg.train.steps, cfg.augment.fill, cfg.switches.attention_alignment = 7, "reflect", False
+    cfg.regularizers.aa_free_words = ("sks",)
     assert AptConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(AptConfigError, match="unknown"):
         AptConfig.from_dict({"train": {"stepz": 3}})

@@ -201,6 +201,24 @@ def test_cache_dataset(tiny):
     torch.testing.assert_close(ds.fill_latent, black)
     kept = cache_dataset(tiny, records[:1], "cpu", torch.float32, keep_pixels=True)
     assert torch.equal(kept.examples[0].pixels, records[0].pixels)
+    assert ds.examples[0].cond.free_tokens is None
+
+
+def test_cache_dataset_marks_the_free_words_tokens(tiny):
+    rec = FakeRecord(torch.zeros(3, 64, 64), "a sks dog, sks", (64, 64), (0, 0), (64, 64), "a.png")
+    ds = cache_dataset(tiny, [rec], "cpu", torch.float32, aa_free_words=["sks"])
+    cond = ds.examples[0].cond
+    ids = tiny.tokenizer_1("a sks dog, sks").input_ids
+    sks = tiny.tokenizer_1("sks", add_special_tokens=False).input_ids
+    n = len(sks)
+    expect = [False] * 77
+    for i in range(len(ids) - n + 1):
+        if ids[i:i + n] == sks:
+            expect[i:i + n] = [True] * n
+    assert sum(expect) == 2 * n and cond.free_tokens.tolist() == [expect]
+    assert cond.aligned_tokens.sum() == cond.token_mask.sum() - 2 * n
+    plain = cache_dataset(tiny, [rec], "cpu", torch.float32).examples[0].cond
+    assert torch.equal(plain.context, cond.context) and torch.equal(plain.token_mask, cond.token_mask)
 
 
 def test_encode_pixels_is_scaled_posterior_mean(tiny):

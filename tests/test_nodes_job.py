@@ -6,6 +6,7 @@ and a real comfy.sd.VAE, inside torch.inference_mode() like ComfyUI's loaders do
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -95,6 +96,15 @@ def test_encoding_uses_sdxl_size_conditioning_and_the_latent_scale(m):
     tokens = m["clip"].tokenize(ds.records[0].caption)
     n_real = len(m["clip"].tokenizer.clip_l.tokenizer(ds.records[0].caption)["input_ids"])  # BOS..EOS
     assert int(ex.cond.token_mask.sum()) == n_real and bool(ex.cond.token_mask[0, 0])
+    assert ex.cond.free_tokens is None
+    # the trigger word's tokens are the ones ComfyUI's CLIP-L tokenizer gives for it alone
+    free = enc.cache_dataset(list(ds.records), base, m["clip"], m["vae"], context_dim=80, adm_channels=96,
+                             aa_free_words=["sks"]).examples[0].cond
+    ids = m["clip"].tokenizer.clip_l.tokenizer(ds.records[0].caption)["input_ids"]
+    sks = m["clip"].tokenizer.clip_l.tokenizer("sks")["input_ids"][1:-1]
+    where = [i for i in range(len(ids)) if any(ids[j:j + len(sks)] == sks for j in range(i - len(sks) + 1, i + 1))]
+    assert where and free.free_tokens.nonzero()[:, 1].tolist() == where
+    assert torch.equal(free.context, ex.cond.context)
     # y = pooled CLIP-G + SDXL size embedding: original 64x64, crop 0,0, target 64x64 (not 768x768)
     with torch.no_grad():
         out = m["clip"].encode_from_tokens(tokens, return_pooled=True, return_dict=True)
@@ -128,6 +138,36 @@ def test_job_trains_saves_a_loadable_lora_and_leaves_the_model_unchanged(m, tmp_
     assert not hasattr(unet, "peft_config") and not any("forward" in vars(x) for x in unet.modules())
     run = m["runs"].RUNS.get("n1")
     assert run.status == "finished" and run.step == STEPS and len(run.history) == STEPS
+
+
+def test_fp16_host_weights_train_in_fp16_autocast_and_stay_bit_identical(m, tmp_path):
+    """ComfyUI usually loads SDXL in fp16. The LoRA trains in fp32 under fp16 autocast with loss
+    scaling (CPU here: torch's CPU autocast cannot run bf16 over fp16 GroupNorm weights, which
+    CUDA autocast computes in fp32), and the shared fp16 model stays untouched."""
+    with torch.inference_mode():
+        model = m["fixture"].build_model(0, "sdxl", dtype=torch.float16)
+    base = model.model
+    assert next(base.diffusion_model.parameters()).dtype == torch.float16
+
+    def sample():
+        g = torch.Generator().manual_seed(0)
+        x, ctx = torch.randn(1, 4, 8, 8, generator=g).half(), torch.randn(1, 77, 80, generator=g).half()
+        y = torch.randn(1, base.adm_channels, generator=g).half()
+        with torch.no_grad():
+            return base.diffusion_model(x, timesteps=torch.tensor([500.0]), context=ctx, y=y)
+
+    before = sample()
+    job = _job(m, tmp_path, "half", model=model, learning_rate=1e-2).prepare()
+    job.config.train.mixed_precision = "fp16"
+    res = job.run()
+    assert res.steps_done == STEPS and all(math.isfinite(h["loss"]) for h in res.history)
+    tensors = _lora_tensors(res.lora_path)
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
+    loaded, not_loaded = ch.comfy_lora_load_report(model, res.lora_path)
+    assert not_loaded == [] and loaded == len(tensors)
+    assert torch.equal(sample(), before)
+    assert all(p.dtype == torch.float16 for p in base.diffusion_model.parameters())
 
 
 def test_existing_file_needs_overwrite_and_resume_off_starts_fresh(m, tmp_path):

@@ -153,7 +153,8 @@ def test_settings_build_the_apt_config(mods):
                          zoom_max=2.0, rotation_deg=10.0, fill="reflect", loss_weight_floor=0.1,
                          adaptive_augmentation=False, adaptive_loss_weight=True, track_indicator=True)
     reg = s.reg_settings(lambda_rs=0.5, lambda_aa=2.0, aa_distance="kl", resolutions="32x32 only (cheaper)",
-                         representation_stabilization=True, attention_alignment=False)
+                         representation_stabilization=True, attention_alignment=False,
+                         aa_free_words=" sks, ohwx ,")
     cfg = s.build_config(steps=10, rank=8, learning_rate=2e-4, seed=3, checkpoint_every=5,
                          preset="Low VRAM (12-16 GB): gradient checkpointing", ata=ata, reg=reg)
     assert cfg.train.steps == 10 and cfg.train.gradient_checkpointing and cfg.train.seed == 3
@@ -162,10 +163,12 @@ def test_settings_build_the_apt_config(mods):
     assert cfg.augment.fill == "reflect" and cfg.augment.zoom_max == 2.0 and not cfg.augment.enabled
     assert cfg.loss_weight_floor == 0.1
     assert cfg.regularizers.up_block_factors == (4,) and cfg.regularizers.aa_distance == "kl"
+    assert cfg.regularizers.aa_free_words == ("sks", "ohwx")
     assert not cfg.switches.adaptive_augmentation and not cfg.switches.attention_alignment
     assert cfg.switches.track_indicator and cfg.switches.representation_stabilization
     default = s.build_config(steps=1, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET)
     assert default.regularizers.up_block_factors == (4, 2) and not default.train.gradient_checkpointing
+    assert default.regularizers.aa_free_words == ()
     from apt_core.errors import AptConfigError
 
     with pytest.raises(AptConfigError, match="zoom"):

@@ -59,3 +59,32 @@ def test_gradients_flow_only_into_the_fine_tuned_side():
 def test_mean_or_zero():
     assert mean_or_zero([]).item() == 0.0
     assert mean_or_zero([torch.tensor(1.0), torch.tensor(3.0)]).item() == 2.0
+
+
+def test_aa_kl_leaves_free_tokens_out():
+    """The trigger word's share is free; the other tokens keep the prior's proportions."""
+    from apt_core.conditioning import SDXLConditioning
+    a_ft = torch.tensor([[[[0.1, 0.6, 0.2, 0.1]]]])  # BOS, sks, dog, EOS
+    a_pre = torch.tensor([[[[0.2, 0.2, 0.4, 0.2]]]])
+    real = torch.ones(1, 4, dtype=torch.bool)
+    cond = SDXLConditioning(torch.zeros(1, 4, 1), torch.zeros(1, 1), torch.zeros(1, 6), real,
+                            free_tokens=torch.tensor([[False, True, False, False]]))
+    assert cond.aligned_tokens.tolist() == [[True, False, True, True]]
+    # over BOS, dog, EOS: ft (0.1, 0.2, 0.1)/0.4 = (0.25, 0.5, 0.25) = pre (0.2, 0.4, 0.2)/0.8
+    assert aa_layer_loss(a_ft, a_pre, cond.aligned_tokens, distance="kl").item() == pytest.approx(0.0, abs=1e-6)
+    # all tokens: KL(pre || ft) = 0.2 ln 2 + 0.2 ln(1/3) + 0.4 ln 2 + 0.2 ln 2
+    full = 0.8 * torch.log(torch.tensor(2.0)) + 0.2 * torch.log(torch.tensor(1 / 3))
+    assert aa_layer_loss(a_ft, a_pre, real, distance="kl").item() == pytest.approx(full.item(), rel=1e-4)
+    # MSE over the 3 aligned tokens: (0.1^2 + 0.2^2 + 0.1^2) / 3
+    assert aa_layer_loss(a_ft, a_pre, cond.aligned_tokens).item() == pytest.approx(0.06 / 3)
+    both = SDXLConditioning.cat([cond, SDXLConditioning(*(getattr(cond, k) for k in
+                                                          ("context", "pooled", "time_ids", "token_mask")))])
+    assert both.aligned_tokens.tolist() == [[True, False, True, True], [True] * 4]
+
+
+def test_word_token_mask_marks_every_occurrence_of_multi_token_words():
+    from apt_core.conditioning import word_token_mask
+    ids = torch.tensor([[49406, 5, 6, 7, 5, 6, 49407, 0], [49406, 5, 7, 6, 49407, 0, 0, 0]])
+    mask = word_token_mask(ids, [[5, 6], [], [7]])
+    assert mask.nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [0, 4], [0, 5], [1, 2]]
+    assert not word_token_mask(ids, []).any()

@@ -284,3 +284,20 @@ def test_save_last_good_rewinds_a_failed_step_and_refuses_a_half_updated_one(tmp
     assert boom["where"] == "update" and trainer.save_last_good() is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001.pt"]
     assert not hasattr(trainer, "_save_last_good")
+
+
+def test_aa_free_words_leave_the_trigger_tokens_out_of_the_alignment():
+    """Same run, same draws: only loss_aa changes, and only where the caption has the word."""
+    from tiny import generated_records
+    from apt_core.models import cache_dataset
+    components, dataset = tiny_model_and_data(0)
+    free = cache_dataset(components, generated_records(3), "cpu", torch.float32, aa_free_words=["sks"])
+    absent = cache_dataset(components, generated_records(3), "cpu", torch.float32, aa_free_words=["cat"])
+    losses = []
+    for data in (dataset, free, absent):
+        cfg = config(6, learning_rate=1e-2)
+        trainer = AptTrainer(DiffusersSDXLBackbone.from_components(build_tiny_sdxl(seed=0)), data, cfg)
+        losses.append([h["loss_aa"] for h in trainer.run().history])
+    assert losses[0] == losses[2]
+    assert losses[0][0] == losses[1][0] == 0.0  # LoRA starts at zero: identical maps
+    assert all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))

@@ -61,7 +61,8 @@ def _random_fill(module: torch.nn.Module, seed: int) -> None:
             p.copy_(val.to(p.dtype))
 
 
-def build_model(seed: int, kind: str):
+def build_model(seed: int, kind: str, dtype=None):
+    """A ModelPatcher of the tiny UNet; dtype: ComfyUI's weight dtype for "sdxl" (default float32)."""
     import comfy.model_patcher
     import comfy.supported_models
     import comfy_host as ch
@@ -72,7 +73,7 @@ def build_model(seed: int, kind: str):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**cfg).eval()
     if kind == "sdxl":
-        patcher = ch.comfy_sdxl_model_from_diffusers_config(unet.config)
+        patcher = ch.comfy_sdxl_model_from_diffusers_config(unet.config, dtype=dtype)
     else:
         cc = ch.diffusers_to_comfy_unet_config(unet.config)
         mc = comfy.supported_models.SD15(cc)
