@@ -21,6 +21,7 @@ import numpy as np
 
 from . import plot
 from .bench import DETAIL, KEYS, LABELS, METHODS, fill_description, load_config, run_benchmark, summary
+from .metrics import mean_std
 
 DESCRIPTIONS = {
     "identity": "concept generated with the references' shape and colour (higher = better)",
@@ -90,12 +91,32 @@ def markdown(out: dict, quick: bool) -> str:
         row = summ[m] if m != "prior" else {k: (res["prior"].get(k, float("nan")), 0.0) for k in DETAIL}
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(
             _cell(*row.get(k, (float("nan"), 0.0)), show_std=m != "prior") for k in DETAIL) + " |")
+    lines += per_step_table(res)
     n_ref = cfg["eval"].get("ref_samples", 4)  # reports from before the setting used 4
     lines += ["", "Metrics:", ""] + [f"- `{k}`: {v.format(n_ref=n_ref)}" for k, v in DESCRIPTIONS.items()]
     lines += ["", "Concept prompts:", ""] + [f"- `{p}`" for p in dict.fromkeys(res["prompts"])]
     lines += ["", "Prompts without the concept (prior drift):", ""] + [f"- `{p}`" for p in res["drift_prompts"]]
     lines += ["", "![figure](figure.png)", ""]
     return "\n".join(lines)
+
+
+STEP_KEYS = ("ref_identity", "id_shape", "identity", "context", "style", "layout", "pos_spread",
+             "drift_px", "drift_attr", "eps_dev", "eps_gap")
+
+
+def per_step_table(res: dict) -> list[str]:
+    """Markdown lines: every metric of STEP_KEYS at every evaluation step (mean ± std over seeds),
+    for reports with more than one evaluation step (the curves behind the figure)."""
+    if len(res["config"]["eval"]["steps"]) < 2:
+        return []
+    lines = ["", "Every evaluation step (mean ± std over training seeds):", "",
+             "| method | step | " + " | ".join(STEP_KEYS) + " |", "|" + "---|" * (len(STEP_KEYS) + 2)]
+    for m, runs in res["runs"].items():
+        for i, step in enumerate(e["step"] for e in runs[0]["evals"]):
+            evals = [r["evals"][i] for r in runs if len(r["evals"]) > i]
+            cells = [_cell(*mean_std([e[k] for e in evals if k in e])) for k in STEP_KEYS]
+            lines.append(f"| {LABELS.get(m, m)} | {step} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def figure(out: dict) -> "plot.Image.Image":
