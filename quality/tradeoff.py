@@ -10,6 +10,8 @@ an interval of that difference.
     python -m quality.tradeoff quality/report_border_seeds8 --base baseline --other ata
 
 writes tradeoff.md and tradeoff.png into the report folder (results.json is read, not changed).
+--base-from DIR takes the base method's runs from another report of the same task and prior (e.g.
+a baseline evaluated at other steps or with more seeds); the output names both folders.
 """
 
 from __future__ import annotations
@@ -135,6 +137,18 @@ def figure(res: dict, methods: Sequence[str], x_key: str = "ref_identity",
     return plot.stack([plot.legend(list(methods), LABELS, row.width), row])
 
 
+def with_base_from(res: dict, other: dict, base: str) -> dict:
+    """res with `base`'s runs taken from `other`, which must be the same task (prior, concept,
+    prompts, reference caption) so that the curves are comparable."""
+    for key in ("reference_caption", "prompts", "drift_prompts"):
+        if res[key] != other[key]:
+            raise SystemExit(f"--base-from: the two reports differ in {key}; compare only the same task.")
+    for key in ("prior", "concept"):
+        if res["config"][key] != other["config"][key]:
+            raise SystemExit(f"--base-from: the two reports differ in config '{key}'.")
+    return dict(res, runs={**res["runs"], base: other["runs"][base]})
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report", type=Path, help="a quality.run output folder (results.json)")
@@ -142,9 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--other", default="ata")
     p.add_argument("--x", default="ref_identity", help="the metric to match (default ref_identity)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals")
+    p.add_argument("--base-from", type=Path, help="another report folder to take the base method's runs from")
     args = p.parse_args(argv)
     res = json.loads((args.report / "results.json").read_text())
+    source = f"`{args.report}`"
+    if args.base_from:
+        res = with_base_from(res, json.loads((args.base_from / "results.json").read_text()), args.base)
+        source = f"{args.other} from `{args.report}`, {args.base} from `{args.base_from}`"
     text = markdown(res, args.base, args.other, args.x, args.bootstrap)
+    text = text.replace("\n\n", f"\n\nRuns: {source}.\n\n", 1)
     (args.report / "tradeoff.md").write_text(text)
     figure(res, [args.base, args.other], args.x).save(args.report / "tradeoff.png")
     print(text)

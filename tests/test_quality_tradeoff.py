@@ -52,3 +52,14 @@ def test_bootstrap_interval_and_report():
                                            "drift_attr", "eps_dev")})
     text = markdown(res, "baseline", "ata", n_boot=20)
     assert "0.700 / 0.600 / +0.100 [+0.100, +0.100] **+**" in text
+
+
+def test_base_runs_from_another_report_of_the_same_task_only():
+    from quality.tradeoff import with_base_from
+    task = {"reference_caption": "a sks shape", "prompts": ["p"], "drift_prompts": ["d"],
+            "config": {"prior": "quality/assets/prior", "concept": {"shape": "cross"}}}
+    a = dict(task, runs={"ata": ["a"], "baseline": ["old"]})
+    b = dict(task, runs={"baseline": ["new1", "new2"]})
+    assert with_base_from(a, b, "baseline")["runs"] == {"ata": ["a"], "baseline": ["new1", "new2"]}
+    with pytest.raises(SystemExit, match="prompts"):
+        with_base_from(a, dict(b, prompts=["q"]), "baseline")
