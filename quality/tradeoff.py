@@ -9,7 +9,7 @@ an interval of that difference.
 
     python -m quality.tradeoff quality/report_border_seeds8 --base baseline --other ata
 
-writes tradeoff.md and tradeoff.png into the report folder (results.json is read, not changed).
+writes tradeoff.md and tradeoff.png (--name) into the report folder (results.json is read only).
 --base-from DIR takes the base method's runs from another report of the same task and prior (e.g.
 a baseline evaluated at other steps or with more seeds); the output names both folders.
 """
@@ -95,7 +95,8 @@ def bootstrap(res: dict, base: str, other: str, x_key: str = "ref_identity",
     return out
 
 
-def markdown(res: dict, base: str, other: str, x_key: str = "ref_identity", n_boot: int = 2000) -> str:
+def markdown(res: dict, base: str, other: str, x_key: str = "ref_identity", n_boot: int = 2000,
+             figure_file: str = "tradeoff.png") -> str:
     rows = matched(res, base, other, x_key)
     ci = bootstrap(res, base, other, x_key, n=n_boot)
     nb, no = len(res["runs"][base]), len(res["runs"][other])
@@ -121,7 +122,7 @@ def markdown(res: dict, base: str, other: str, x_key: str = "ref_identity", n_bo
                 mark = " **+**" if (lo_ > 0) == HIGHER_IS_BETTER[k] else " **−**"
             cells.append(f"{yo:.3f} / {yb:.3f} / {diff:+.3f} [{lo_:+.3f}, {hi_:+.3f}]{mark}")
         lines.append(f"| {row['step']} | {row[x_key]:.3f} | " + " | ".join(cells) + " |")
-    lines += ["", "![trade-off](tradeoff.png)", ""]
+    lines += ["", f"![trade-off]({figure_file})", ""]
     return "\n".join(lines)
 
 
@@ -157,16 +158,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--x", default="ref_identity", help="the metric to match (default ref_identity)")
     p.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals")
     p.add_argument("--base-from", type=Path, help="another report folder to take the base method's runs from")
+    p.add_argument("--name", default="tradeoff", help="output file names: NAME.md, NAME.png")
     args = p.parse_args(argv)
     res = json.loads((args.report / "results.json").read_text())
     source = f"`{args.report}`"
     if args.base_from:
         res = with_base_from(res, json.loads((args.base_from / "results.json").read_text()), args.base)
         source = f"{args.other} from `{args.report}`, {args.base} from `{args.base_from}`"
-    text = markdown(res, args.base, args.other, args.x, args.bootstrap)
+    text = markdown(res, args.base, args.other, args.x, args.bootstrap, f"{args.name}.png")
     text = text.replace("\n\n", f"\n\nRuns: {source}.\n\n", 1)
-    (args.report / "tradeoff.md").write_text(text)
-    figure(res, [args.base, args.other], args.x).save(args.report / "tradeoff.png")
+    (args.report / f"{args.name}.md").write_text(text)
+    figure(res, [args.base, args.other], args.x).save(args.report / f"{args.name}.png")
     print(text)
     return 0
 
