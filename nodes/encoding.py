@@ -38,6 +38,11 @@ def _clip_l_ids(clip, tokens: dict) -> tuple[list[list], int] | None:
     return [[t[0] for t in chunk] for chunk in tokens[key]], end
 
 
+def _first_end(ids: list, end: int) -> int | None:
+    """Index of the first end token in one chunk's ids (embedding entries are not ints), or None."""
+    return next((i for i, t in enumerate(ids) if isinstance(t, int) and t == end), None)
+
+
 def token_mask(clip, tokens: dict, length: int) -> torch.Tensor:
     """(1, length) bool: True from BOS up to and including the first EOS of each 77-token chunk.
 
@@ -50,7 +55,8 @@ def token_mask(clip, tokens: dict, length: int) -> torch.Tensor:
     chunks, end = found
     parts = []
     for ids in chunks:
-        first_end = next((i for i, t in enumerate(ids) if isinstance(t, int) and t == end), len(ids) - 1)
+        first_end = _first_end(ids, end)
+        first_end = len(ids) - 1 if first_end is None else first_end
         parts += [i <= first_end for i in range(len(ids))]
     if len(parts) != length:
         return torch.ones(1, length, dtype=torch.bool)
@@ -67,8 +73,8 @@ def free_token_mask(clip, tokens: dict, words: Sequence[str], length: int) -> to
     word_ids = []
     for w in words:
         ids = _clip_l_ids(clip, clip.tokenize(w))[0][0]  # BOS, the word's tokens, EOS, padding
-        stop = next((i for i, t in enumerate(ids) if i > 0 and t == end), len(ids))
-        word_ids.append(ids[1:stop])
+        stop = _first_end(ids, end)
+        word_ids.append(ids[1:len(ids) if stop is None else stop])
     flat = torch.tensor([[t if isinstance(t, int) else -1 for c in chunks for t in c]])
     return word_token_mask(flat, word_ids)
 

@@ -58,13 +58,13 @@ def matched(res: dict, base: str, other: str, x_key: str = "ref_identity",
     rb, ro = res["runs"][base], res["runs"][other]
     steps = [0] + [e["step"] for e in ro[0]["evals"]]
     xb, xo = mean_curve(rb, x_key, 0.0), mean_curve(ro, x_key, 0.0)
+    curves = {k: (mean_curve(ro, k, prior.get(k, 0.0)), mean_curve(rb, k, prior.get(k, 0.0))) for k in metrics}
     rows = []
     for i in range(1, len(steps)):
         row = {"step": steps[i], x_key: float(xo[i])}
-        for k in metrics:
-            yo = mean_curve(ro, k, prior.get(k, 0.0))[i]
-            yb = read_at(xb, mean_curve(rb, k, prior.get(k, 0.0)), xo[i])
-            row[k] = (float(yo), yb, float(yo - yb))
+        for k, (yo, yb) in curves.items():
+            at = read_at(xb, yb, xo[i])
+            row[k] = (float(yo[i]), at, float(yo[i] - at))
         rows.append(row)
     return rows
 

@@ -57,13 +57,13 @@ def _job(m, tmp_path, name="t", steps=STEPS, resume=False, overwrite=False, node
         overwrite=overwrite, resume=resume, node_id=node_id, save_step_loras=save_step_loras)
 
 
-def _sample(model, seed=0):
+def _sample(model, seed=0, dtype=torch.float32):
     """The original UNet's output for a fixed input (what sampling with the MODEL computes)."""
     base = model.model
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, 80, generator=g)
-    y = torch.randn(1, base.adm_channels, generator=g)
+    x = torch.randn(1, 4, 8, 8, generator=g).to(dtype)
+    ctx = torch.randn(1, 77, 80, generator=g).to(dtype)
+    y = torch.randn(1, base.adm_channels, generator=g).to(dtype)
     with torch.no_grad():
         return base.diffusion_model(x, timesteps=torch.tensor([500.0]), context=ctx, y=y)
 
@@ -149,14 +149,7 @@ def test_fp16_host_weights_train_in_fp16_autocast_and_stay_bit_identical(m, tmp_
     base = model.model
     assert next(base.diffusion_model.parameters()).dtype == torch.float16
 
-    def sample():
-        g = torch.Generator().manual_seed(0)
-        x, ctx = torch.randn(1, 4, 8, 8, generator=g).half(), torch.randn(1, 77, 80, generator=g).half()
-        y = torch.randn(1, base.adm_channels, generator=g).half()
-        with torch.no_grad():
-            return base.diffusion_model(x, timesteps=torch.tensor([500.0]), context=ctx, y=y)
-
-    before = sample()
+    before = _sample(model, dtype=torch.float16)
     job = _job(m, tmp_path, "half", model=model, learning_rate=1e-2).prepare()
     job.config.train.mixed_precision = "fp16"
     res = job.run()
@@ -166,7 +159,7 @@ def test_fp16_host_weights_train_in_fp16_autocast_and_stay_bit_identical(m, tmp_
     assert any(float(t.abs().max()) > 0 for k, t in tensors.items() if k.endswith("lora_up.weight"))
     loaded, not_loaded = ch.comfy_lora_load_report(model, res.lora_path)
     assert not_loaded == [] and loaded == len(tensors)
-    assert torch.equal(sample(), before)
+    assert torch.equal(_sample(model, dtype=torch.float16), before)
     assert all(p.dtype == torch.float16 for p in base.diffusion_model.parameters())
 
 
