@@ -26,7 +26,7 @@ from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_s
 from apt_core.trainer import AptTrainer
 
 from . import metrics as M
-from .models import IMAGE_SIZE, build_world_sdxl, conditioning
+from .models import IMAGE_SIZE, build_world_sdxl, conditioning, world_image_size
 from .sampling import sample
 from .world import (BACKGROUNDS, CONCEPT_TOKEN, GENERIC_SHAPE, POSITIONS, PRETRAIN_SHAPES, SHAPES, SIZES,
                     Scene, caption, caption_from, detect, random_scene, render)
@@ -173,6 +173,8 @@ class EvalSet:
     ref_cx: float
     ref_cy: float
     ref_size: float
+    size: int = IMAGE_SIZE  # image side of the prior's world in pixels
+    shape_rotation_deg: float = 0.0  # detect(): rotations of the shape templates tried
     ref_prompts: list[str] = field(default_factory=list)  # the references' own caption
     ref_seeds: list[int] = field(default_factory=list)
     prior_drift_images: np.ndarray | None = None
@@ -180,6 +182,9 @@ class EvalSet:
     gap_draws: list = field(default_factory=list)  # (example index, t, noise)
     world_draws: list = field(default_factory=list)  # (latent, cond, t, noise) without the concept
     ceiling: dict = field(default_factory=dict)  # identity metrics of VAE round trips of ideal images
+
+    def detect(self, image: np.ndarray):
+        return detect(image, rotation_deg=self.shape_rotation_deg)
 
 
 def loose_shapes(concept: dict) -> tuple[str, ...]:
@@ -203,8 +208,8 @@ def identity_ceiling(c: SDXLComponents, cfg: dict, es: "EvalSet") -> dict:
         for k in ("background", "position", "size_name"):
             kw.setdefault(k, con[k])
         s = random_scene(random.Random(seed), shape=con["shape"], colour=con["colour"], **kw)
-        imgs.append(to_pixels(render(s, IMAGE_SIZE)))
-    dets = [detect(im) for im in decode(c, encode_pixels(c, torch.stack(imgs)))]
+        imgs.append(to_pixels(render(s, es.size)))
+    dets = [es.detect(im) for im in decode(c, encode_pixels(c, torch.stack(imgs)))]
     return {"identity": M.identity(dets, con["shape"], con["colour"]),
             "identity_loose": M.identity_any(dets, loose_shapes(con), con["colour"])}
 
@@ -220,7 +225,8 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
     dp = drift_prompts(cfg)
     dseeds = [base + 10_000 + i for i in range(len(dp))]
     es = EvalSet(p_all, r_all, seeds, dp, dseeds, float(np.mean([s.cx for s in refs])),
-                 float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])))
+                 float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])),
+                 size=world_image_size(c), shape_rotation_deg=float(ev.get("shape_rotation_deg", 0.0)))
     n_ref = int(cfg["eval"]["ref_samples"])  # images of the references' own caption (ref_identity)
     es.ref_prompts = [reference_caption(cfg)] * n_ref
     es.ref_seeds = [base + 40_000 + i for i in range(n_ref)]
@@ -228,12 +234,12 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
     n_refs = cfg["concept"]["n_images"]
     for i in range(ev["gap_draws"]):
         es.gap_draws.append((i % n_refs, int(torch.randint(0, 1000, (1,), generator=g)),
-                             torch.randn(4, IMAGE_SIZE // 8, IMAGE_SIZE // 8, generator=g)))
+                             torch.randn(4, es.size // 8, es.size // 8, generator=g)))
     rng = random.Random(base + 30_000)
     for i in range(ev["gap_draws"]):
         s = random_scene(rng)
-        latent = encode_pixels(c, to_pixels(render(s, IMAGE_SIZE))[None])[0]
-        cond = conditioning(c, [caption(s)])
+        latent = encode_pixels(c, to_pixels(render(s, es.size))[None])[0]
+        cond = conditioning(c, [caption(s)], size=es.size)
         es.world_draws.append((latent, cond, int(torch.randint(0, 1000, (1,), generator=g)),
                                torch.randn(latent.shape, generator=g)))
     es.ceiling = identity_ceiling(c, cfg, es)
@@ -271,12 +277,12 @@ def _eps_terms(backbone, lora, dataset, es: EvalSet) -> tuple[float, float]:
 def score(c: SDXLComponents, cfg: dict, es: EvalSet, concept: dict, keep_images: bool = False) -> dict:
     """Sample the concept and drift prompts with the UNet as it is now and compute the metrics."""
     ev = cfg["eval"]
-    kw = dict(steps=ev["sampling_steps"], guidance=ev["guidance"])
+    kw = dict(steps=ev["sampling_steps"], guidance=ev["guidance"], size=es.size)
     both = sample(c, es.prompts + es.ref_prompts, es.seeds + es.ref_seeds, **kw)
     images, ref_images = both[:len(es.prompts)], both[len(es.prompts):]
-    dets = [detect(im) for im in images]
+    dets = [es.detect(im) for im in images]
     pos, scale = M.spreads(dets, es.ref_cx, es.ref_cy, es.ref_size)
-    ref_dets = [detect(im) for im in ref_images]
+    ref_dets = [es.detect(im) for im in ref_images]
     out = {"identity": M.identity(dets, concept["shape"], concept["colour"]),
            "identity_loose": M.identity_any(dets, loose_shapes(concept), concept["colour"]),
            "context": M.attribute_match(dets, es.requested, M.CONTEXT_ATTRS),
@@ -293,7 +299,7 @@ def score(c: SDXLComponents, cfg: dict, es: EvalSet, concept: dict, keep_images:
            "pos_spread": pos, "scale_spread": scale}
     if es.drift_prompts:
         drift = sample(c, es.drift_prompts, es.drift_seeds, **kw)
-        ddets = [detect(im) for im in drift]
+        ddets = [es.detect(im) for im in drift]
         if es.prior_drift_images is None:  # the prior itself: no drift by definition
             es.prior_drift_images, es.prior_drift_dets = drift, ddets
         out["drift_px"] = M.drift_px(drift, es.prior_drift_images)
@@ -351,16 +357,18 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
         m.to(dev)
     refs = reference_scenes(cfg)
-    ref_images = [render(s, IMAGE_SIZE) for s in refs]
+    size = world_image_size(c)
+    ref_images = [render(s, size) for s in refs]
     ref_cap = reference_caption(cfg)
-    records = [Record(to_pixels(im), ref_cap, f"ref{i}") for i, im in enumerate(ref_images)]
+    records = [Record(to_pixels(im), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
+               for i, im in enumerate(ref_images)]
     free_words = apt_config(cfg, cfg["methods"][0], 0).regularizers.aa_free_words  # same for every method
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=free_words)
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])
         enc = lambda px: encode_pixels(c, to_real(px))  # noqa: E731
-        bg_img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        bg_img = np.empty((size, size, 3), np.uint8)
         bg_img[:] = BACKGROUNDS[cfg["concept"]["background"]]
         dataset.fill_latent = encode_pixels(c, to_pixels(bg_img)[None])[0].mean(dim=(1, 2)).cpu()
     es = make_eval_set(cfg, refs, c)

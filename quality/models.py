@@ -25,14 +25,15 @@ LATENT_SIZE = IMAGE_SIZE // 8
 TEXT = dict(hidden_1=48, hidden_2=64, projection_dim=64, time_dim=8, layers=2, heads=2)
 
 
-def unet_config() -> dict[str, Any]:
+def unet_config(latent_size: int = LATENT_SIZE) -> dict[str, Any]:
     """SDXL base's layout (DownBlock2D + 2 cross-attention levels, text_time, linear projection).
 
-    Widths 32/64/96 with head dim 16 (2, 4, 6 heads), transformer depth 1/1/2.
+    Widths 32/64/96 with head dim 16 (2, 4, 6 heads), transformer depth 1/1/2. sample_size (the
+    latent side) only records the world's image size: `world_image_size` reads it back.
     """
     t = TEXT
     return dict(
-        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=2,
         block_out_channels=(32, 64, 96), norm_num_groups=8,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -42,11 +43,11 @@ def unet_config() -> dict[str, Any]:
         projection_class_embeddings_input_dim=t["projection_dim"] + 6 * t["time_dim"])
 
 
-def vae_config() -> dict[str, Any]:
+def vae_config(image_size: int = IMAGE_SIZE) -> dict[str, Any]:
     """AutoencoderKL, 4 levels (8x downsampling), 4 latent channels, no mid-block attention
     (fully convolutional, so it trains on crops). scaling_factor is set after training."""
     return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-                block_out_channels=(8, 16, 32, 64), norm_num_groups=1, sample_size=IMAGE_SIZE,
+                block_out_channels=(8, 16, 32, 64), norm_num_groups=1, sample_size=image_size,
                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                 mid_block_add_attention=False, scaling_factor=1.0, force_upcast=True)
 
@@ -92,13 +93,14 @@ def _text_config(tok: CLIPTokenizer, hidden: int, act: str, **kw: Any) -> CLIPTe
                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
 
 
-def build_world_sdxl(seed: int = 0) -> SDXLComponents:
-    """Randomly initialised prior of the benchmark's architecture (identical for the same seed)."""
+def build_world_sdxl(seed: int = 0, image_size: int = IMAGE_SIZE) -> SDXLComponents:
+    """Randomly initialised prior of the benchmark's architecture (identical for the same seed)
+    for a world of image_size x image_size pixels (latents image_size / 8)."""
     tok_1, tok_2 = build_tokenizers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**unet_config())
-        vae = AutoencoderKL(**vae_config())
+        unet = UNet2DConditionModel(**unet_config(image_size // 8))
+        vae = AutoencoderKL(**vae_config(image_size))
         te_1 = CLIPTextModel(_text_config(tok_1, TEXT["hidden_1"], "quick_gelu"))
         te_2 = CLIPTextModelWithProjection(_text_config(tok_2, TEXT["hidden_2"], "gelu",
                                                         projection_dim=TEXT["projection_dim"]))
@@ -107,6 +109,11 @@ def build_world_sdxl(seed: int = 0) -> SDXLComponents:
         m.eval()
     return SDXLComponents(unet, vae, tok_1, tok_2, te_1, te_2, sdxl_train_scheduler(),
                           name=f"world-sdxl-seed{seed}")
+
+
+def world_image_size(components: SDXLComponents) -> int:
+    """The side in pixels of the world a prior was trained on (64 for quality/assets/prior)."""
+    return int(components.unet.config.sample_size) * 8
 
 
 def token_ids(components: SDXLComponents, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Train the benchmark's pretrained prior on the world, deterministically, and save it (fp16).
 
     python -m quality.train_prior --out quality/assets/prior [--device cpu|cuda|auto] [--quick]
+    python -m quality.train_prior --out quality/assets/prior128 --size 128 --vae-from quality/assets/prior
 
 1. VAE: a tiny AutoencoderKL (see quality.models.vae_config) on world images (32 px crops, then
    full 64 px images) with every shape and colour (a general-purpose VAE, as SDXL's is), trained as a plain autoencoder on the
@@ -31,7 +32,7 @@ import torch
 
 from apt_core.models import load_sdxl, save_tiny_sdxl
 
-from .models import IMAGE_SIZE, build_world_sdxl, conditioning, token_ids, encode_text_grad
+from .models import IMAGE_SIZE, build_world_sdxl, encode_text_grad, token_ids, world_image_size
 from .sampling import sample
 from .world import (COLOURS, PRETRAIN_COLOURS, PRETRAIN_SHAPES, SHAPES, caption, detect,
                     is_held_out, random_scene, render, training_caption)
@@ -52,7 +53,8 @@ def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def train_vae(vae, steps: int, batch: int, lr: float, seed: int, device: str, t0: float,
-              crop: int = IMAGE_SIZE, reg_weight: float = 1e-3, latent_noise: float = 0.1) -> None:
+              crop: int = IMAGE_SIZE, reg_weight: float = 1e-3, latent_noise: float = 0.1,
+              size: int = IMAGE_SIZE) -> None:
     """Deterministic autoencoder training on the posterior mean (what encode_pixels uses) with
     a little latent noise (a smooth decoder) and an L2 penalty on the latents (bounded scale)."""
     rng = random.Random(seed)
@@ -64,8 +66,8 @@ def train_vae(vae, steps: int, batch: int, lr: float, seed: int, device: str, t0
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         imgs = []
         for _ in range(batch):
-            img = render(random_scene(rng, shapes=SHAPES, colours=COLOURS), IMAGE_SIZE)
-            y, x = rng.randrange(0, IMAGE_SIZE - crop + 1, 8), rng.randrange(0, IMAGE_SIZE - crop + 1, 8)
+            img = render(random_scene(rng, shapes=SHAPES, colours=COLOURS), size)
+            y, x = rng.randrange(0, size - crop + 1, 8), rng.randrange(0, size - crop + 1, 8)
             imgs.append(img[y:y + crop, x:x + crop])
         x = to_tensor(imgs).to(device)
         mean = vae.encode(x).latent_dist.mean
@@ -83,10 +85,10 @@ def train_vae(vae, steps: int, batch: int, lr: float, seed: int, device: str, t0
 
 
 @torch.no_grad()
-def encode_scenes(vae, scenes, device: str, batch: int = 64) -> torch.Tensor:
+def encode_scenes(vae, scenes, device: str, batch: int = 64, size: int = IMAGE_SIZE) -> torch.Tensor:
     out = []
     for lo in range(0, len(scenes), batch):
-        x = to_tensor([render(s, IMAGE_SIZE) for s in scenes[lo:lo + batch]]).to(device)
+        x = to_tensor([render(s, size) for s in scenes[lo:lo + batch]]).to(device)
         out.append(vae.encode(x).latent_dist.mean.cpu())
     return torch.cat(out)
 
@@ -110,7 +112,8 @@ def held_out_scenes(n: int, seed: int):
 
 
 def train_unet(c, latents: torch.Tensor, scenes, steps: int, batch: int, lr: float, seed: int,
-               device: str, t0: float, snr_gamma: float = 5.0, p_empty: float = 0.1) -> None:
+               device: str, t0: float, snr_gamma: float = 5.0, p_empty: float = 0.1,
+               size: int = IMAGE_SIZE) -> None:
     rng = random.Random(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     unet, te1, te2 = c.unet.to(device).train(), c.text_encoder_1.to(device).train(), c.text_encoder_2.to(device).train()
@@ -120,7 +123,7 @@ def train_unet(c, latents: torch.Tensor, scenes, steps: int, batch: int, lr: flo
     acp = c.scheduler.alphas_cumprod.float()
     snr = acp / (1 - acp)
     weights = (snr.clamp(max=snr_gamma) / snr)
-    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
     warmup = max(1, steps // 25)
     ema_loss = None
     for step in range(steps):
@@ -156,7 +159,8 @@ ATTRS = ("background", "position", "size_name", "shape", "colour", "style")
 def prompt_following(components, scenes, seed: int = 1000, **sample_kw) -> dict:
     """Sample one image per held-out scene's full caption; accuracy of each detected attribute."""
     prompts = [caption(s) for s in scenes]
-    images = sample(components, prompts, [seed + i for i in range(len(prompts))], **sample_kw)
+    images = sample(components, prompts, [seed + i for i in range(len(prompts))],
+                    size=world_image_size(components), **sample_kw)
     dets = [detect(im) for im in images]
     res = {"n": len(scenes), "present": float(np.mean([d.present for d in dets]))}
     for a in ATTRS:
@@ -172,7 +176,7 @@ def vae_roundtrip(components, scenes) -> dict:
 
     from .sampling import decode
 
-    imgs = [render(s, IMAGE_SIZE) for s in scenes]
+    imgs = [render(s, world_image_size(components)) for s in scenes]
     rec = decode(components, encode_pixels(components, to_tensor(imgs)))
     dets = [detect(im) for im in rec]
     return {a: float(np.mean([getattr(d, a) == getattr(s, a) for d, s in zip(dets, scenes)])) for a in ATTRS}
@@ -198,6 +202,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
     ap.add_argument("--quick", action="store_true", help="a few steps only (pipeline check)")
     ap.add_argument("--eval-only", action="store_true", help="only re-measure the prior saved in --out")
+    ap.add_argument("--size", type=int, default=IMAGE_SIZE,
+                    help="image side of the world in pixels, a multiple of 8 (latents size / 8)")
+    ap.add_argument("--vae-from", default=None, metavar="PRIOR",
+                    help="reuse that prior's VAE (and its scaling_factor) instead of training one; "
+                         "it is fully convolutional, so a 64 px VAE also encodes 128 px images")
     for k, v in FULL.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=None)
     args = ap.parse_args(argv)
@@ -221,23 +230,38 @@ def _main(args, device: str, t0: float) -> int:
         print(json.dumps(res, indent=2))
         return 0
     log(f"device {device}, threads {torch.get_num_threads()}, settings {hp}", t0)
-    c = build_world_sdxl(args.seed)
-    # most steps on 32 px crops (4x cheaper; the VAE is fully convolutional), then full images
-    train_vae(c.vae, hp["vae_steps"], hp["vae_batch"], hp["vae_lr"], args.seed, device, t0, crop=hp["vae_crop"])
-    train_vae(c.vae, hp["vae_full_steps"], hp["vae_batch"] // 2, hp["vae_lr"] / 4, args.seed + 5, device, t0)
+    size = args.size
+    if size % 8 or size < 32:
+        raise SystemExit(f"--size must be a multiple of 8, at least 32 (got {size})")
+    c = build_world_sdxl(args.seed, size)
     scenes = pretraining_scenes(hp["n_train"], args.seed + 10)
-    raw = encode_scenes(c.vae, scenes, device)
-    scale = float(1.0 / raw.std())
-    c.vae.register_to_config(scaling_factor=scale)
-    log(f"encoded {len(scenes)} scenes; latent std {raw.std():.4f} -> scaling_factor {scale:.5f}", t0)
-    train_unet(c, raw * scale, scenes, hp["unet_steps"], hp["unet_batch"], hp["unet_lr"], args.seed, device, t0)
+    if args.vae_from:
+        c.vae = load_sdxl(Path(args.vae_from), dtype=torch.float32).vae.to(device).eval()
+        c.vae.register_to_config(sample_size=size)
+        raw = encode_scenes(c.vae, scenes, device, size=size)
+        scale = float(c.vae.config.scaling_factor)
+        log(f"VAE from {args.vae_from}; encoded {len(scenes)} scenes at {size} px; latent std "
+            f"{raw.std():.4f}, scaling_factor kept at {scale:.5f}", t0)
+    else:
+        # most steps on 32 px crops (4x cheaper; the VAE is fully convolutional), then full images
+        train_vae(c.vae, hp["vae_steps"], hp["vae_batch"], hp["vae_lr"], args.seed, device, t0,
+                  crop=hp["vae_crop"], size=size)
+        train_vae(c.vae, hp["vae_full_steps"], hp["vae_batch"] // 2, hp["vae_lr"] / 4, args.seed + 5, device,
+                  t0, crop=size, size=size)
+        raw = encode_scenes(c.vae, scenes, device, size=size)
+        scale = float(1.0 / raw.std())
+        c.vae.register_to_config(scaling_factor=scale)
+        log(f"encoded {len(scenes)} scenes; latent std {raw.std():.4f} -> scaling_factor {scale:.5f}", t0)
+    train_unet(c, raw * scale, scenes, hp["unet_steps"], hp["unet_batch"], hp["unet_lr"], args.seed, device, t0,
+               size=size)
     out = Path(args.out)
     for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
         m.to("cpu", torch.float16)
     save_tiny_sdxl(c, out)
     log(f"saved {out}", t0)
     res = evaluate(out, device, hp["eval_prompts"], args.seed)
-    res.update(settings=hp, seed=args.seed, device=device, train_seconds=round(time.time() - t0, 1))
+    res.update(settings=hp, seed=args.seed, size=size, vae_from=args.vae_from, device=device,
+               train_seconds=round(time.time() - t0, 1))
     (out / "prompt_following.json").write_text(json.dumps(res, indent=2) + "\n")
     log("prompt following on held-out prompts (accuracy of the detected attribute): " + ", ".join(
         f"{k} {res[k]:.3f}" for k in ("present",) + ATTRS), t0)

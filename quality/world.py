@@ -263,20 +263,35 @@ def _normalised(mask: np.ndarray) -> np.ndarray:
     return crop[np.ix_(iy, ix)]
 
 
-def classify_shape(mask: np.ndarray, shapes: Iterable[str] = SHAPES) -> tuple[str, float]:
-    """Best template by IoU of the box-normalised mask; returns (shape, iou)."""
-    norm = _normalised(mask)
+def classify_shape(mask: np.ndarray, shapes: Iterable[str] = SHAPES,
+                   rotation_deg: float = 0.0) -> tuple[str, float]:
+    """Best template by IoU of the box-normalised mask; returns (shape, iou).
+
+    rotation_deg > 0 also tries the mask turned back by every angle in [-rotation_deg,
+    rotation_deg] in steps of at most 5 degrees (ATA's augmentation rotates the concept by up to
+    15 degrees; a turned cross is still the cross, while box-normalised it looks like a diamond).
+    """
+    masks = [mask]
+    if rotation_deg > 0:
+        k = int(np.ceil(rotation_deg / 5.0))
+        for angle in np.linspace(-rotation_deg, rotation_deg, 2 * k + 1):
+            if angle != 0:
+                turned = ndimage.rotate(mask.astype(np.float32), float(angle), reshape=True, order=1) > 0.5
+                if turned.any():
+                    masks.append(turned)
     best, best_iou = None, -1.0
-    for s in shapes:
-        t = _template(s)
-        iou = float((norm & t).sum()) / max(1.0, float((norm | t).sum()))
-        if iou > best_iou:
-            best, best_iou = s, iou
+    for m in masks:
+        norm = _normalised(m)
+        for s in shapes:
+            t = _template(s)
+            iou = float((norm & t).sum()) / max(1.0, float((norm | t).sum()))
+            if iou > best_iou:
+                best, best_iou = s, iou
     return best, best_iou  # type: ignore[return-value]
 
 
-def detect(img: np.ndarray) -> Detection:
-    """Read the scene back from an (n, n, 3) uint8 image."""
+def detect(img: np.ndarray, rotation_deg: float = 0.0) -> Detection:
+    """Read the scene back from an (n, n, 3) uint8 image (rotation_deg: see classify_shape)."""
     n = img.shape[0]
     px = img.astype(np.float64)
     border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3),
@@ -298,7 +313,7 @@ def detect(img: np.ndarray) -> Detection:
     top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     cx, cy = (left + right) / 2 / n, (top + bottom) / 2 / n
     size = max(bottom - top, right - left) / n
-    shape, iou = classify_shape(filled)
+    shape, iou = classify_shape(filled, rotation_deg=rotation_deg)
     inside = px[filled]
     luma = inside @ np.array([0.299, 0.587, 0.114])
     d_in = dist[filled]

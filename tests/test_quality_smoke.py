@@ -39,6 +39,23 @@ def test_detectors_recover_the_ground_truth_exactly_on_rendered_images(size):
         assert d.size == pytest.approx(s.size, abs=1.01 / size)
 
 
+@pytest.mark.parametrize("size", [64, 128])
+def test_shape_detection_with_rotation_reads_turned_shapes_and_keeps_the_diamond(size):
+    from scipy import ndimage
+
+    for shape in SHAPES:
+        img = render(random_scene(random.Random(1), shape=shape, colour="blue", style="flat",
+                                  size_name="large", background="white", position="centre"), size)
+        for angle in (-15, -10, 10, 15):
+            turned = ndimage.rotate(img, angle, reshape=False, order=0, mode="nearest")
+            assert detect(turned, rotation_deg=15).shape == shape, (shape, angle)
+        assert detect(img, rotation_deg=15).shape == shape
+    # why the option exists: box-normalised, a cross turned by 15 degrees reads as a diamond
+    cross = render(random_scene(random.Random(1), shape="cross", colour="blue", style="flat",
+                                size_name="large", background="white", position="centre"), size)
+    assert detect(ndimage.rotate(cross, 15, reshape=False, order=0, mode="nearest")).shape == "diamond"
+
+
 def test_every_combination_of_shape_colour_style_is_read_back():
     for shape in SHAPES:
         for colour in COLOURS:
@@ -199,3 +216,20 @@ def test_train_prior_quick_writes_a_loadable_fp16_sdxl_folder(tmp_path):
     check_sdxl_unet(c.unet)
     assert c.vae.config.scaling_factor != 1.0
     assert json.loads((tmp_path / "prior" / "prompt_following.json").read_text())["n"] == 2
+
+
+def test_train_prior_at_128_px_reusing_a_vae(tmp_path):
+    from apt_core.models import load_sdxl
+    from quality.models import world_image_size
+    from quality.train_prior import main
+
+    quick = ["--quick", "--unet-steps", "2", "--vae-steps", "2", "--vae-full-steps", "1", "--n-train", "8",
+             "--eval-prompts", "2"]
+    assert main(quick + ["--out", str(tmp_path / "p64")]) == 0
+    assert main(quick + ["--out", str(tmp_path / "p128"), "--size", "128", "--vae-from", str(tmp_path / "p64")]) == 0
+    p64, p128 = load_sdxl(tmp_path / "p64"), load_sdxl(tmp_path / "p128")
+    assert (world_image_size(p64), world_image_size(p128)) == (64, 128)
+    assert p128.vae.config.scaling_factor == p64.vae.config.scaling_factor
+    for k, v in p64.vae.state_dict().items():
+        assert torch.equal(v, p128.vae.state_dict()[k]), k
+    assert json.loads((tmp_path / "p128" / "prompt_following.json").read_text())["size"] == 128

@@ -1,0 +1,177 @@
+"""Look inside one benchmark run: what the augmented training samples look like, what the LoRA
+draws for the references' own caption, and how well it denoises the references per timestep bin.
+
+    python -m quality.diagnose --config quality/configs/learnable_border.json --method ata --seed 1 \
+        --steps 750 --out /tmp/diag_ata_s1
+
+Writes `diagnosis.json` and `diagnosis.png` (rows: the references; augmented copies as trained,
+after the VAE round trip the LoRA actually sees; the references' caption sampled with the LoRA)
+and prints what the detectors read from each sample, the denoising loss per timestep bin (LoRA
+vs prior, on the unaugmented references) and what the VAE keeps of the concept at each zoom-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from apt_core.augment import draw_augmentation, zoom_rotate
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.models import cache_dataset, encode_pixels
+from apt_core.trainer import AptTrainer
+
+from . import plot
+from .bench import (Record, apt_config, load_config, load_prior, reference_caption, reference_scenes,
+                    to_pixels)
+from .models import world_image_size
+from .sampling import decode, sample
+from .world import Scene, detect, render
+
+
+def _label(d) -> str:
+    if not d.present:
+        return "none"
+    return f"{d.colour} {d.shape} {d.size:.2f} iou {d.shape_iou:.2f}"
+
+
+@torch.no_grad()
+def bin_losses(backbone, lora, dataset, draws_per_bin: int = 16, bins: int = 10,
+               seed: int = 123) -> dict[str, list[float]]:
+    """Denoising MSE of the fine-tuned model and of the prior on the (unaugmented) references,
+    per timestep bin, over fixed draws: {"ft": [B], "pre": [B]}."""
+    from apt_core.conditioning import SDXLConditioning
+
+    g = torch.Generator().manual_seed(seed)
+    acp = backbone.alphas_cumprod
+    dev = next(backbone.unet.parameters()).device
+    width = 1000 // bins
+    out = {"ft": [], "pre": []}
+    for b in range(bins):
+        idx = [i % len(dataset) for i in range(draws_per_bin)]
+        ts = torch.randint(b * width, (b + 1) * width, (draws_per_bin,), generator=g)
+        lat = torch.stack([dataset.examples[i].latent.float() for i in idx])
+        noise = torch.randn(lat.shape, generator=g)
+        a = acp[ts].view(-1, 1, 1, 1)
+        x_t = (a.sqrt() * lat + (1 - a).sqrt() * noise).to(dev)
+        cond = SDXLConditioning.cat([dataset.examples[i].cond for i in idx]).to(dev)
+        ft = backbone.predict(x_t, ts.to(dev), cond).float().cpu()
+        with lora.disabled():
+            pre = backbone.predict(x_t, ts.to(dev), cond).float().cpu()
+        out["ft"].append(float((ft - noise).pow(2).mean()))
+        out["pre"].append(float((pre - noise).pow(2).mean()))
+    return out
+
+
+@torch.no_grad()
+def zoom_round_trips(c, concept: dict, size: int, rotation_deg: float,
+                     zooms=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0), angles=(0.0, 15.0)) -> list[dict]:
+    """What the VAE keeps of the concept (large, centred, as in the references) zoomed out by each
+    zoom and turned by each angle with ATA's own warp: one row per (zoom, angle) with the shape
+    read on the warped image and on its VAE round trip."""
+    scene = Scene(concept["shape"], concept["colour"], concept["style"], concept["background"], "centre",
+                  "large", 0.5, 0.5, 0.52)
+    img = to_pixels(render(scene, size))[None]
+    rows = []
+    for z in zooms:
+        for a in angles:
+            warped = zoom_rotate(img, torch.tensor([z]), torch.tensor([a]), "border")
+            u8 = ((warped[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            trip = detect(decode(c, encode_pixels(c, warped))[0], rotation_deg=rotation_deg)
+            rows.append({"zoom": z, "angle": a, "warped_shape": detect(u8, rotation_deg=rotation_deg).shape,
+                         "trip_shape": trip.shape, "trip_colour": trip.colour, "trip_size": trip.size})
+    return rows
+
+
+def augmented_examples(c, dataset, cfg_aug, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(augmented pixels as uint8, their VAE round trip as uint8), n each, from the references."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.stack([dataset.examples[i % len(dataset)].pixels for i in range(n)])
+    draw = draw_augmentation(n, cfg_aug, g)
+    aug = zoom_rotate(pixels, draw.zoom, draw.angle, cfg_aug.fill, -1.0)
+    trip = decode(c, encode_pixels(c, aug))
+    as_u8 = ((aug.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return as_u8, trip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--method", default="ata")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None, help="train this many steps (default: the config's)")
+    ap.add_argument("--samples", type=int, default=16, help="images of the references' caption")
+    ap.add_argument("--set", action="append", default=[], metavar="JSON",
+                    help='extra apt_config overrides, e.g. \'{"augment": {"rotation_deg": 0}}\'')
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    over = {}
+    for s in args.set:
+        over = {**over, **json.loads(s)}
+    cfg = load_config(args.config, {"apt_config": over} if over else None)
+    if cfg["device"] == "cpu" and cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    t0 = time.time()
+    c = load_prior(cfg)
+    size = world_image_size(c)
+    rot = float(cfg["eval"].get("shape_rotation_deg", 0.0))
+    refs = reference_scenes(cfg)
+    ref_cap = reference_caption(cfg)
+    records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
+               for i, s in enumerate(refs)]
+    dataset = cache_dataset(c, records, "cpu", torch.float32, keep_pixels=True)
+    acfg = apt_config(cfg, args.method, args.seed)
+    steps = args.steps or acfg.train.steps
+    backbone = DiffusersSDXLBackbone.from_components(c)
+    trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=lambda px: encode_pixels(c, px))
+    try:
+        for _ in range(steps):
+            trainer.train_step()
+        losses = bin_losses(backbone, trainer.lora, dataset)
+        seeds = [cfg["eval"]["sample_seed"] + 40_000 + i for i in range(args.samples)]
+        imgs = sample(c, [ref_cap] * args.samples, seeds, steps=cfg["eval"]["sampling_steps"],
+                      guidance=cfg["eval"]["guidance"], size=size)
+        gammas = trainer.indicator.gammas()
+        aug_rate = sum(trainer._augmented) / max(1, len(trainer._augmented))
+    finally:
+        trainer.close()
+    dets = [detect(im, rotation_deg=rot) for im in imgs]
+    aug_px, aug_trip = augmented_examples(c, dataset, acfg.augment, 8)
+    trip_dets = [detect(im, rotation_deg=rot) for im in aug_trip]
+    zooms = zoom_round_trips(c, cfg["concept"], size, rot)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"config": args.config, "method": args.method, "seed": args.seed, "steps": steps,
+              "overrides": over, "gamma": gammas, "aug_rate_last50": aug_rate,
+              "bin_loss_ft": losses["ft"], "bin_loss_pre": losses["pre"],
+              "ref_caption_detections": [d.to_dict() for d in dets],
+              "augmented_round_trip_detections": [d.to_dict() for d in trip_dets],
+              "image_size": size, "shape_rotation_deg": rot, "zoom_round_trips": zooms,
+              "seconds": round(time.time() - t0, 1)}
+    (out / "diagnosis.json").write_text(json.dumps(result, indent=1))
+    refs_u8 = [render(s, size) for s in refs]
+    rows = [("references", refs_u8), ("augmented", list(aug_px)), ("aug. VAE trip", list(aug_trip)),
+            (f"{args.method} s{args.seed} @{steps}", list(imgs[:8])), ("", list(imgs[8:16]))]
+    plot.grid([r for r in rows if len(r[1])]).save(out / "diagnosis.png")
+    print(f"{args.method} seed {args.seed} step {steps} ({result['seconds']} s)")
+    print("gamma:", " ".join(f"{g:.2f}" for g in gammas), f"aug rate {aug_rate:.2f}")
+    print("loss ft :", " ".join(f"{v:.4f}" for v in losses["ft"]))
+    print("loss pre:", " ".join(f"{v:.4f}" for v in losses["pre"]))
+    for i, d in enumerate(dets):
+        print(f"  ref-caption sample {i:2d}: {_label(d)}")
+    print("augmented round trips:", "; ".join(_label(d) for d in trip_dets))
+    print(f"the concept zoomed out / turned, then through the VAE ({size} px; shape read with "
+          f"rotation tolerance {rot:g} deg):")
+    for r in zooms:
+        print(f"  zoom {r['zoom']:.2f} angle {r['angle']:4.1f}: warped {r['warped_shape']}, VAE trip "
+              f"{r['trip_colour']} {r['trip_shape']} size {r['trip_size']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
