@@ -377,7 +377,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
         f"{len(es.prompts)} concept images and {len(es.drift_prompts)} drift images per evaluation")
     prior = score(c, cfg, es, concept, keep_images=True)
     gap0 = {"eps_gap": 0.0, "eps_dev": 0.0}
-    results: dict[str, Any] = {"config": cfg, "reference_caption": ref_cap,
+    results: dict[str, Any] = {"config": cfg, "reference_caption": ref_cap, "image_size": size,
                                "references": [s.to_dict() for s in refs],
                                "prompts": es.prompts, "drift_prompts": es.drift_prompts,
                                "identity_ceiling": es.ceiling,
