@@ -233,3 +233,24 @@ def test_train_prior_at_128_px_reusing_a_vae(tmp_path):
     for k, v in p64.vae.state_dict().items():
         assert torch.equal(v, p128.vae.state_dict()[k]), k
     assert json.loads((tmp_path / "p128" / "prompt_following.json").read_text())["size"] == 128
+
+
+def test_diagnose_reads_what_the_committed_prior_vae_keeps_of_a_zoomed_out_cross():
+    """The finding behind quality/README.md "the 8 x 8 latent cannot carry a zoomed-out cross":
+    at 64 px the prior's VAE keeps the reference-size cross, but not ATA's zoom-out of it."""
+    from pathlib import Path
+
+    from apt_core.models import load_sdxl
+    from quality.diagnose import zoom_round_trips
+
+    prior = Path(__file__).resolve().parents[1] / "quality" / "assets" / "prior"
+    c = load_sdxl(prior, dtype=torch.float32)
+    concept = {"shape": "cross", "colour": "blue", "style": "flat", "background": "white"}
+    rows = {(r["zoom"], r["angle"]): r for r in zoom_round_trips(c, concept, 64, 0.0, zooms=(1.0, 2.0),
+                                                               angles=(0.0, 15.0))}
+    assert rows[1.0, 0.0]["warped_shape"] == rows[1.0, 0.0]["trip_shape"] == "cross"
+    assert rows[1.0, 15.0]["warped_shape"] == "diamond"  # no rotation tolerance: the bias
+    assert rows[2.0, 0.0]["warped_shape"] == "cross" and rows[2.0, 0.0]["trip_shape"] != "cross"
+    assert rows[2.0, 0.0]["trip_colour"] == "blue"
+    turned = zoom_round_trips(c, concept, 64, 15.0, zooms=(1.0,), angles=(15.0,))[0]
+    assert turned["warped_shape"] == "cross"
