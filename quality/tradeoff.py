@@ -106,7 +106,8 @@ def markdown(res: dict, base: str, other: str, x_key: str = "ref_identity", n_bo
              f"from the prior at step 0 through its evaluation steps) is read by linear interpolation "
              f"at the same {x_key}. Cells: {lo} / {lb} at that {x_key} / difference [90 % bootstrap "
              "interval over seeds]. A difference that favours "
-             f"{lo} is marked **+**, one against it **−**, when the interval excludes 0; '—' where "
+             f"{lo} is marked **+**, one against it **−**, when the interval excludes 0 and {lb}'s "
+             f"resampled curve reaches that {x_key} in more than 95 % of the resamples; '—' where "
              f"{lb}'s curve does not reach that {x_key}.", ""]
     lines += [f"| {lo} step | {x_key} | " + " | ".join(METRICS) + " |", "|" + "---|" * (len(METRICS) + 2)]
     for row, c in zip(rows, ci):
