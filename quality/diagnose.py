@@ -26,8 +26,8 @@ from apt_core.models import cache_dataset, encode_pixels
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, apt_config, load_config, load_prior, reference_caption, reference_scenes,
-                    to_pixels)
+from .bench import (Record, _merge, apt_config, load_config, load_prior, reference_caption,
+                    reference_scenes, to_pixels)
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render
@@ -112,32 +112,36 @@ def main(argv=None) -> int:
 
     over = {}
     for s in args.set:
-        over = {**over, **json.loads(s)}
+        over = _merge(over, json.loads(s))
     cfg = load_config(args.config, {"apt_config": over} if over else None)
+    if cfg["augment_fill"] == "background":
+        raise SystemExit("diagnose does not implement the benchmark's 'background' fill; use quality.run")
     if cfg["device"] == "cpu" and cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
     t0 = time.time()
     c = load_prior(cfg)
+    dev = cfg["device"]
+    for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
+        m.to(dev)
     size = world_image_size(c)
     rot = float(cfg["eval"].get("shape_rotation_deg", 0.0))
     refs = reference_scenes(cfg)
     ref_cap = reference_caption(cfg)
     records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
                for i, s in enumerate(refs)]
-    dataset = cache_dataset(c, records, "cpu", torch.float32, keep_pixels=True)
+    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
     acfg = apt_config(cfg, args.method, args.seed)
     steps = args.steps or acfg.train.steps
     backbone = DiffusersSDXLBackbone.from_components(c)
     trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=lambda px: encode_pixels(c, px))
     try:
         for _ in range(steps):
-            trainer.train_step()
+            event = trainer.train_step()
         losses = bin_losses(backbone, trainer.lora, dataset)
         seeds = [cfg["eval"]["sample_seed"] + 40_000 + i for i in range(args.samples)]
         imgs = sample(c, [ref_cap] * args.samples, seeds, steps=cfg["eval"]["sampling_steps"],
                       guidance=cfg["eval"]["guidance"], size=size)
-        gammas = trainer.indicator.gammas()
-        aug_rate = sum(trainer._augmented) / max(1, len(trainer._augmented))
+        gammas, aug_rate = event.gamma, event.aug_rate
     finally:
         trainer.close()
     dets = [detect(im, rotation_deg=rot) for im in imgs]

@@ -60,7 +60,8 @@ def markdown(out: dict, quick: bool) -> str:
         f"Concept: a **{con['colour']} {con['shape']}** ({con['style']} style), never seen by the prior, bound "
         f"to `sks`; {con['n_images']} references, {con['size_name']}, {con['position']}, on a "
         f"{con['background']} background, caption `{res['reference_caption']}`.",
-        f"Prior: `{cfg['prior']}` ({res.get('image_size', 64)} px world). Training: {steps} steps, seeds {cfg['seeds']}, settings "
+        f"Prior: `{cfg['prior']}` ({res.get('image_size', 64)} px world). Training: {steps} steps, "
+        f"seeds {cfg['seeds']}, settings "
         f"`{json.dumps(cfg['apt_config'])}`, augmentation fill: {fill_description(cfg)}.",
         f"Evaluation at step {cfg['eval']['steps'][-1]}: {len(res['prompts'])} concept images "
         f"({len(set(res['prompts']))} prompts x {cfg['eval']['samples_per_prompt']} seeds) and "

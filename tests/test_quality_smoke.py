@@ -254,3 +254,15 @@ def test_diagnose_reads_what_the_committed_prior_vae_keeps_of_a_zoomed_out_cross
     assert rows[2.0, 0.0]["trip_colour"] == "blue"
     turned = zoom_round_trips(c, concept, 64, 15.0, zooms=(1.0,), angles=(15.0,))[0]
     assert turned["warped_shape"] == "cross"
+
+
+def test_diagnose_command_writes_its_json_and_figure(tmp_path):
+    from quality.diagnose import main
+
+    assert main(["--config", "quality/configs/learnable_border.json", "--method", "ata", "--steps", "1",
+                 "--samples", "2", "--set", '{"augment": {"zoom_max": 2.0}}', "--out", str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert out["image_size"] == 64 and out["steps"] == 1 and len(out["ref_caption_detections"]) == 2
+    assert len(out["bin_loss_ft"]) == len(out["bin_loss_pre"]) == 10
+    assert out["overrides"] == {"augment": {"zoom_max": 2.0}}
+    assert (tmp_path / "diagnosis.png").stat().st_size > 0
