@@ -23,7 +23,7 @@ from .errors import AptError
 from .images import load_image_folder
 from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
 from .sample_images import write_sample_folder
-from .sampling import before_after_grid, on_device, sample
+from .sampling import before_after_grid, on_device, sample, to_uint8_images
 from .trainer import AptTrainer, ProgressEvent
 
 PRESETS = {"fastest": False, "low-vram": True}  # -> gradient checkpointing
@@ -133,8 +133,7 @@ class BeforeAfter:
 
     def write(self, after, path: Path, title: str, records=()) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        refs = [((r.pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-                for r in records]
+        refs = [to_uint8_images(r.pixels[None])[0] for r in records]  # sizes may differ (buckets)
         before_after_grid(self.prompts, self.before, after, title=title, references=refs).save(path)
         return path
 

@@ -94,6 +94,12 @@ def guided_output(components: SDXLComponents, x: torch.Tensor, t: torch.Tensor,
     return u + guidance * (c - u)
 
 
+def to_uint8_images(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 images (clamped, rounded)."""
+    x = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
 @torch.no_grad()
 def decode(components: SDXLComponents, latents: torch.Tensor) -> np.ndarray:
     """(B, 4, h, w) scaled latents -> (B, 8h, 8w, 3) uint8 images (VAE in float32)."""
@@ -102,9 +108,7 @@ def decode(components: SDXLComponents, latents: torch.Tensor) -> np.ndarray:
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         z = z + shift
-    x = vae.decode(z.to(vae.dtype)).sample.float()
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8_images(vae.decode(z.to(vae.dtype)).sample)
 
 
 @torch.no_grad()

@@ -247,30 +247,34 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
 
 
 @torch.no_grad()
-def _eps_terms(backbone, lora, dataset, es: EvalSet) -> tuple[float, float]:
-    """(L_pre - L_ft on the references, mean ||eps_ft - eps_pre||^2 on world images without the
-    concept), over the eval set's fixed (image, t, noise) draws (one batched forward each)."""
+@torch.no_grad()
+def predict_with_and_without_lora(backbone, lora, latents: list[torch.Tensor], conds: list,
+                                  ts: list[int], noises: list[torch.Tensor]
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise each latent at its t with its noise and predict it with the LoRA on and off (one
+    batched forward each): (eps_ft, eps_pre, noise), each (N, 4, h, w) float on the UNet's device."""
     from apt_core.conditioning import SDXLConditioning
 
-    acp = backbone.alphas_cumprod
     dev = next(backbone.unet.parameters()).device
+    a = backbone.alphas_cumprod[torch.tensor(ts)].view(-1, 1, 1, 1)
+    x_t = (a.sqrt() * torch.stack(latents) + (1 - a).sqrt() * torch.stack(noises)).to(dev)
+    tt = torch.tensor(ts, device=dev)
+    cond = SDXLConditioning.cat(conds).to(dev)
+    ft = backbone.predict(x_t, tt, cond).float()
+    with lora.disabled():
+        pre = backbone.predict(x_t, tt, cond).float()
+    return ft, pre, torch.stack(noises).to(dev)
 
-    def pair(latents, conds, ts, noises):
-        a = acp[torch.tensor(ts)].view(-1, 1, 1, 1)
-        x_t = (a.sqrt() * torch.stack(latents) + (1 - a).sqrt() * torch.stack(noises)).to(dev)
-        tt = torch.tensor(ts, device=dev)
-        cond = SDXLConditioning.cat(conds).to(dev)
-        ft = backbone.predict(x_t, tt, cond).float()
-        with lora.disabled():
-            pre = backbone.predict(x_t, tt, cond).float()
-        return ft, pre, torch.stack(noises).to(dev)
 
-    ft, pre, n = pair([dataset.examples[i].latent.float() for i, _, _ in es.gap_draws],
-                      [dataset.examples[i].cond for i, _, _ in es.gap_draws],
-                      [t for _, t, _ in es.gap_draws], [z for _, _, z in es.gap_draws])
+def _eps_terms(backbone, lora, dataset, es: EvalSet) -> tuple[float, float]:
+    """(L_pre - L_ft on the references, mean ||eps_ft - eps_pre||^2 on world images without the
+    concept), over the eval set's fixed (image, t, noise) draws."""
+    ft, pre, n = predict_with_and_without_lora(
+        backbone, lora, [dataset.examples[i].latent.float() for i, _, _ in es.gap_draws],
+        [dataset.examples[i].cond for i, _, _ in es.gap_draws],
+        [t for _, t, _ in es.gap_draws], [z for _, _, z in es.gap_draws])
     gap = float((pre - n).pow(2).mean() - (ft - n).pow(2).mean())
-    ft, pre, _ = pair([w[0] for w in es.world_draws], [w[1] for w in es.world_draws],
-                      [w[2] for w in es.world_draws], [w[3] for w in es.world_draws])
+    ft, pre, _ = predict_with_and_without_lora(backbone, lora, *(list(x) for x in zip(*es.world_draws)))
     return gap, float((ft - pre).pow(2).mean())
 
 

@@ -23,11 +23,12 @@ import torch
 from apt_core.augment import draw_augmentation, zoom_rotate
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.models import cache_dataset, encode_pixels
+from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, _merge, apt_config, load_config, load_prior, reference_caption,
-                    reference_scenes, to_pixels)
+from .bench import (Record, _merge, apt_config, load_config, load_prior, predict_with_and_without_lora,
+                    reference_caption, reference_scenes, to_pixels)
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render
@@ -39,31 +40,22 @@ def _label(d) -> str:
     return f"{d.colour} {d.shape} {d.size:.2f} iou {d.shape_iou:.2f}"
 
 
-@torch.no_grad()
 def bin_losses(backbone, lora, dataset, draws_per_bin: int = 16, bins: int = 10,
                seed: int = 123) -> dict[str, list[float]]:
     """Denoising MSE of the fine-tuned model and of the prior on the (unaugmented) references,
     per timestep bin, over fixed draws: {"ft": [B], "pre": [B]}."""
-    from apt_core.conditioning import SDXLConditioning
-
     g = torch.Generator().manual_seed(seed)
-    acp = backbone.alphas_cumprod
-    dev = next(backbone.unet.parameters()).device
     width = 1000 // bins
+    idx = [i % len(dataset) for i in range(draws_per_bin)]
     out = {"ft": [], "pre": []}
     for b in range(bins):
-        idx = [i % len(dataset) for i in range(draws_per_bin)]
         ts = torch.randint(b * width, (b + 1) * width, (draws_per_bin,), generator=g)
-        lat = torch.stack([dataset.examples[i].latent.float() for i in idx])
-        noise = torch.randn(lat.shape, generator=g)
-        a = acp[ts].view(-1, 1, 1, 1)
-        x_t = (a.sqrt() * lat + (1 - a).sqrt() * noise).to(dev)
-        cond = SDXLConditioning.cat([dataset.examples[i].cond for i in idx]).to(dev)
-        ft = backbone.predict(x_t, ts.to(dev), cond).float().cpu()
-        with lora.disabled():
-            pre = backbone.predict(x_t, ts.to(dev), cond).float().cpu()
-        out["ft"].append(float((ft - noise).pow(2).mean()))
-        out["pre"].append(float((pre - noise).pow(2).mean()))
+        lat = [dataset.examples[i].latent.float() for i in idx]
+        noise = list(torch.randn(len(idx), *lat[0].shape, generator=g))
+        ft, pre, n = predict_with_and_without_lora(backbone, lora, lat, [dataset.examples[i].cond for i in idx],
+                                                   ts.tolist(), noise)
+        out["ft"].append(float((ft - n).pow(2).mean()))
+        out["pre"].append(float((pre - n).pow(2).mean()))
     return out
 
 
@@ -80,7 +72,7 @@ def zoom_round_trips(c, concept: dict, size: int, rotation_deg: float,
     for z in zooms:
         for a in angles:
             warped = zoom_rotate(img, torch.tensor([z]), torch.tensor([a]), "border")
-            u8 = ((warped[0].clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+            u8 = to_uint8_images(warped)[0]
             trip = detect(decode(c, encode_pixels(c, warped))[0], rotation_deg=rotation_deg)
             rows.append({"zoom": z, "angle": a, "warped_shape": detect(u8, rotation_deg=rotation_deg).shape,
                          "trip_shape": trip.shape, "trip_colour": trip.colour, "trip_size": trip.size})
@@ -94,8 +86,7 @@ def augmented_examples(c, dataset, cfg_aug, n: int, seed: int = 0) -> tuple[np.n
     draw = draw_augmentation(n, cfg_aug, g)
     aug = zoom_rotate(pixels, draw.zoom, draw.angle, cfg_aug.fill, -1.0)
     trip = decode(c, encode_pixels(c, aug))
-    as_u8 = ((aug.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return as_u8, trip
+    return to_uint8_images(aug), trip
 
 
 def main(argv=None) -> int:
