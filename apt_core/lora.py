@@ -83,6 +83,13 @@ class LoraAdapter:
             params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
         return params
 
+    def set_input_cast(self, enabled: bool) -> None:
+        """peft casts each LoRA layer's input to the fp32 LoRA weights' dtype. Under autocast the
+        matmuls run in the autocast dtype whatever the input's dtype, so that cast is a copy of the
+        activation (and one more op in backward) that changes nothing: switch it off there."""
+        for layer in self.layers.values():
+            layer.cast_input_dtype_enabled = enabled
+
     def set_enabled(self, enabled: bool) -> None:
         for layer in self.layers.values():
             # The flag peft's forward reads; enable_adapters() would also flip requires_grad on

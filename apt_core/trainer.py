@@ -110,6 +110,8 @@ class AptTrainer:
                               config.regularizers.aa_distance, config.regularizers.aa_head_average)
         self.lora = LoraAdapter(backbone.unet, backbone.lora_target_names(config.lora.include_feed_forward),
                                 config.lora, seed=config.train.seed)
+        self.lora.set_input_cast(self.amp_dtype is None)
+        self._alphas_cumprod = backbone.alphas_cumprod.to(self.device)
         self._probe_handle = backbone.attach_probe(self.probe, config.regularizers.up_block_factors) \
             if self.probe.active else None
         self._restore_checkpointing = None
@@ -188,7 +190,7 @@ class AptTrainer:
         if sw.adaptive_augmentation:
             latents, applied = self._augment(latents, idx, gamma, draw)
         t_dev = t.to(self.device)
-        acp = self.backbone.alphas_cumprod.to(self.device)[t_dev].view(b, 1, 1, 1)
+        acp = self._alphas_cumprod[t_dev].view(b, 1, 1, 1)
         x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
         target = noise if self.backbone.prediction_type == "epsilon" else \
             acp.sqrt() * noise - (1.0 - acp).sqrt() * latents

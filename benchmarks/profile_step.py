@@ -139,6 +139,25 @@ def labelled_regions():
             setattr(owner, attr, original)
 
 
+def region_times(events, steps: int) -> dict[str, dict[str, float]]:
+    """Per-step times of the labelled regions from `prof.key_averages()`.
+
+    On CUDA a region shows up twice under its label: the CPU-side range (its CPU time, and the
+    kernel time of the ops launched inside it as device time) and a GPU-timeline annotation
+    (no CPU time; its device time is the span from first to last kernel, gaps included). The
+    CPU-side entry is the one to read; the annotation is only used when nothing else is there.
+    """
+    regions: dict[str, dict[str, float]] = {}
+    for e in events:
+        if e.key not in LABELS and not e.key.startswith("Optimizer.step"):
+            continue
+        if e.key in regions and e.cpu_time_total == 0:
+            continue  # a GPU annotation after the CPU-side entry
+        regions[e.key] = {"per_step_ms": e.cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps,
+                          "device_ms_per_step": getattr(e, "device_time_total", 0.0) / 1000 / steps}
+    return regions
+
+
 def profile_trainer(w, switches: tuple, steps: int, warmup: int, row_limit: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,13 +174,8 @@ def profile_trainer(w, switches: tuple, steps: int, warmup: int, row_limit: int)
     finally:
         tr.close()
     events = prof.key_averages()
-    regions, aten_self_us = {}, 0.0
-    for e in events:
-        if e.key.startswith("aten::"):
-            aten_self_us += e.self_cpu_time_total
-        elif e.key in LABELS or e.key.startswith("Optimizer.step"):
-            regions[e.key] = {"per_step_ms": e.cpu_time_total / 1000 / steps, "calls_per_step": e.count / steps,
-                              "device_ms_per_step": getattr(e, "device_time_total", 0.0) / 1000 / steps}
+    aten_self_us = sum(e.self_cpu_time_total for e in events if e.key.startswith("aten::"))
+    regions = region_times(events, steps)
     # Ops issued from Python or the autograd engine (not those an op calls internally): on a GPU
     # each is at least one kernel launch, so this count bounds how fast the CPU can feed the GPU.
     top_level_ops = sum(1 for e in prof.events() if e.name.startswith("aten::") and (
@@ -174,6 +188,9 @@ def profile_trainer(w, switches: tuple, steps: int, warmup: int, row_limit: int)
         "wall_ms_median": wall_ms,
         "aten_ops_per_step": top_level_ops / steps,
         "aten_self_ms_per_step": aten_self_us / 1000 / steps,
+        # Time the GPU spent running kernels (0 on CPU): wall minus this is the GPU waiting for
+        # the CPU to issue work.
+        "gpu_kernel_ms_per_step": sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1000 / steps,
         "outside_aten_ms_per_step": (total_wall_ms - aten_self_us / 1000) / steps,
         "regions": dict(sorted(regions.items(), key=lambda kv: -kv[1]["per_step_ms"])),
         "top_ops": [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000 / steps,
@@ -262,7 +279,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     p_db, p_apt = result["profile"]["dreambooth"], result["profile"]["apt"]
     for key, label in (("wall_ms_median", "wall ms (profiler on)"), ("aten_ops_per_step", "aten ops issued (top-level)"),
                        ("aten_self_ms_per_step", "ms inside aten ops"),
-                       ("outside_aten_ms_per_step", "ms outside aten ops (Python, autograd engine, hooks)")):
+                       ("outside_aten_ms_per_step", "ms outside aten ops (Python, autograd engine, hooks)"),
+                       ("gpu_kernel_ms_per_step", "ms of GPU kernels (0 on CPU)")):
         lines.append(f"| {label} | {p_db[key]:.1f} | {p_apt[key]:.1f} |")
     names = list(dict.fromkeys(list(p_apt["regions"]) + list(p_db["regions"])))
     gpu = s["device"] == "cuda"

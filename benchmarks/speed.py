@@ -279,6 +279,7 @@ class Options:
     warmup: int
     compile: bool
     flops: bool
+    compile_mode: str = "default"
 
 
 def _compile_config() -> dict[str, Any]:
@@ -377,7 +378,7 @@ def _error(row: dict[str, Any], exc: BaseException) -> None:
     traceback.print_exc()
 
 
-def _prepare(w: Workload, unet, spec: Spec, row: dict[str, Any], compiled: bool):
+def _prepare(w: Workload, unet, spec: Spec, row: dict[str, Any], compiled: bool, opts: Options):
     """The variant's runner on `unet`; its setup time goes into row["setup_s"]; compiles the UNet
     afterwards when asked (compile time then shows in the warm-up steps)."""
     t0 = time.perf_counter()
@@ -385,7 +386,7 @@ def _prepare(w: Workload, unet, spec: Spec, row: dict[str, Any], compiled: bool)
     sync(w.device)
     row["setup_s"] = time.perf_counter() - t0
     if compiled:
-        unet.compile()
+        unet.compile(mode=opts.compile_mode)
     return runner
 
 
@@ -406,7 +407,7 @@ def run_sequential(w: Workload, specs: list[Spec], opts: Options, log) -> list[d
 
                 torch._dynamo.reset()
                 torch._dynamo.utils.counters.clear()
-            runner = _prepare(w, unet, spec, row, compiled)
+            runner = _prepare(w, unet, spec, row, compiled, opts)
             warm = [timed(runner.step, w.device) for _ in range(opts.warmup)]
             times = [timed(runner.step, w.device) for _ in range(opts.steps)]
             _finish_row(row, times, warm, opts)
@@ -453,7 +454,7 @@ def run_interleaved(w: Workload, specs: list[Spec], opts: Options, log) -> list[
         rows.append(row)
         try:
             unet = w.fresh_unet()
-            runner = _prepare(w, unet, spec, row, compiled)
+            runner = _prepare(w, unet, spec, row, compiled, opts)
             live.append((row, runner, unet, [], []))
         except Exception as exc:
             _error(row, exc)
@@ -765,6 +766,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient-checkpointing", choices=("both", "on", "off"), default="both")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet for this project's rows (naive and ComfyUI stay eager)")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs)")
     p.add_argument("--json", help="write the result here")
     p.add_argument("--markdown", help="also write the markdown report here")
     p.add_argument("--variants", default=",".join(ROWS),
@@ -803,7 +807,7 @@ def run(args: argparse.Namespace, argv: list[str], log=print) -> dict[str, Any]:
     gc_modes = {"both": [False, True], "on": [True], "off": [False]}[args.gradient_checkpointing]
     info = machine_info(device)
     w = make_workload(args.model, device, args.resolution, args.batch_size, args.rank, args.seed)
-    opts = Options(args.steps, args.warmup, args.compile, args.flops)
+    opts = Options(args.steps, args.warmup, args.compile, args.flops, args.compile_mode)
     result: dict[str, Any] = {
         "command": "python -m benchmarks.speed " + shlex.join(argv),
         "machine": info,
@@ -811,7 +815,7 @@ def run(args: argparse.Namespace, argv: list[str], log=print) -> dict[str, Any]:
                      "latent": f"{args.resolution // 8}x{args.resolution // 8}",
                      "batch_size": args.batch_size, "rank": args.rank, "steps": args.steps,
                      "warmup": args.warmup, "gradient_checkpointing_modes": gc_modes,
-                     "compile": args.compile, "schedule": args.schedule, "variants": args.variants,
+                     "compile": args.compile, "compile_mode": args.compile_mode if args.compile else None, "schedule": args.schedule, "variants": args.variants,
                      "dtype": str(w.dtype).replace("torch.", ""),
                      "autocast": str(w.amp_dtype).replace("torch.", "") if w.amp_dtype else "off",
                      "torch_threads": torch.get_num_threads()},

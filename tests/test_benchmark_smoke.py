@@ -82,3 +82,25 @@ def test_speed_benchmark_sequential_with_checkpointing_and_flops(tmp_path):
 def test_unknown_variant_is_rejected():
     with pytest.raises(SystemExit):
         speed.parse_args(["--device", "cpu", "--variants", "apt,warp_drive"])
+
+
+def test_profile_regions_read_the_cpu_side_entry_not_the_gpu_annotation():
+    """On CUDA, key_averages() lists a labelled region twice: the CPU-side range (CPU time, kernel
+    time inside it) and a GPU-timeline annotation (no CPU time, span with gaps). The report reads
+    the first, whichever order they come in."""
+    from types import SimpleNamespace as E
+
+    from benchmarks.profile_step import region_times
+
+    cpu_side = E(key="unet forward: fine-tuned", cpu_time_total=1_113_000.0, count=2, device_time_total=84_688.0)
+    annotation = E(key="unet forward: fine-tuned", cpu_time_total=0.0, count=2, device_time_total=1_055_200.0)
+    aten = E(key="aten::mm", cpu_time_total=5.0, count=1, device_time_total=1.0)
+    for events in ([cpu_side, annotation, aten], [annotation, cpu_side, aten]):
+        regions = region_times(events, steps=2)
+        assert set(regions) == {"unet forward: fine-tuned"}
+        r = regions["unet forward: fine-tuned"]
+        assert r["per_step_ms"] == pytest.approx(556.5)
+        assert r["device_ms_per_step"] == pytest.approx(42.344)
+        assert r["calls_per_step"] == 1
+    # on CPU only the CPU-side entry exists
+    assert region_times([cpu_side], 2)["unet forward: fine-tuned"]["device_ms_per_step"] == pytest.approx(42.344)

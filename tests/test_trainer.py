@@ -301,3 +301,21 @@ def test_aa_free_words_leave_the_trigger_tokens_out_of_the_alignment():
     assert losses[0] == losses[2]
     assert losses[0][0] == losses[1][0] == 0.0  # LoRA starts at zero: identical maps
     assert all(a != b for a, b in zip(losses[0][1:], losses[1][1:]))
+
+
+def test_peft_input_cast_is_off_under_autocast_and_changes_nothing():
+    """Under autocast peft's cast of each LoRA layer's input to fp32 is a copy that the bf16 matmul
+    casts straight back: the trainer switches it off there, with bit-identical training."""
+    fp32, _, _ = make_trainer(steps=1)
+    assert all(layer.cast_input_dtype_enabled for layer in fp32.lora.layers.values())
+    runs = []
+    for cast in (False, True):
+        tr, _, _ = make_trainer(steps=2, learning_rate=1e-2, overrides={"train.mixed_precision": "bf16"})
+        assert tr.amp_dtype == torch.bfloat16
+        assert not any(layer.cast_input_dtype_enabled for layer in tr.lora.layers.values())
+        tr.lora.set_input_cast(cast)
+        tr.run()
+        runs.append([p.detach().clone() for p in tr.lora.parameters()])
+    assert any(p.abs().sum() > 0 for p in runs[0])
+    for p, q in zip(*runs):
+        assert torch.equal(p, q)
