@@ -58,14 +58,44 @@ def aa_layer_loss(probs_ft: torch.Tensor, probs_pre: torch.Tensor, token_mask: t
         per_query = ((a_ft - a_pre).pow(2) * mask).sum(-1, keepdim=True) / valid_tokens
         return per_query.mean()
     if distance == "kl":
-        eps = 1e-8
+        return _renormalised_kl(a_pre, a_ft, mask).mean()
+    raise ValueError(f"unknown AA distance {distance!r}; use 'mse' or 'kl'")
+
+
+def _renormalised_kl(a_pre: torch.Tensor, a_ft: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KL(p || r) per query, p and r the two maps renormalised over the valid tokens.
+    a_*: (B, h, Q, K), mask: (B, 1, 1, K) float -> (B, h, Q)."""
+    with torch.no_grad():
         p = a_pre * mask
         p = p / p.sum(-1, keepdim=True).clamp(min=eps)
-        r = a_ft * mask
-        r = r / r.sum(-1, keepdim=True).clamp(min=eps)
-        kl = (p * ((p + eps).log() - (r + eps).log()) * mask).sum(-1)
-        return kl.mean()
-    raise ValueError(f"unknown AA distance {distance!r}; use 'mse' or 'kl'")
+    return _RenormalisedKL.apply(p, a_ft, mask, eps)
+
+
+class _RenormalisedKL(torch.autograd.Function):
+    """sum_k m_k p_k (log(p_k + eps) - log(r_k + eps)), r = a m / max(sum_k a_k m_k, eps).
+
+    Autograd of that formula keeps three (B, h, Q, K) tensors for backward (r, r + eps, p); this
+    keeps p and `a`, which the softmax that made `a` keeps anyway, and recomputes r in backward.
+    At SDXL 1024 the hooked layers' maps hold ~66 M values: ~0.5 GB less at the peak.
+    With s = sum_j a_j m_j and w = p m / (r + eps):
+    dKL/da_k = -w_k / s + [s > eps] m_k / s^2 * sum_j w_j a_j.
+    """
+
+    @staticmethod
+    def forward(ctx, p: torch.Tensor, a: torch.Tensor, mask: torch.Tensor, eps: float) -> torch.Tensor:
+        mass = (a * mask).sum(-1, keepdim=True)
+        s = mass.clamp(min=eps)
+        r = a * mask / s
+        ctx.save_for_backward(p, a, mask, s, mass >= eps)
+        ctx.eps = eps
+        return (p * ((p + eps).log() - (r + eps).log()) * mask).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        p, a, mask, s, s_active = ctx.saved_tensors
+        w = p * mask / (a * mask / s + ctx.eps)
+        through_s = s_active * mask / s.pow(2) * (w * a).sum(-1, keepdim=True)
+        return None, grad.unsqueeze(-1) * (through_s - w / s), None, None
 
 
 def mean_or_zero(terms: Sequence[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -88,3 +88,59 @@ def test_word_token_mask_marks_every_occurrence_of_multi_token_words():
     mask = word_token_mask(ids, [[5, 6], [], [7]])
     assert mask.nonzero().tolist() == [[0, 1], [0, 2], [0, 3], [0, 4], [0, 5], [1, 2]]
     assert not word_token_mask(ids, []).any()
+
+
+def _kl_direct(a_ft, a_pre, mask, eps=1e-8):
+    """The KL as first written: both maps renormalised explicitly (the reference)."""
+    m = mask[:, None, None, :].float()
+    p = a_pre * m
+    p = p / p.sum(-1, keepdim=True).clamp(min=eps)
+    r = a_ft * m
+    r = r / r.sum(-1, keepdim=True).clamp(min=eps)
+    return (p * ((p + eps).log() - (r + eps).log()) * m).sum(-1).mean()
+
+
+def _saved_bytes(fn):
+    """Bytes of distinct tensors autograd keeps for backward while fn() builds its graph."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_aa_kl_matches_the_direct_formula_and_keeps_less_for_backward():
+    g = torch.Generator().manual_seed(0)
+    # attention-like maps (every probability far above the eps guard)
+    scores = torch.randn(2, 3, 64, 12, generator=g) * 1.5
+    a_pre = torch.randn(2, 3, 64, 12, generator=g).mul(1.5).softmax(-1)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, 7:] = False  # padding in the first prompt
+    mask[1, 2] = False  # a free token in the second
+    results = []
+    for loss_fn in (lambda a: aa_layer_loss(a, a_pre, mask, distance="kl"), lambda a: _kl_direct(a, a_pre, mask)):
+        s = scores.clone().requires_grad_(True)
+        a_ft = s.softmax(-1)
+        loss, nbytes = _saved_bytes(lambda: loss_fn(a_ft))
+        loss.backward()
+        results.append((loss.detach(), s.grad, nbytes))
+    (lean, g_lean, b_lean), (direct, g_direct, b_direct) = results
+    assert lean.item() > 0.1
+    assert torch.equal(lean, direct)  # the same operations forward; only backward is hand-written
+    assert torch.allclose(g_lean, g_direct, rtol=1e-4, atol=1e-7)
+    one_map = a_pre.numel() * 4
+    # direct: r, r + eps and p; lean: p and a_ft (which the softmax that made it keeps anyway)
+    # (and the (B, h, Q, 1) sums)
+    assert b_direct >= 3 * one_map and b_lean <= 2.3 * one_map
+    # a map with an exact zero where the prior has mass stays finite, as before
+    zero = torch.tensor([[[[1.0, 0.0]]]], requires_grad=True)
+    half = torch.tensor([[[[0.5, 0.5]]]])
+    both = torch.ones(1, 2, dtype=torch.bool)
+    loss = aa_layer_loss(zero, half, both, distance="kl")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zero.grad).all()
+    assert loss.item() == pytest.approx(_kl_direct(zero.detach(), half, both).item(), rel=1e-6)
