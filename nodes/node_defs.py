@@ -294,8 +294,8 @@ class AptTrainerNode(io.ComfyNode):
                 io.Combo.Input("memory_preset", options=list(PRESETS), default=DEFAULT_PRESET, tooltip=(
                     "Fastest: everything kept in memory. Low VRAM: recompute activations in the backward "
                     "pass (gradient checkpointing): about half the memory, slower steps. Measured on an "
-                    "H100, SDXL at 1024, rank 32: peak 14.1 GB and 0.60 s per step (Fastest) against "
-                    "7.3 GB and 1.09 s (Low VRAM), for the UNet alone.")),
+                    "H100, SDXL at 1024, rank 32: peak 14.1 GiB and 0.60 s per step (Fastest) against "
+                    "7.3 GiB and 1.09 s (Low VRAM), for the UNet alone.")),
                 AtaSettingsIO.Input("ata_settings", optional=True, tooltip=(
                     "Optional: APT Indicator & Augmentation settings (defaults follow the paper).")),
                 RegSettingsIO.Input("reg_settings", optional=True, tooltip=(
