@@ -71,10 +71,11 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_config(base: dict, over: dict) -> dict:
+    """`over` merged into a deep copy of `base`, nested dicts key by key."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
     return out
 
 
@@ -82,15 +83,15 @@ def _read(path: Path) -> dict:
     """A config file; "extends": "other.json" (relative to it) is read first and overridden."""
     data = json.loads(path.read_text())
     base = data.pop("extends", None)
-    return _merge(_read(path.parent / base), data) if base else data
+    return merge_config(_read(path.parent / base), data) if base else data
 
 
 def load_config(path: str | Path | None, overrides: dict | None = None, quick: bool = False) -> dict:
-    cfg = _merge(DEFAULTS, _read(Path(path)) if path else {})
+    cfg = merge_config(DEFAULTS, _read(Path(path)) if path else {})
     if quick:
-        cfg = _merge(cfg, quick_overrides())
+        cfg = merge_config(cfg, quick_overrides())
         cfg["concept_prompts"], cfg["drift_prompts"] = cfg["concept_prompts"][:3], cfg["drift_prompts"][:2]
-    cfg = _merge(cfg, overrides or {})
+    cfg = merge_config(cfg, overrides or {})
     unknown = set(cfg["methods"]) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
@@ -246,7 +247,6 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
     return es
 
 
-@torch.no_grad()
 @torch.no_grad()
 def predict_with_and_without_lora(backbone, lora, latents: list[torch.Tensor], conds: list,
                                   ts: list[int], noises: list[torch.Tensor]

@@ -27,7 +27,7 @@ from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, _merge, apt_config, load_config, load_prior, predict_with_and_without_lora,
+from .bench import (Record, merge_config, apt_config, load_config, load_prior, predict_with_and_without_lora,
                     reference_caption, reference_scenes, to_pixels)
 from .models import world_image_size
 from .sampling import decode, sample
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
 
     over = {}
     for s in args.set:
-        over = _merge(over, json.loads(s))
+        over = merge_config(over, json.loads(s))
     cfg = load_config(args.config, {"apt_config": over} if over else None)
     if cfg["augment_fill"] == "background":
         raise SystemExit("diagnose does not implement the benchmark's 'background' fill; use quality.run")
