@@ -38,9 +38,9 @@ from .world import (COLOURS, PRETRAIN_COLOURS, PRETRAIN_SHAPES, SHAPES, caption,
                     is_held_out, random_scene, render, training_caption)
 
 FULL = dict(vae_steps=2500, vae_batch=32, vae_crop=32, vae_full_steps=300, vae_lr=2e-3,
-            n_train=8000, unet_steps=1600, unet_batch=32, unet_lr=1e-3, eval_prompts=96)
+            n_train=8000, unet_steps=1600, unet_batch=32, unet_lr=1e-3, noise_offset=0.0, eval_prompts=96)
 QUICK = dict(vae_steps=20, vae_batch=8, vae_crop=32, vae_full_steps=5, vae_lr=2e-3, n_train=64,
-             unet_steps=10, unet_batch=8, unet_lr=1e-3, eval_prompts=4)
+             unet_steps=10, unet_batch=8, unet_lr=1e-3, noise_offset=0.0, eval_prompts=4)
 
 
 def log(msg: str, t0: float) -> None:
@@ -111,9 +111,23 @@ def held_out_scenes(n: int, seed: int):
     return scenes
 
 
+def training_noise(shape: torch.Size | tuple[int, ...], noise_offset: float, generator: torch.Generator
+                   ) -> torch.Tensor:
+    """(B, C, h, w) standard normal noise plus noise_offset * a (B, C, 1, 1) standard normal
+    ("offset noise"): each channel's spatial mean then has variance 1 / (h w) + noise_offset^2."""
+    noise = torch.randn(shape, generator=generator)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
+    return noise
+
+
 def train_unet(c, latents: torch.Tensor, scenes, steps: int, batch: int, lr: float, seed: int,
                device: str, t0: float, snr_gamma: float = 5.0, p_empty: float = 0.1,
-               size: int = IMAGE_SIZE) -> None:
+               size: int = IMAGE_SIZE, noise_offset: float = 0.0) -> None:
+    """noise_offset: std of a per-sample, per-channel constant added to the noise (SDXL was trained
+    with 0.0357). SDXL's schedule leaves sqrt(alpha_bar_999) = 0.068 of the image in x_999, and a
+    16 x 16 latent's per-channel noise mean is only 1/16 in std, so without it the UNet learns to
+    read the image's mean colour (the background) from the noise instead of from the prompt."""
     rng = random.Random(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     unet, te1, te2 = c.unet.to(device).train(), c.text_encoder_1.to(device).train(), c.text_encoder_2.to(device).train()
@@ -133,7 +147,7 @@ def train_unet(c, latents: torch.Tensor, scenes, steps: int, batch: int, lr: flo
         caps = ["" if rng.random() < p_empty else training_caption(scenes[i], rng) for i in idx.tolist()]
         x0 = latents[idx]
         t = torch.randint(0, 1000, (batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
+        noise = training_noise(x0.shape, noise_offset, gen)
         a = acp[t].view(-1, 1, 1, 1)
         x_t = (a.sqrt() * x0 + (1 - a).sqrt() * noise).to(device)
         ctx, pooled, _ = encode_text_grad(c, *token_ids(c, caps))
@@ -182,6 +196,44 @@ def vae_roundtrip(components, scenes) -> dict:
     return {a: float(np.mean([getattr(d, a) == getattr(s, a) for d, s in zip(dets, scenes)])) for a in ATTRS}
 
 
+def r_squared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Fraction of the variance of each column of y (n, d) explained by a least-squares fit on
+    x (n, k) plus an intercept -> (d,). With k random regressors it is about k / (n - 1) by chance."""
+    design = np.c_[x, np.ones(len(x))]
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    return 1.0 - (y - design @ coef).var(0) / y.var(0)
+
+
+def border_rgb(img: np.ndarray, width: int = 2) -> np.ndarray:
+    """Median RGB of the `width`-pixel frame of an (H, W, 3) image -> (3,) float."""
+    frame = np.concatenate([img[:width].reshape(-1, 3), img[-width:].reshape(-1, 3),
+                            img[:, :width].reshape(-1, 3), img[:, -width:].reshape(-1, 3)])
+    return np.median(frame, axis=0).astype(np.float64)
+
+
+def background_from_noise(components, backgrounds=("white", "sand", "pink"), n: int = 32,
+                          seed: int = 2000) -> dict:
+    """How much of the background colour comes from the starting noise instead of the prompt.
+
+    For each background, n images of the same prompt with n seeds; the R^2 of their border colour
+    on the starting noise's per-channel means (4 regressors: ~0.13 by chance at n = 32), averaged
+    over RGB and backgrounds, and the detected-background accuracy of those images.
+    """
+    from .sampling import initial_noise
+
+    size = world_image_size(components)
+    channels = components.unet.config.in_channels
+    seeds = [seed + i for i in range(n)]
+    means = initial_noise(seeds, (size // 8, size // 8), channels).mean(dim=(2, 3)).numpy()
+    r2, acc = [], []
+    for bg in backgrounds:
+        imgs = sample(components, [f"a red circle, on a {bg} background, flat style"] * n, seeds, size=size)
+        r2.append(float(r_squared(means, np.stack([border_rgb(im) for im in imgs])).mean()))
+        acc.append(float(np.mean([detect(im).background == bg for im in imgs])))
+    return {"r2": float(np.mean(r2)), "accuracy": float(np.mean(acc)), "n": n,
+            "per_background": {bg: {"r2": a, "accuracy": b} for bg, a, b in zip(backgrounds, r2, acc)}}
+
+
 def evaluate(folder: Path, device: str, n_prompts: int, seed: int) -> dict:
     loaded = load_sdxl(folder, dtype=torch.float32)
     for m in (loaded.unet, loaded.vae, loaded.text_encoder_1, loaded.text_encoder_2):
@@ -191,6 +243,7 @@ def evaluate(folder: Path, device: str, n_prompts: int, seed: int) -> dict:
     novel = [random_scene(random.Random(seed + 30 + i), shapes=SHAPES, colours=COLOURS) for i in range(n_prompts)]
     res["vae_roundtrip_held_out"] = vae_roundtrip(loaded, scenes)
     res["vae_roundtrip_all_shapes_colours"] = vae_roundtrip(loaded, novel)
+    res["background_from_noise"] = background_from_noise(loaded, n=max(8, min(32, n_prompts)))
     return res
 
 
@@ -204,6 +257,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-only", action="store_true", help="only re-measure the prior saved in --out")
     ap.add_argument("--size", type=int, default=IMAGE_SIZE,
                     help="image side of the world in pixels, a multiple of 8 (latents size / 8)")
+    ap.add_argument("--init-from", default=None, metavar="PRIOR",
+                    help="continue training that prior (UNet, text encoders and VAE) instead of starting "
+                         "from random weights; the VAE is kept as it is")
     ap.add_argument("--vae-from", default=None, metavar="PRIOR",
                     help="reuse that prior's VAE (and its scaling_factor) instead of training one; "
                          "it is fully convolutional, so a 64 px VAE also encodes 128 px images")
@@ -233,14 +289,19 @@ def _main(args, device: str, t0: float) -> int:
     size = args.size
     if size % 8 or size < 32:
         raise SystemExit(f"--size must be a multiple of 8, at least 32 (got {size})")
-    c = build_world_sdxl(args.seed, size)
+    c = load_sdxl(Path(args.init_from), dtype=torch.float32) if args.init_from else build_world_sdxl(args.seed, size)
+    if args.init_from and world_image_size(c) != size:
+        raise SystemExit(f"{args.init_from} is a {world_image_size(c)} px prior; pass --size {world_image_size(c)}")
     scenes = pretraining_scenes(hp["n_train"], args.seed + 10)
-    if args.vae_from:
-        c.vae = load_sdxl(Path(args.vae_from), dtype=torch.float32).vae.to(device).eval()
+    if args.vae_from or args.init_from:
+        if args.vae_from:
+            c.vae = load_sdxl(Path(args.vae_from), dtype=torch.float32).vae
+        c.vae.to(device).eval()
         c.vae.register_to_config(sample_size=size)
         raw = encode_scenes(c.vae, scenes, device, size=size)
         scale = float(c.vae.config.scaling_factor)
-        log(f"VAE from {args.vae_from}; encoded {len(scenes)} scenes at {size} px; latent std "
+        log(f"{'continuing ' + args.init_from + '; ' if args.init_from else ''}"
+            f"VAE from {args.vae_from or args.init_from}; encoded {len(scenes)} scenes at {size} px; latent std "
             f"{raw.std():.4f}, scaling_factor kept at {scale:.5f}", t0)
     else:
         # most steps on 32 px crops (4x cheaper; the VAE is fully convolutional), then full images
@@ -253,14 +314,14 @@ def _main(args, device: str, t0: float) -> int:
         c.vae.register_to_config(scaling_factor=scale)
         log(f"encoded {len(scenes)} scenes; latent std {raw.std():.4f} -> scaling_factor {scale:.5f}", t0)
     train_unet(c, raw * scale, scenes, hp["unet_steps"], hp["unet_batch"], hp["unet_lr"], args.seed, device, t0,
-               size=size)
+               size=size, noise_offset=hp["noise_offset"])
     out = Path(args.out)
     for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
         m.to("cpu", torch.float16)
     save_tiny_sdxl(c, out)
     log(f"saved {out}", t0)
     res = evaluate(out, device, hp["eval_prompts"], args.seed)
-    res.update(settings=hp, seed=args.seed, size=size, vae_from=args.vae_from, device=device,
+    res.update(settings=hp, seed=args.seed, size=size, vae_from=args.vae_from, init_from=args.init_from, device=device,
                train_seconds=round(time.time() - t0, 1))
     (out / "prompt_following.json").write_text(json.dumps(res, indent=2) + "\n")
     log("prompt following on held-out prompts (accuracy of the detected attribute): " + ", ".join(

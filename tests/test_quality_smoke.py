@@ -233,6 +233,47 @@ def test_train_prior_at_128_px_reusing_a_vae(tmp_path):
     for k, v in p64.vae.state_dict().items():
         assert torch.equal(v, p128.vae.state_dict()[k]), k
     assert json.loads((tmp_path / "p128" / "prompt_following.json").read_text())["size"] == 128
+    # continuing a prior with offset noise: the VAE is kept, the UNet moves on from where it was
+    assert main(quick + ["--out", str(tmp_path / "p128c"), "--size", "128", "--init-from", str(tmp_path / "p128"),
+                         "--noise-offset", "0.1"]) == 0
+    p128c = load_sdxl(tmp_path / "p128c")
+    for k, v in p128.vae.state_dict().items():
+        assert torch.equal(v, p128c.vae.state_dict()[k]), k
+    before, after = p128.unet.state_dict(), p128c.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert max((before[k].float() - after[k].float()).abs().max().item() for k in before) < 0.05  # 2 steps
+    res = json.loads((tmp_path / "p128c" / "prompt_following.json").read_text())
+    assert res["init_from"] == str(tmp_path / "p128") and res["settings"]["noise_offset"] == 0.1
+    assert 0.0 <= res["background_from_noise"]["r2"] <= 1.0
+    with pytest.raises(SystemExit, match="128 px prior"):
+        main(quick + ["--out", str(tmp_path / "bad"), "--init-from", str(tmp_path / "p128")])
+
+
+def test_r_squared_and_border_colour_on_hand_made_cases():
+    from quality.train_prior import border_rgb, r_squared
+
+    x = np.array([[0.0], [1.0], [2.0], [3.0]])
+    assert r_squared(x, 2 * x + 1) == pytest.approx([1.0])
+    # slope 0.8 = cov / var = 4 / 5; R^2 = cov^2 / (var_x var_y) = 16 / 25
+    assert r_squared(x, np.array([[1.0], [3.0], [2.0], [4.0]])) == pytest.approx([0.64])
+    img = np.zeros((16, 16, 3), np.uint8)
+    img[:] = (10, 20, 30)
+    img[2:-2, 2:-2] = (200, 0, 0)
+    img[0, 0] = (255, 255, 255)  # one odd pixel does not move the median
+    assert border_rgb(img).tolist() == [10.0, 20.0, 30.0]
+
+
+def test_offset_noise_adds_a_per_channel_constant_of_the_given_spread():
+    from quality.train_prior import training_noise
+
+    g = torch.Generator().manual_seed(0)
+    plain = training_noise((4000, 4, 16, 16), 0.0, g)
+    offset = training_noise((4000, 4, 16, 16), 0.1, g)
+    # variance of a channel's spatial mean: 1 / 256 without, 1 / 256 + 0.01 with the offset
+    assert plain.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 256, rel=0.05)
+    assert offset.mean(dim=(2, 3)).var().item() == pytest.approx(1 / 256 + 0.01, rel=0.05)
+    assert torch.equal(training_noise((2, 4, 8, 8), 0.0, torch.Generator().manual_seed(1)),
+                       torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1)))
 
 
 def test_diagnose_reads_what_the_committed_prior_vae_keeps_of_a_zoomed_out_cross():
