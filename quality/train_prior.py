@@ -2,6 +2,8 @@
 
     python -m quality.train_prior --out quality/assets/prior [--device cpu|cuda|auto] [--quick]
     python -m quality.train_prior --out quality/assets/prior128 --size 128 --vae-from quality/assets/prior
+    python -m quality.train_prior --out quality/assets/prior128c --size 128 --init-from quality/assets/prior128b \
+        --noise-offset 0.1 --unet-steps 1500 --unet-lr 3e-4 --threads 2
 
 1. VAE: a tiny AutoencoderKL (see quality.models.vae_config) on world images (32 px crops, then
    full 64 px images) with every shape and colour (a general-purpose VAE, as SDXL's is), trained as a plain autoencoder on the
@@ -9,11 +11,12 @@
    Its scaling_factor is set to 1 / std of the dataset latents afterwards.
 2. UNet + both text encoders, jointly, on pretraining scenes only (PRETRAIN_SHAPES / COLOURS;
    1 in 10 attribute combinations held out for evaluation), epsilon prediction on SDXL's noise
-   schedule, min-SNR-5 loss weights, captions with each attribute dropped with p = 0.25 and 10%
-   empty captions (for classifier-free guidance). Tokens never seen in training (the concept token
-   "sks", novel shapes and colours) keep their random initial embeddings (no weight decay there).
+   schedule (optionally with offset noise, --noise-offset), min-SNR-5 loss weights, captions with
+   each attribute dropped with p = 0.25 and 10% empty captions (for classifier-free guidance).
+   Tokens never seen in training (the concept token "sks", novel shapes and colours) keep their random initial embeddings (no weight decay there).
 3. Save as a diffusers SDXL folder (fp16), reload with apt_core.models.load_sdxl and measure
-   prompt following on held-out prompts (written to prompt_following.json and printed).
+   prompt following on held-out prompts, and how much of the background comes from the starting
+   noise instead of the prompt (written to prompt_following.json and printed).
 Everything is seeded; on CPU the result is bit-for-bit repeatable for the same thread count
 (--threads, default 1: on a shared 2-core machine one thread is faster than two fighting ones).
 """
@@ -33,7 +36,7 @@ import torch
 from apt_core.models import load_sdxl, save_tiny_sdxl
 
 from .models import IMAGE_SIZE, build_world_sdxl, encode_text_grad, token_ids, world_image_size
-from .sampling import sample
+from .sampling import initial_noise, sample
 from .world import (COLOURS, PRETRAIN_COLOURS, PRETRAIN_SHAPES, SHAPES, caption, detect,
                     is_held_out, random_scene, render, training_caption)
 
@@ -219,8 +222,6 @@ def background_from_noise(components, backgrounds=("white", "sand", "pink"), n: 
     on the starting noise's per-channel means (4 regressors: ~0.13 by chance at n = 32), averaged
     over RGB and backgrounds, and the detected-background accuracy of those images.
     """
-    from .sampling import initial_noise
-
     size = world_image_size(components)
     channels = components.unet.config.in_channels
     seeds = [seed + i for i in range(n)]
