@@ -13,7 +13,8 @@
    1 in 10 attribute combinations held out for evaluation), epsilon prediction on SDXL's noise
    schedule (optionally with offset noise, --noise-offset), min-SNR-5 loss weights, captions with
    each attribute dropped with p = 0.25 and 10% empty captions (for classifier-free guidance).
-   Tokens never seen in training (the concept token "sks", novel shapes and colours) keep their random initial embeddings (no weight decay there).
+   Tokens never seen in training (the concept token "sks", novel shapes and colours) keep their
+   random initial embeddings (no weight decay there).
 3. Save as a diffusers SDXL folder (fp16), reload with apt_core.models.load_sdxl and measure
    prompt following on held-out prompts, and how much of the background comes from the starting
    noise instead of the prompt (written to prompt_following.json and printed).
