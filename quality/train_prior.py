@@ -38,7 +38,7 @@ from apt_core.models import load_sdxl, save_tiny_sdxl
 
 from .models import IMAGE_SIZE, build_world_sdxl, encode_text_grad, token_ids, world_image_size
 from .sampling import initial_noise, sample
-from .world import (COLOURS, PRETRAIN_COLOURS, PRETRAIN_SHAPES, SHAPES, caption, detect,
+from .world import (COLOURS, PRETRAIN_COLOURS, PRETRAIN_SHAPES, SHAPES, border_rgb, caption, detect,
                     is_held_out, random_scene, render, training_caption)
 
 FULL = dict(vae_steps=2500, vae_batch=32, vae_crop=32, vae_full_steps=300, vae_lr=2e-3,
@@ -206,13 +206,6 @@ def r_squared(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     design = np.c_[x, np.ones(len(x))]
     coef, *_ = np.linalg.lstsq(design, y, rcond=None)
     return 1.0 - (y - design @ coef).var(0) / y.var(0)
-
-
-def border_rgb(img: np.ndarray, width: int = 2) -> np.ndarray:
-    """Median RGB of the `width`-pixel frame of an (H, W, 3) image -> (3,) float."""
-    frame = np.concatenate([img[:width].reshape(-1, 3), img[-width:].reshape(-1, 3),
-                            img[:, :width].reshape(-1, 3), img[:, -width:].reshape(-1, 3)])
-    return np.median(frame, axis=0).astype(np.float64)
 
 
 def background_from_noise(components, backgrounds=("white", "sand", "pink"), n: int = 32,

@@ -290,13 +290,18 @@ def classify_shape(mask: np.ndarray, shapes: Iterable[str] = SHAPES,
     return best, best_iou  # type: ignore[return-value]
 
 
+def border_rgb(img: np.ndarray, width: int = 2) -> np.ndarray:
+    """Median RGB of the `width`-pixel frame of an (H, W, 3) image -> (3,) float64."""
+    frame = np.concatenate([img[:width].reshape(-1, 3), img[-width:].reshape(-1, 3),
+                            img[:, :width].reshape(-1, 3), img[:, -width:].reshape(-1, 3)])
+    return np.median(frame.astype(np.float64), axis=0)
+
+
 def detect(img: np.ndarray, rotation_deg: float = 0.0) -> Detection:
     """Read the scene back from an (n, n, 3) uint8 image (rotation_deg: see classify_shape)."""
     n = img.shape[0]
     px = img.astype(np.float64)
-    border = np.concatenate([px[:2].reshape(-1, 3), px[-2:].reshape(-1, 3),
-                             px[:, :2].reshape(-1, 3), px[:, -2:].reshape(-1, 3)])
-    bg_rgb = np.median(border, axis=0)
+    bg_rgb = border_rgb(px)
     background = _nearest(bg_rgb, BACKGROUNDS)
     dist = np.sqrt(((px - bg_rgb) ** 2).sum(-1))
     fg = dist > FG_THRESHOLD

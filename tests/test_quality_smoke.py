@@ -250,7 +250,8 @@ def test_train_prior_at_128_px_reusing_a_vae(tmp_path):
 
 
 def test_r_squared_and_border_colour_on_hand_made_cases():
-    from quality.train_prior import border_rgb, r_squared
+    from quality.train_prior import r_squared
+    from quality.world import border_rgb
 
     x = np.array([[0.0], [1.0], [2.0], [3.0]])
     assert r_squared(x, 2 * x + 1) == pytest.approx([1.0])
