@@ -82,12 +82,16 @@ class AptProbe:
         else:
             self._ft_probs.append((name, probs))
 
+    def rs_layer_terms(self) -> list[tuple[str, torch.Tensor]]:
+        """(layer name, L_mu + L_sigma) for each up-block stage hooked in the fine-tuned pass."""
+        return [(n, rs_layer_loss(channel_stats(f), self._prior_stats[n])) for n, f in self._ft_features]
+
     def losses(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_mu + L_sigma, L_AA) averaged over hooked layers, before the lambda weights.
 
         Layers seen in the fine-tuned pass but not in the prior pass are an adapter bug.
         """
-        rs_terms = [rs_layer_loss(channel_stats(f), self._prior_stats[n]) for n, f in self._ft_features]
+        rs_terms = [term for _, term in self.rs_layer_terms()]
         assert self.token_mask is not None or not self._ft_probs, "begin_step(token_mask) first"
         aa_terms = [aa_layer_loss(p, self._prior_probs[n], self.token_mask, self.aa_distance,
                                   self.aa_head_average) for n, p in self._ft_probs]

@@ -52,6 +52,19 @@ class ProgressEvent:
 
 
 @dataclass
+class BatchLosses:
+    """One batch's objective and its parts (scalars unless noted)."""
+
+    total: torch.Tensor
+    denoise: torch.Tensor  # mean of the (1 - gamma)-weighted per-sample denoising losses
+    rs: torch.Tensor  # lambda_RS * L_RS
+    aa: torch.Tensor  # lambda_AA * L_AA
+    loss_pre: torch.Tensor | None  # (B,) the prior's denoising loss, None when nothing needs it
+    loss_ft: torch.Tensor  # (B,) the fine-tuned model's denoising loss
+    weight: torch.Tensor  # (B,) the loss weights applied, on the CPU
+
+
+@dataclass
 class TrainResult:
     steps_done: int
     stopped: bool
@@ -169,6 +182,39 @@ class AptTrainer:
                             enabled=self.amp_dtype is not None):
             return self.backbone.predict(x_t, t, cond)
 
+    def batch_losses(self, latents: torch.Tensor, cond: SDXLConditioning, t: torch.Tensor,
+                     noise: torch.Tensor, gamma: torch.Tensor) -> "BatchLosses":
+        """The objective's terms for one batch: prior forward (no grad, LoRA off), fine-tuned forward.
+
+        latents, noise: (B, 4, h, w) fp32 on the device, latents already augmented; t, gamma: (B,)
+        on the CPU, gamma the indicator's value for each sample's bin. Call it between
+        `probe.begin_step` and `probe.end_step` (the RS/AA terms read what the probe recorded).
+        """
+        cfg, sw = self.config, self.config.switches
+        b = latents.shape[0]
+        dtype = next(p for p in self.backbone.unet.parameters()).dtype
+        t_dev = t.to(self.device)
+        acp = self._alphas_cumprod[t_dev].view(b, 1, 1, 1)
+        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
+        target = noise if self.backbone.prediction_type == "epsilon" else \
+            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
+        x_t, target = x_t.to(dtype), target.float()
+        loss_pre = None
+        if sw.needs_prior:
+            with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
+                pred_pre = self._forward(x_t, t_dev, cond)
+            loss_pre = (pred_pre.float() - target).pow(2).mean(dim=(1, 2, 3))
+        with self.probe.recording("ft"):
+            pred_ft = self._forward(x_t, t_dev, cond)
+        loss_ft = (pred_ft.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        weight = torch.ones(b)
+        if sw.adaptive_loss_weight:
+            weight = (1.0 - gamma).clamp(min=cfg.loss_weight_floor)
+        denoise = (weight.to(self.device) * loss_ft).mean()
+        rs_raw, aa_raw = self.probe.losses(self.device)
+        rs, aa = cfg.regularizers.lambda_rs * rs_raw, cfg.regularizers.lambda_aa * aa_raw
+        return BatchLosses(denoise + rs + aa, denoise, rs, aa, loss_pre, loss_ft, weight)
+
     def train_step(self) -> ProgressEvent:
         cfg, sw = self.config, self.config.switches
         started = time.perf_counter()
@@ -189,38 +235,16 @@ class AptTrainer:
         applied = torch.zeros(b, dtype=torch.bool)
         if sw.adaptive_augmentation:
             latents, applied = self._augment(latents, idx, gamma, draw)
-        t_dev = t.to(self.device)
-        acp = self._alphas_cumprod[t_dev].view(b, 1, 1, 1)
-        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
-        target = noise if self.backbone.prediction_type == "epsilon" else \
-            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
-        x_t, target = x_t.to(dtype), target.float()
-
         self.probe.begin_step(cond.aligned_tokens)
         try:
-            loss_pre = None
-            if sw.needs_prior:
-                with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
-                    pred_pre = self._forward(x_t, t_dev, cond)
-                loss_pre = (pred_pre.float() - target).pow(2).mean(dim=(1, 2, 3))
-            with self.probe.recording("ft"):
-                pred_ft = self._forward(x_t, t_dev, cond)
-            loss_ft = (pred_ft.float() - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
-            weight = torch.ones(b)
-            if sw.adaptive_loss_weight:
-                weight = (1.0 - gamma).clamp(min=cfg.loss_weight_floor)
-            loss_denoise = (weight.to(self.device) * loss_ft).mean()
-            rs_raw, aa_raw = self.probe.losses(self.device)
-            loss_rs = cfg.regularizers.lambda_rs * rs_raw
-            loss_aa = cfg.regularizers.lambda_aa * aa_raw
-            loss = loss_denoise + loss_rs + loss_aa
-            if not torch.isfinite(loss):
+            terms = self.batch_losses(latents, cond, t, noise, gamma)
+            if not torch.isfinite(terms.total):
                 raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
             lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
                        cfg.train.steps, cfg.train.lr_schedule)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(terms.total).backward()
         finally:
             self.probe.end_step()
         self.scaler.unscale_(self.optimizer)
@@ -233,14 +257,14 @@ class AptTrainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-        if loss_pre is not None:
-            self.indicator.update(bins.tolist(), loss_pre.tolist(), loss_ft.detach().tolist())
+        if terms.loss_pre is not None:
+            self.indicator.update(bins.tolist(), terms.loss_pre.tolist(), terms.loss_ft.detach().tolist())
         self.step_idx += 1
         self._rng_at_step_start, self._updating = None, False  # the step is complete
         self._augmented.extend(applied.tolist())
         self._step_times.append(time.perf_counter() - started)
-        return self._event(*(float(x.detach()) for x in (loss, loss_denoise, loss_rs, loss_aa)),
-                           weight, lr, t)
+        return self._event(*(float(x.detach()) for x in (terms.total, terms.denoise, terms.rs, terms.aa)),
+                           terms.weight, lr, t)
 
     def _event(self, loss: float, loss_denoise: float, loss_rs: float, loss_aa: float,
                weight: torch.Tensor, lr: float, t: torch.Tensor) -> ProgressEvent:

@@ -149,6 +149,49 @@ def test_baseline_switch_is_plain_dreambooth_lora():
             assert torch.allclose(got[f"{name}.up"], module.lora_B["default"].weight, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("part", ["rs", "aa"])
+def test_rs_and_aa_at_weight_zero_train_like_ata_alone(part):
+    """The probe's hooks change nothing but the loss terms: at lambda 0 the LoRA follows +ATA's
+    path, so whatever RS or AA does to a run comes from their gradients. RS only reads features:
+    bit-identical. AA swaps the fused kernel for explicit softmax attention in the hooked layers:
+    equal up to float rounding (which Adam's first steps magnify to ~1e-4 of the weights)."""
+    ata = AptSwitches(representation_stabilization=False, attention_alignment=False)
+    probed_switches = AptSwitches(representation_stabilization=part == "rs", attention_alignment=part == "aa")
+    plain, _, _ = make_trainer(ata, steps=6, learning_rate=1e-2)
+    probed, _, _ = make_trainer(probed_switches, steps=6, learning_rate=1e-2,
+                                overrides={"regularizers.lambda_rs": 0.0, "regularizers.lambda_aa": 0.0})
+    assert probed._probe_handle is not None and plain._probe_handle is None
+    events = [probed.train_step() for _ in range(6)]
+    plain.run()
+    assert events[-1].loss_rs == 0.0 and events[-1].loss_aa == 0.0
+    got, want = probed.lora.state_dict(), plain.lora.state_dict()
+    for name in want:
+        if part == "rs":
+            assert torch.equal(got[name], want[name]), name
+        else:
+            torch.testing.assert_close(got[name], want[name], atol=5e-4, rtol=0, msg=name)
+
+
+def test_batch_losses_split_the_objective_into_its_terms():
+    trainer, _, dataset = make_trainer(steps=8, learning_rate=1e-2)
+    trainer.run()
+    ex = dataset.examples[0]
+    g = torch.Generator().manual_seed(3)
+    latents, noise = ex.latent[None].float(), torch.randn((1, *ex.latent.shape), generator=g)
+    t, gamma = torch.tensor([300]), torch.tensor([0.25])
+    trainer.probe.begin_step(ex.cond.aligned_tokens)
+    try:
+        terms = trainer.batch_losses(latents, ex.cond, t, noise, gamma)
+        layer_terms = trainer.probe.rs_layer_terms()
+    finally:
+        trainer.probe.end_step()
+    assert float(terms.rs) > 0 and float(terms.aa) > 0
+    torch.testing.assert_close(terms.total, terms.denoise + terms.rs + terms.aa)
+    torch.testing.assert_close(terms.denoise, 0.75 * terms.loss_ft[0])
+    lam = trainer.config.regularizers.lambda_rs
+    torch.testing.assert_close(terms.rs, lam * torch.stack([v for _, v in layer_terms]).mean())
+
+
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     straight, _, _ = make_trainer(steps=6, learning_rate=5e-3)
     straight.run()
