@@ -185,7 +185,7 @@ def test_batch_losses_split_the_objective_into_its_terms():
         layer_terms = trainer.probe.rs_layer_terms()
     finally:
         trainer.probe.end_step()
-    assert float(terms.rs) > 0 and float(terms.aa) > 0
+    assert float(terms.rs.detach()) > 0 and float(terms.aa.detach()) > 0
     torch.testing.assert_close(terms.total, terms.denoise + terms.rs + terms.aa)
     torch.testing.assert_close(terms.denoise, 0.75 * terms.loss_ft[0])
     lam = trainer.config.regularizers.lambda_rs
