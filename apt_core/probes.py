@@ -82,6 +82,10 @@ class AptProbe:
         else:
             self._ft_probs.append((name, probs))
 
+    def prior_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The prior pass's detached (B, C) channel means and stds per hooked stage, this step."""
+        return dict(self._prior_stats)
+
     def rs_layer_terms(self) -> list[tuple[str, torch.Tensor]]:
         """(layer name, L_mu + L_sigma) for each up-block stage hooked in the fine-tuned pass."""
         return [(n, rs_layer_loss(channel_stats(f), self._prior_stats[n])) for n, f in self._ft_features]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ import torch
 
 from apt_core.augment import draw_augmentation, zoom_rotate
 from apt_core.backbone import DiffusersSDXLBackbone
-from apt_core.models import cache_dataset, encode_pixels
+from apt_core.conditioning import CachedDataset
+from apt_core.models import SDXLComponents, cache_dataset, encode_pixels
 from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
@@ -32,6 +34,44 @@ from .bench import (Record, merge_config, apt_config, load_config, load_prior, p
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render
+
+
+@dataclass
+class PreparedRun:
+    """A benchmark run's trainer on the config's prior and references, not yet trained."""
+
+    components: SDXLComponents
+    dataset: CachedDataset
+    backbone: DiffusersSDXLBackbone
+    trainer: AptTrainer
+    size: int
+    rotation_deg: float
+    refs: list[Scene]
+    ref_caption: str
+
+
+def prepare_run(cfg: dict, method: str, seed: int) -> PreparedRun:
+    """Load the prior, cache the references (with pixels, for pixel-space augmentation) and build
+    the trainer of `method` / `seed` exactly as quality.run does. Call trainer.close() when done."""
+    if cfg["augment_fill"] == "background":
+        raise SystemExit("this diagnostic does not implement the benchmark's 'background' fill; use quality.run")
+    if cfg["device"] == "cpu" and cfg.get("threads"):
+        torch.set_num_threads(int(cfg["threads"]))
+    c = load_prior(cfg)
+    dev = cfg["device"]
+    for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
+        m.to(dev)
+    size = world_image_size(c)
+    refs = reference_scenes(cfg)
+    ref_cap = reference_caption(cfg)
+    records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
+               for i, s in enumerate(refs)]
+    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
+    backbone = DiffusersSDXLBackbone.from_components(c)
+    trainer = AptTrainer(backbone, dataset, apt_config(cfg, method, seed),
+                         encode_pixels=lambda px: encode_pixels(c, px))
+    return PreparedRun(c, dataset, backbone, trainer, size, float(cfg["eval"].get("shape_rotation_deg", 0.0)),
+                       refs, ref_cap)
 
 
 def _label(d) -> str:
@@ -105,26 +145,11 @@ def main(argv=None) -> int:
     for s in args.set:
         over = merge_config(over, json.loads(s))
     cfg = load_config(args.config, {"apt_config": over} if over else None)
-    if cfg["augment_fill"] == "background":
-        raise SystemExit("diagnose does not implement the benchmark's 'background' fill; use quality.run")
-    if cfg["device"] == "cpu" and cfg.get("threads"):
-        torch.set_num_threads(int(cfg["threads"]))
     t0 = time.time()
-    c = load_prior(cfg)
-    dev = cfg["device"]
-    for m in (c.unet, c.vae, c.text_encoder_1, c.text_encoder_2):
-        m.to(dev)
-    size = world_image_size(c)
-    rot = float(cfg["eval"].get("shape_rotation_deg", 0.0))
-    refs = reference_scenes(cfg)
-    ref_cap = reference_caption(cfg)
-    records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
-               for i, s in enumerate(refs)]
-    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
-    acfg = apt_config(cfg, args.method, args.seed)
-    steps = args.steps or acfg.train.steps
-    backbone = DiffusersSDXLBackbone.from_components(c)
-    trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=lambda px: encode_pixels(c, px))
+    run = prepare_run(cfg, args.method, args.seed)
+    c, dataset, backbone, trainer = run.components, run.dataset, run.backbone, run.trainer
+    size, rot, refs, ref_cap = run.size, run.rotation_deg, run.refs, run.ref_caption
+    steps = args.steps or trainer.config.train.steps
     try:
         for _ in range(steps):
             event = trainer.train_step()
@@ -136,7 +161,7 @@ def main(argv=None) -> int:
     finally:
         trainer.close()
     dets = [detect(im, rotation_deg=rot) for im in imgs]
-    aug_px, aug_trip = augmented_examples(c, dataset, acfg.augment, 8)
+    aug_px, aug_trip = augmented_examples(c, dataset, trainer.config.augment, 8)
     trip_dets = [detect(im, rotation_deg=rot) for im in aug_trip]
     zooms = zoom_round_trips(c, cfg["concept"], size, rot)
     out = Path(args.out)

@@ -308,3 +308,21 @@ def test_diagnose_command_writes_its_json_and_figure(tmp_path):
     assert len(out["bin_loss_ft"]) == len(out["bin_loss_pre"]) == 10
     assert out["overrides"] == {"augment": {"zoom_max": 2.0}}
     assert (tmp_path / "diagnosis.png").stat().st_size > 0
+
+
+def test_rs_gradient_draws_cover_every_bin_and_rs_starts_at_exactly_zero(tmp_path):
+    from quality.rs_gradient import fixed_draws, main
+
+    draws = fixed_draws(3, (4, 8, 8), per_bin=2)
+    assert [int(t) // 100 for _, t, _ in draws] == [b for b in range(10) for _ in range(2)]
+    assert [i for i, _, _ in draws[:4]] == [0, 1, 0, 1]
+
+    assert main(["--config", "quality/configs/learnable_border.json", "--at", "0,3", "--per-bin", "1",
+                 "--set", '{"train": {"learning_rate": 0.01}}', "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "rs_gradient.json").read_text())["rows"]
+    assert [r["step"] for r in rows] == [0, 3]
+    # the LoRA starts as a no-op: the fine-tuned features are the prior's, RS and its gradient are 0
+    assert rows[0]["rs_value"] == 0.0 and rows[0]["rs_norm"] == 0.0 and rows[0]["disp_norm"] == 0.0
+    assert rows[0]["ft_value"] == pytest.approx(rows[0]["pre_value"])
+    assert rows[1]["rs_value"] > 0 and rows[1]["rs_norm"] > 0 and rows[1]["disp_norm"] > 0
+    assert len(rows[1]["bins"]) == 10 and -1.0 <= rows[1]["cos_dn_rs"] <= 1.0
