@@ -59,7 +59,9 @@ DEFAULTS: dict[str, Any] = {
     # apt_core.config.AptConfig.from_dict overrides shared by every method (switches come from METHODS)
     "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0},
                    "lora": {"rank": 8, "alpha": 8.0},
-                   "augment": {"space": "pixel", "fill": "constant"}},
+                   "augment": {"space": "pixel", "fill": "constant"},
+                   # pinned: every committed report before session 8 trained with these weights
+                   "regularizers": {"lambda_rs": 1.0, "lambda_aa": 1.0}},
     # With apt_core's "constant" fill (pinned above: the committed reports used it; apt_core's
     # default is now "border"): "black" is that fill as is (the paper's figure); "background"
     # fills with the references' background colour (by shifting the cached pixels, see
