@@ -179,7 +179,7 @@ Put your photos in ComfyUI/input/my_subject and pick your SDXL checkpoint first.
 NOTE_3 = """Advanced: every APT setting, resume, validation samples
 
 - 'APT Indicator & Augmentation settings' and 'APT Regularization weights' show every setting with
-  the paper's defaults; hover a widget for what it does.
+  the defaults (the paper's values, lambda_rs from the benchmark); hover a widget for what it does.
 - Resume: checkpoints are written every 'checkpoint_every' steps to
   output/apt_lora_trainer/<LoRA name>/. With 'resume' on, the next run under the same LoRA name
   continues from the newest one (after Stop, Cancel or a crash, or after raising 'steps').
@@ -345,7 +345,7 @@ def spec_advanced() -> dict:
         nodes.update(n)
         links += l
         base_keys += [f"b{i}_ks", f"b{i}_dec", f"b{i}_save"]
-    groups = [("All APT settings (paper defaults)", ["ata", "reg", "train"], "#8a3ea8"),
+    groups = [("All APT settings (defaults)", ["ata", "reg", "train"], "#8a3ea8"),
               ("Validation samples: trained LoRA", [k for k in nodes if k.startswith("v") and k[1].isdigit()], "#3f789e"),
               ("Reference: the base model, same prompts and seeds", base_keys, "#444444")]
     return {"nodes": nodes, "links": links, "groups": groups}
