@@ -183,7 +183,7 @@ class AptTrainer:
             return self.backbone.predict(x_t, t, cond)
 
     def batch_losses(self, latents: torch.Tensor, cond: SDXLConditioning, t: torch.Tensor,
-                     noise: torch.Tensor, gamma: torch.Tensor) -> "BatchLosses":
+                     noise: torch.Tensor, gamma: torch.Tensor) -> BatchLosses:
         """The objective's terms for one batch: prior forward (no grad, LoRA off), fine-tuned forward.
 
         latents, noise: (B, 4, h, w) fp32 on the device, latents already augmented; t, gamma: (B,)
