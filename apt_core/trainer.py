@@ -182,6 +182,11 @@ class AptTrainer:
                             enabled=self.amp_dtype is not None):
             return self.backbone.predict(x_t, t, cond)
 
+    @property
+    def unet_dtype(self) -> torch.dtype:
+        """The host UNet's weight dtype: what its inputs (x_t, conditioning) are cast to."""
+        return next(self.backbone.unet.parameters()).dtype
+
     def batch_losses(self, latents: torch.Tensor, cond: SDXLConditioning, t: torch.Tensor,
                      noise: torch.Tensor, gamma: torch.Tensor) -> BatchLosses:
         """The objective's terms for one batch: prior forward (no grad, LoRA off), fine-tuned forward.
@@ -192,13 +197,12 @@ class AptTrainer:
         """
         cfg, sw = self.config, self.config.switches
         b = latents.shape[0]
-        dtype = next(p for p in self.backbone.unet.parameters()).dtype
         t_dev = t.to(self.device)
         acp = self._alphas_cumprod[t_dev].view(b, 1, 1, 1)
         x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
         target = noise if self.backbone.prediction_type == "epsilon" else \
             acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
-        x_t, target = x_t.to(dtype), target.float()
+        x_t, target = x_t.to(self.unet_dtype), target.float()
         loss_pre = None
         if sw.needs_prior:
             with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
@@ -222,9 +226,8 @@ class AptTrainer:
         self._updating = False
         idx = self._sample_batch()
         examples = [self.dataset.examples[i] for i in idx]
-        dtype = next(p for p in self.backbone.unet.parameters()).dtype
         latents = torch.stack([ex.latent for ex in examples]).to(self.device, torch.float32)
-        cond = SDXLConditioning.cat([ex.cond for ex in examples]).to(self.device, dtype)
+        cond = SDXLConditioning.cat([ex.cond for ex in examples]).to(self.device, self.unet_dtype)
         b = latents.shape[0]
         t = torch.randint(0, cfg.indicator.num_train_timesteps, (b,), generator=self.generator)
         noise = torch.randn(latents.shape, generator=self.generator).to(self.device)

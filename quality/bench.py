@@ -100,6 +100,15 @@ def load_config(path: str | Path | None, overrides: dict | None = None, quick: b
     return cfg
 
 
+def load_config_with_sets(path: str | Path, sets: list[str]) -> tuple[dict, dict]:
+    """`load_config` with command-line `--set JSON` apt_config overrides merged in order.
+    Returns (config, the merged overrides) so a diagnostic can record what it changed."""
+    over: dict = {}
+    for s in sets:
+        over = merge_config(over, json.loads(s))
+    return load_config(path, {"apt_config": over} if over else None), over
+
+
 def quick_overrides() -> dict:
     """A smoke test: 1 seed, 2 methods, a few steps, few prompts (see load_config(quick=True))."""
     return {"methods": ["baseline", "apt"], "seeds": [0],

@@ -29,7 +29,7 @@ from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, merge_config, apt_config, load_config, load_prior, predict_with_and_without_lora,
+from .bench import (Record, apt_config, load_config_with_sets, load_prior, predict_with_and_without_lora,
                     reference_caption, reference_scenes, to_pixels)
 from .models import world_image_size
 from .sampling import decode, sample
@@ -141,10 +141,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    over = {}
-    for s in args.set:
-        over = merge_config(over, json.loads(s))
-    cfg = load_config(args.config, {"apt_config": over} if over else None)
+    cfg, over = load_config_with_sets(args.config, args.set)
     t0 = time.time()
     run = prepare_run(cfg, args.method, args.seed)
     c, dataset, backbone, trainer = run.components, run.dataset, run.backbone, run.trainer

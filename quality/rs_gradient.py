@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import load_config, merge_config
+from .bench import load_config_with_sets
 from .diagnose import prepare_run
 
 
@@ -64,7 +64,7 @@ def measure_draw(trainer, index: int, t: torch.Tensor, noise: torch.Tensor) -> d
     params = list(trainer.lora.parameters())
     ex = trainer.dataset.examples[index]
     dev = trainer.device
-    cond = ex.cond.to(dev, params[0].dtype)
+    cond = ex.cond.to(dev, trainer.unet_dtype)
     bins = trainer.indicator.bin_of(t)
     trainer.probe.begin_step(cond.aligned_tokens)
     try:
@@ -125,10 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
-    over = {}
-    for s in args.set:
-        over = merge_config(over, json.loads(s))
-    cfg = load_config(args.config, {"apt_config": over} if over else None)
+    cfg, over = load_config_with_sets(args.config, args.set)
     at = sorted({int(s) for s in args.at.split(",")})
     t0 = time.time()
     run = prepare_run(cfg, args.method, args.seed)
