@@ -59,6 +59,8 @@ class BatchLosses:
     denoise: torch.Tensor  # mean of the (1 - gamma)-weighted per-sample denoising losses
     rs: torch.Tensor  # lambda_RS * L_RS
     aa: torch.Tensor  # lambda_AA * L_AA
+    rs_raw: torch.Tensor  # L_RS before lambda_RS (its gradient is measurable at lambda 0)
+    aa_raw: torch.Tensor  # L_AA before lambda_AA
     loss_pre: torch.Tensor | None  # (B,) the prior's denoising loss, None when nothing needs it
     loss_ft: torch.Tensor  # (B,) the fine-tuned model's denoising loss
     weight: torch.Tensor  # (B,) the loss weights applied, on the CPU
@@ -217,7 +219,7 @@ class AptTrainer:
         denoise = (weight.to(self.device) * loss_ft).mean()
         rs_raw, aa_raw = self.probe.losses(self.device)
         rs, aa = cfg.regularizers.lambda_rs * rs_raw, cfg.regularizers.lambda_aa * aa_raw
-        return BatchLosses(denoise + rs + aa, denoise, rs, aa, loss_pre, loss_ft, weight)
+        return BatchLosses(denoise + rs + aa, denoise, rs, aa, rs_raw, aa_raw, loss_pre, loss_ft, weight)
 
     def train_step(self) -> ProgressEvent:
         cfg, sw = self.config, self.config.switches

@@ -310,19 +310,46 @@ def test_diagnose_command_writes_its_json_and_figure(tmp_path):
     assert (tmp_path / "diagnosis.png").stat().st_size > 0
 
 
-def test_rs_gradient_draws_cover_every_bin_and_rs_starts_at_exactly_zero(tmp_path):
-    from quality.rs_gradient import fixed_draws, main
+def test_reg_gradient_draws_cover_every_bin_and_both_terms_start_at_exactly_zero(tmp_path):
+    from quality.reg_gradient import fixed_draws, main
 
     draws = fixed_draws(3, (4, 8, 8), per_bin=2)
     assert [int(t) // 100 for _, t, _ in draws] == [b for b in range(10) for _ in range(2)]
     assert [i for i, _, _ in draws[:4]] == [0, 1, 0, 1]
 
-    assert main(["--config", "quality/configs/learnable_border.json", "--at", "0,3", "--per-bin", "1",
-                 "--set", '{"train": {"learning_rate": 0.01}}', "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "rs_gradient.json").read_text())["rows"]
+    assert main(["--config", "quality/configs/learnable_border.json", "--method", "apt", "--at", "0,3",
+                 "--per-bin", "1", "--set", '{"train": {"learning_rate": 0.01}}', "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "reg_gradient.json").read_text())["rows"]
     assert [r["step"] for r in rows] == [0, 3]
-    # the LoRA starts as a no-op: the fine-tuned features are the prior's, RS and its gradient are 0
-    assert rows[0]["rs_value"] == 0.0 and rows[0]["rs_norm"] == 0.0 and rows[0]["disp_norm"] == 0.0
-    assert rows[0]["ft_value"] == pytest.approx(rows[0]["pre_value"])
-    assert rows[1]["rs_value"] > 0 and rows[1]["rs_norm"] > 0 and rows[1]["disp_norm"] > 0
-    assert len(rows[1]["bins"]) == 10 and -1.0 <= rows[1]["cos_dn_rs"] <= 1.0
+    # the LoRA starts as a no-op: the fine-tuned features and attention are the prior's, RS, AA and
+    # RS's gradient are 0 (AA's is 0 up to rounding: KL is at its minimum)
+    first, later = rows
+    assert first["rs_value"] == 0.0 and first["rs_norm"] == 0.0 and first["disp_norm"] == 0.0
+    assert first["aa_value"] == 0.0 and first["aa_norm"] < 1e-6 * first["dn_norm"]
+    assert first["ft_value"] == pytest.approx(first["pre_value"])
+    assert [t["prior"] for t in first["tokens"]] == [t["ft"] for t in first["tokens"]]
+    assert later["rs_value"] > 0 and later["rs_norm"] > 0 and later["disp_norm"] > 0
+    assert later["aa_value"] > 0 and later["aa_norm"] > 0
+    assert len(later["bins"]) == 10 and -1.0 <= later["cos_dn_rs"] <= 1.0 and -1.0 <= later["cos_dn_aa"] <= 1.0
+    tokens = [t["token"] for t in later["tokens"]]
+    assert tokens[0] == "<|startoftext|>" and tokens[-1] == "<|endoftext|>" and "sks</w>" in tokens
+    # each token's share of AA adds up to the (mean over draws of the) term itself
+    assert sum(t["share"] for t in later["tokens"]) == pytest.approx(later["aa_value"], rel=1e-4)
+
+
+def test_token_aa_shares_add_up_to_the_aa_term():
+    from apt_core.regularizers import aa_layer_loss
+    from quality.reg_gradient import token_aa_shares
+
+    g = torch.Generator().manual_seed(0)
+    prior = torch.randn(2, 3, 5, 7, generator=g).softmax(-1)
+    ft = torch.randn(2, 3, 5, 7, generator=g).softmax(-1)
+    mask = torch.tensor([[True] * 4 + [False] * 3, [True] * 6 + [False]])
+    for distance in ("kl", "mse"):
+        shares = token_aa_shares(prior, ft, mask, distance)
+        assert shares.shape == (7,) and float(shares[6]) == 0.0
+        torch.testing.assert_close(shares.sum(), aa_layer_loss(ft, prior, mask, distance))
+    # by hand for one query: p, r renormalised over the 4 valid tokens
+    p, r = prior[0, 0, 0, :4] / prior[0, 0, 0, :4].sum(), ft[0, 0, 0, :4] / ft[0, 0, 0, :4].sum()
+    one = token_aa_shares(prior[:1, :1, :1], ft[:1, :1, :1], mask[:1])
+    torch.testing.assert_close(one[:4], p * (p.log() - r.log()), atol=1e-6, rtol=1e-5)

@@ -188,8 +188,10 @@ def test_batch_losses_split_the_objective_into_its_terms():
     assert float(terms.rs.detach()) > 0 and float(terms.aa.detach()) > 0
     torch.testing.assert_close(terms.total, terms.denoise + terms.rs + terms.aa)
     torch.testing.assert_close(terms.denoise, 0.75 * terms.loss_ft[0])
-    lam = trainer.config.regularizers.lambda_rs
-    torch.testing.assert_close(terms.rs, lam * torch.stack([v for _, v in layer_terms]).mean())
+    lam, lam_aa = trainer.config.regularizers.lambda_rs, trainer.config.regularizers.lambda_aa
+    torch.testing.assert_close(terms.rs_raw, torch.stack([v for _, v in layer_terms]).mean())
+    torch.testing.assert_close(terms.rs, lam * terms.rs_raw)
+    torch.testing.assert_close(terms.aa, lam_aa * terms.aa_raw)
 
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
