@@ -353,3 +353,24 @@ def test_token_aa_shares_add_up_to_the_aa_term():
     p, r = prior[0, 0, 0, :4] / prior[0, 0, 0, :4].sum(), ft[0, 0, 0, :4] / ft[0, 0, 0, :4].sum()
     one = token_aa_shares(prior[:1, :1, :1], ft[:1, :1, :1], mask[:1])
     torch.testing.assert_close(one[:4], p * (p.log() - r.log()), atol=1e-6, rtol=1e-5)
+
+def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
+    from quality.sweep import main
+
+    def report(name, curves):
+        d = tmp_path / name
+        d.mkdir()
+        runs = [{"seed": s, "evals": [{"step": 500, "ref_identity": a}, {"step": 1000, "ref_identity": b}]}
+                for s, (a, b) in curves.items()]
+        (d / "results.json").write_text(json.dumps({"runs": {"m": runs}}))
+        return d
+
+    base = report("base", {0: (0.2, 0.4), 1: (0.0, 0.6), 2: (0.5, 0.5)})
+    other = report("other", {1: (0.0, 0.2), 2: (0.5, 0.7)})
+    out = tmp_path / "t.md"
+    assert main(["--row", f"A={base}:m", "--row", f"B={other}:m", "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| A") or line.startswith("| B")]
+    # A: over steps 0.3 / 0.3 / 0.5 -> mean 0.367, std 0.115; final 0.4 / 0.6 / 0.5 -> 0.5 ± 0.1
+    assert rows[0] == "| A | 0,1,2 | 0.500 ± 0.100 | 0.367 ± 0.115 | 0.30 / 0.30 / 0.50 | — |"
+    # B: seed 1 0.1 (-0.2 vs A), seed 2 0.6 (+0.1) -> paired mean -0.05, one of two lower
+    assert rows[1] == "| B | 1,2 | 0.450 ± 0.354 | 0.350 ± 0.354 | 0.10 / 0.60 | -0.050 (1 of 2 lower) |"

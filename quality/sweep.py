@@ -1,0 +1,114 @@
+"""One setting against others across report folders: a sweep's table, per seed and over checkpoints.
+
+A single run's identity at its last checkpoint is a noisy readout: with a constant learning rate
+the LoRA keeps moving, and one seed's ref_identity can go 0.31 -> 1.0 -> 0.5 over its last three
+evaluations. Averaging each run over its evaluation steps (250, 500, 750, 1000 in the benchmark)
+reads the whole curve, and comparing seeds pairwise (the same seed draws the same LoRA init,
+timesteps and noise under every setting) removes the seed-to-seed spread.
+
+    python -m quality.sweep --metric ref_identity \\
+        --row "lambda_AA 0=quality/report_world128c_rs001:ata_rs" \\
+        --row "lambda_AA 1=quality/report_world128c_apt_rs001:apt" --out /tmp/sweep.md
+
+Each --row is LABEL=REPORT_DIR:METHOD (several dirs joined with '+' pool their seeds). The first
+row is the reference for the paired differences. Prints the markdown table; --out writes it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Setting:
+    label: str
+    source: str
+    curves: dict[int, list[float]]  # seed -> metric at each evaluation step
+    steps: list[int]
+
+
+def parse_row(spec: str) -> tuple[str, list[Path], str]:
+    """'LABEL=DIR[+DIR...]:METHOD' -> (label, dirs, method)."""
+    label, _, rest = spec.partition("=")
+    dirs, _, method = rest.rpartition(":")
+    if not label or not dirs or not method:
+        raise SystemExit(f"--row {spec!r}: expected LABEL=REPORT_DIR:METHOD")
+    return label, [Path(d) for d in dirs.split("+")], method
+
+
+def load_setting(label: str, dirs: list[Path], method: str, metric: str) -> Setting:
+    curves, steps = {}, None
+    for d in dirs:
+        runs = json.loads((d / "results.json").read_text())["runs"].get(method)
+        if not runs:
+            raise SystemExit(f"{d}: no runs of method {method!r}")
+        for run in runs:
+            run_steps = [e["step"] for e in run["evals"]]
+            if steps is not None and run_steps != steps:
+                raise SystemExit(f"{d}: evaluation steps {run_steps} differ from {steps}")
+            steps = run_steps
+            curves[int(run["seed"])] = [float(e[metric]) for e in run["evals"]]
+    return Setting(label, "+".join(str(d) for d in dirs) + f":{method}", dict(sorted(curves.items())), steps)
+
+
+def summarise(s: Setting, ref: Setting | None) -> dict:
+    """Final and over-checkpoint means (± sample std over seeds) and, against `ref`, the mean paired
+    difference of the over-checkpoint value on the seeds both have, with how many seeds are lower."""
+    final = np.array([c[-1] for c in s.curves.values()])
+    over = {seed: float(np.mean(c)) for seed, c in s.curves.items()}
+    out = {"seeds": list(s.curves), "final": final, "over": np.array(list(over.values())), "per_seed": over}
+    if ref is not None:
+        common = [seed for seed in s.curves if seed in ref.curves]
+        diffs = np.array([over[seed] - float(np.mean(ref.curves[seed])) for seed in common])
+        out["paired"] = (common, diffs)
+    return out
+
+
+def _ms(x: np.ndarray) -> str:
+    return f"{x.mean():.3f} ± {x.std(ddof=1):.3f}" if len(x) > 1 else f"{x.mean():.3f}"
+
+
+def table(settings: list[Setting], metric: str) -> str:
+    ref = settings[0]
+    steps = ref.steps
+    lines = [f"`{metric}`: at step {steps[-1]} and averaged over the evaluation steps {steps} "
+             f"(mean ± sample std over seeds); paired: the over-steps difference to **{ref.label}** "
+             "on the seeds both have, and how many of them are lower.", "",
+             "| setting | seeds | at step %d | over steps | per seed (over steps) | paired vs first |" % steps[-1],
+             "|---|---|---|---|---|---|"]
+    for i, s in enumerate(settings):
+        r = summarise(s, ref if i else None)
+        per_seed = " / ".join(f"{v:.2f}" for v in r["per_seed"].values())
+        paired = "—"
+        if "paired" in r and len(r["paired"][0]):
+            common, d = r["paired"]
+            paired = f"{d.mean():+.3f} ({int((d < 0).sum())} of {len(common)} lower)"
+        lines.append(f"| {s.label} | {','.join(map(str, r['seeds']))} | {_ms(r['final'])} | {_ms(r['over'])} "
+                     f"| {per_seed} | {paired} |")
+    lines += ["", "Sources: " + "; ".join(f"{s.label}: `{s.source}`" for s in settings)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--metric", default="ref_identity")
+    ap.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:METHOD")
+    ap.add_argument("--out", help="also write the table to this markdown file")
+    args = ap.parse_args(argv)
+    settings = [load_setting(*parse_row(spec), args.metric) for spec in args.row]
+    if any(s.steps != settings[0].steps for s in settings):
+        raise SystemExit("every setting must be evaluated at the same steps")
+    text = table(settings, args.metric)
+    print(text, end="")
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
