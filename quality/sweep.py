@@ -11,7 +11,8 @@ timesteps and noise under every setting) removes the seed-to-seed spread.
         --row "lambda_AA 1=quality/report_world128c_apt_rs001:apt" --out /tmp/sweep.md
 
 Each --row is LABEL=REPORT_DIR:METHOD (several dirs joined with '+' pool their seeds). The first
-row is the reference for the paired differences. Prints the markdown table; --out writes it too.
+row is the reference for the paired differences. Prints one markdown table per --metric (comma-
+separated); --out writes them too.
 """
 
 from __future__ import annotations
@@ -96,14 +97,17 @@ def table(settings: list[Setting], metric: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--metric", default="ref_identity")
+    ap.add_argument("--metric", default="ref_identity", help="one metric, or several joined by commas")
     ap.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:METHOD")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    settings = [load_setting(*parse_row(spec), args.metric) for spec in args.row]
-    if any(s.steps != settings[0].steps for s in settings):
-        raise SystemExit("every setting must be evaluated at the same steps")
-    text = table(settings, args.metric)
+    tables = []
+    for metric in args.metric.split(","):
+        settings = [load_setting(*parse_row(spec), metric) for spec in args.row]
+        if any(s.steps != settings[0].steps for s in settings):
+            raise SystemExit("every setting must be evaluated at the same steps")
+        tables.append(table(settings, metric))
+    text = "\n".join(tables)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
