@@ -228,7 +228,7 @@ class AptRegSettings(io.ComfyNode):
                     "subject (in the benchmark 1.0 held it back a lot, 0.01 a little).")),
                 io.Combo.Input("aa_distance", options=["mse", "kl"], default=_REG.aa_distance, tooltip=(
                     "How attention maps are compared: KL divergence over the prompt's tokens (default), "
-                    "or mean squared error (much smaller values: needs lambda_aa around 1000).")),
+                    "or mean squared error (terms ~1000x smaller: scale lambda_aa up by ~1000).")),
                 io.Combo.Input("resolutions", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTIONS, tooltip=(
                     "Which decoder (up-block) stages are regularized, named by their size for a 1024 px "
                     "image. The paper uses both.")),
