@@ -88,9 +88,10 @@ class AttentionRecorder:
         probe.record_attention = self._listen  # the backbone looks the method up on each call
         self._prior: dict[str, torch.Tensor] = {}
         self.rows: list[dict[str, torch.Tensor]] = []
+        self.listening = False  # only while a draw is measured, not during training steps
 
     def _listen(self, name: str, probs: torch.Tensor) -> None:
-        phase = self.probe.phase
+        phase = self.probe.phase if self.listening else None
         if phase == "prior":
             self._prior[name] = probs.detach()
         elif phase == "ft" and name in self._prior:
@@ -101,7 +102,6 @@ class AttentionRecorder:
         self._record(name, probs)
 
     def reset(self) -> None:
-        """Forget what training steps recorded since the last draw."""
         self.rows, self._prior = [], {}
 
     def take(self) -> dict[str, torch.Tensor]:
@@ -125,6 +125,7 @@ def measure_draw(trainer, index: int, t: torch.Tensor, noise: torch.Tensor,
     hooked = [k for k in TERMS if getattr(trainer.probe, k)]
     if attention is not None:
         attention.reset()
+        attention.listening = True
     trainer.probe.begin_step(cond.aligned_tokens)
     try:
         terms = trainer.batch_losses(ex.latent[None].to(dev, torch.float32), cond, t, noise.to(dev),
@@ -141,6 +142,8 @@ def measure_draw(trainer, index: int, t: torch.Tensor, noise: torch.Tensor,
             row[f"{k}_value"] = float(raw.detach())
     finally:
         trainer.probe.end_step()
+        if attention is not None:
+            attention.listening = False
     row["rs_layers"] = {n: float(v.detach()) for n, v in layer_terms}
     row["prior_scale"] = {n: float(mu.pow(2).mean() + sd.pow(2).mean()) for n, (mu, sd) in prior_stats.items()}
     if attention is not None:
