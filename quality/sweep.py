@@ -29,8 +29,12 @@ import numpy as np
 class Setting:
     label: str
     source: str
-    curves: dict[int, list[float]]  # seed -> metric at each evaluation step
+    evals: dict[int, list[dict]]  # seed -> the run's evaluations, one per step
     steps: list[int]
+
+    def curves(self, metric: str) -> dict[int, list[float]]:
+        """seed -> `metric` at each evaluation step."""
+        return {seed: [float(e[metric]) for e in evals] for seed, evals in self.evals.items()}
 
 
 def parse_row(spec: str) -> tuple[str, list[Path], str]:
@@ -42,8 +46,8 @@ def parse_row(spec: str) -> tuple[str, list[Path], str]:
     return label, [Path(d) for d in dirs.split("+")], method
 
 
-def load_setting(label: str, dirs: list[Path], method: str, metric: str) -> Setting:
-    curves, steps = {}, None
+def load_setting(label: str, dirs: list[Path], method: str) -> Setting:
+    evals, steps = {}, None
     for d in dirs:
         runs = json.loads((d / "results.json").read_text())["runs"].get(method)
         if not runs:
@@ -53,19 +57,20 @@ def load_setting(label: str, dirs: list[Path], method: str, metric: str) -> Sett
             if steps is not None and run_steps != steps:
                 raise SystemExit(f"{d}: evaluation steps {run_steps} differ from {steps}")
             steps = run_steps
-            curves[int(run["seed"])] = [float(e[metric]) for e in run["evals"]]
-    return Setting(label, "+".join(str(d) for d in dirs) + f":{method}", dict(sorted(curves.items())), steps)
+            evals[int(run["seed"])] = run["evals"]
+    return Setting(label, "+".join(str(d) for d in dirs) + f":{method}", dict(sorted(evals.items())), steps)
 
 
-def summarise(s: Setting, ref: Setting | None) -> dict:
-    """Final and over-checkpoint means (± sample std over seeds) and, against `ref`, the mean paired
-    difference of the over-checkpoint value on the seeds both have, with how many seeds are lower."""
-    final = np.array([c[-1] for c in s.curves.values()])
-    over = {seed: float(np.mean(c)) for seed, c in s.curves.items()}
-    out = {"seeds": list(s.curves), "final": final, "over": np.array(list(over.values())), "per_seed": over}
+def summarise(curves: dict[int, list[float]], ref: dict[int, list[float]] | None) -> dict:
+    """Final and over-checkpoint means (± sample std over seeds) of seed -> curve and, against `ref`,
+    the mean paired difference of the over-checkpoint value on the seeds both have, with how many
+    seeds are lower."""
+    final = np.array([c[-1] for c in curves.values()])
+    over = {seed: float(np.mean(c)) for seed, c in curves.items()}
+    out = {"seeds": list(curves), "final": final, "over": np.array(list(over.values())), "per_seed": over}
     if ref is not None:
-        common = [seed for seed in s.curves if seed in ref.curves]
-        diffs = np.array([over[seed] - float(np.mean(ref.curves[seed])) for seed in common])
+        common = [seed for seed in curves if seed in ref]
+        diffs = np.array([over[seed] - float(np.mean(ref[seed])) for seed in common])
         out["paired"] = (common, diffs)
     return out
 
@@ -82,8 +87,9 @@ def table(settings: list[Setting], metric: str) -> str:
              "on the seeds both have, and how many of them are lower.", "",
              "| setting | seeds | at step %d | over steps | per seed (over steps) | paired vs first |" % steps[-1],
              "|---|---|---|---|---|---|"]
+    ref_curves = ref.curves(metric)
     for i, s in enumerate(settings):
-        r = summarise(s, ref if i else None)
+        r = summarise(s.curves(metric), ref_curves if i else None)
         per_seed = " / ".join(f"{v:.2f}" for v in r["per_seed"].values())
         paired = "—"
         if "paired" in r and len(r["paired"][0]):
@@ -101,13 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:METHOD")
     ap.add_argument("--out", help="also write the table to this markdown file")
     args = ap.parse_args(argv)
-    tables = []
-    for metric in args.metric.split(","):
-        settings = [load_setting(*parse_row(spec), metric) for spec in args.row]
-        if any(s.steps != settings[0].steps for s in settings):
-            raise SystemExit("every setting must be evaluated at the same steps")
-        tables.append(table(settings, metric))
-    text = "\n".join(tables)
+    settings = [load_setting(*parse_row(spec)) for spec in args.row]
+    if any(s.steps != settings[0].steps for s in settings):
+        raise SystemExit("every setting must be evaluated at the same steps")
+    text = "\n".join(table(settings, metric) for metric in args.metric.split(","))
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)
