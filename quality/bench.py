@@ -60,7 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0},
                    "lora": {"rank": 8, "alpha": 8.0},
                    "augment": {"space": "pixel", "fill": "constant"},
-                   # pinned: every committed report before session 8 trained with these weights
+                   # pinned: the committed reports were trained with these weights (apt_core's defaults
+                   # until sessions 8 and 9); newer configs set their own
                    "regularizers": {"lambda_rs": 1.0, "lambda_aa": 1.0}},
     # With apt_core's "constant" fill (pinned above: the committed reports used it; apt_core's
     # default is now "border"): "black" is that fill as is (the paper's figure); "background"

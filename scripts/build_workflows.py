@@ -179,7 +179,7 @@ Put your photos in ComfyUI/input/my_subject and pick your SDXL checkpoint first.
 NOTE_3 = """Advanced: every APT setting, resume, validation samples
 
 - 'APT Indicator & Augmentation settings' and 'APT Regularization weights' show every setting with
-  the defaults (the paper's values, lambda_rs from the benchmark); hover a widget for what it does.
+  the defaults (the paper's values; lambda_rs and lambda_aa from the benchmark); hover a widget for what it does.
 - Resume: checkpoints are written every 'checkpoint_every' steps to
   output/apt_lora_trainer/<LoRA name>/. With 'resume' on, the next run under the same LoRA name
   continues from the newest one (after Stop, Cancel or a crash, or after raising 'steps').
