@@ -2,7 +2,8 @@
 
 `python -m quality.demo_data --out output/demo` writes, deterministically from a benchmark config
 (default quality/configs/default.json, the same task as the benchmark):
-  photos/ref_0.png ... + same-name .txt captions   the concept's reference images (64 px)
+  photos/ref_0.png ... + same-name .txt captions   the concept's reference images (at the size of
+                                                   the config's prior: 64 or 128 px)
   prompts.txt                                      prompts for `python -m apt_core --sample-prompts`:
                                                    the references' caption, concept prompts with
                                                    another background / position / size / style,
@@ -12,16 +13,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from PIL import Image
 
 from .bench import concept_prompts, drift_prompts, load_config, reference_caption, reference_scenes
-from .models import IMAGE_SIZE
 from .world import render
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
+
+
+def prior_image_size(prior: str | Path) -> int:
+    """The world's image side in pixels of a prior folder, read from its VAE config (no weights)."""
+    return int(json.loads((Path(prior) / "vae" / "config.json").read_text(encoding="utf-8"))["sample_size"])
 
 
 def demo_prompts(cfg: dict, n_concept: int = 4, n_drift: int = 1) -> list[str]:
@@ -36,8 +42,9 @@ def write_demo_data(out: str | Path, config: str | Path = DEFAULT_CONFIG, n_conc
     photos = Path(out) / "photos"
     photos.mkdir(parents=True, exist_ok=True)
     cap = reference_caption(cfg)
+    size = prior_image_size(cfg["prior"])
     for i, scene in enumerate(reference_scenes(cfg)):
-        Image.fromarray(render(scene, IMAGE_SIZE)).save(photos / f"ref_{i}.png")
+        Image.fromarray(render(scene, size)).save(photos / f"ref_{i}.png")
         (photos / f"ref_{i}.txt").write_text(cap + "\n", encoding="utf-8")
     lines = ["# before/after prompts of the demo (quality/demo_data.py): the references' caption,",
              "# the concept in other contexts, and a prompt without the concept"]

@@ -374,3 +374,24 @@ def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
     assert rows[0] == "| A | 0,1,2 | 0.500 ± 0.100 | 0.367 ± 0.115 | 0.30 / 0.30 / 0.50 | — |"
     # B: seed 1 0.1 (-0.2 vs A), seed 2 0.6 (+0.1) -> paired mean -0.05, one of two lower
     assert rows[1] == "| B | 1,2 | 0.450 ± 0.354 | 0.350 ± 0.354 | 0.10 / 0.60 | -0.050 (1 of 2 lower) |"
+
+
+@pytest.mark.parametrize("config, size", [("learnable_border.json", 64), ("world128c.json", 128)])
+def test_demo_data_writes_the_references_at_the_prior_s_size_with_their_caption(tmp_path, config, size):
+    from PIL import Image
+
+    from quality.demo_data import write_demo_data
+
+    photos = write_demo_data(tmp_path, f"quality/configs/{config}")
+    pngs = sorted(photos.glob("*.png"))
+    assert len(pngs) == 4
+    for png in pngs:
+        img = np.asarray(Image.open(png).convert("RGB"))
+        assert img.shape == (size, size, 3)
+        d = detect(img)
+        assert (d.shape, d.colour, d.background, d.position) == ("cross", "blue", "white", "centre")
+        assert png.with_suffix(".txt").read_text(encoding="utf-8").strip() == "a sks shape, on a white background"
+    prompts = [ln for ln in (tmp_path / "prompts.txt").read_text(encoding="utf-8").splitlines()
+               if ln and not ln.startswith("#")]
+    assert prompts[0] == "a sks shape, on a white background"
+    assert len(prompts) == 6 and "sks" not in prompts[-1]
