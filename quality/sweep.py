@@ -12,7 +12,8 @@ timesteps and noise under every setting) removes the seed-to-seed spread.
 
 Each --row is LABEL=REPORT_DIR:METHOD (several dirs joined with '+' pool their seeds). The first
 row is the reference for the paired differences. Prints one markdown table per --metric (comma-
-separated); --out writes them too.
+separated); --out writes them too. With --overview it prints instead two compact tables, a row per
+setting and a column per metric: the value at the last step, and the mean over evaluation steps.
 """
 
 from __future__ import annotations
@@ -101,16 +102,37 @@ def table(settings: list[Setting], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def overview(settings: list[Setting], metrics: list[str], reading: str) -> str:
+    """A row per setting, a column per metric: mean ± sample std over seeds of the value at the last
+    evaluation step (reading "final") or of each run's mean over its evaluation steps ("over")."""
+    steps = settings[0].steps
+    what = f"at step {steps[-1]}" if reading == "final" else f"averaged over the evaluation steps {steps}"
+    lines = [f"{what} (mean ± sample std over seeds):", "",
+             "| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |",
+             "|---|---|" + "---|" * len(metrics)]
+    for s in settings:
+        cells = [_ms(summarise(s.curves(m), None)[reading]) for m in metrics]
+        lines.append(f"| {s.label} | {','.join(map(str, s.evals))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--metric", default="ref_identity", help="one metric, or several joined by commas")
     ap.add_argument("--row", action="append", required=True, metavar="LABEL=DIR:METHOD")
     ap.add_argument("--out", help="also write the table to this markdown file")
+    ap.add_argument("--overview", action="store_true",
+                    help="two compact tables (last step, over steps), a column per metric")
     args = ap.parse_args(argv)
     settings = [load_setting(*parse_row(spec)) for spec in args.row]
     if any(s.steps != settings[0].steps for s in settings):
         raise SystemExit("every setting must be evaluated at the same steps")
-    text = "\n".join(table(settings, metric) for metric in args.metric.split(","))
+    metrics = args.metric.split(",")
+    if args.overview:
+        text = "\n".join(overview(settings, metrics, r) for r in ("final", "over"))
+        text += "\nSources: " + "; ".join(f"{s.label}: `{s.source}`" for s in settings) + "\n"
+    else:
+        text = "\n".join(table(settings, metric) for metric in metrics)
     print(text, end="")
     if args.out:
         Path(args.out).write_text(text)

@@ -375,6 +375,12 @@ def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
     # B: seed 1 0.1 (-0.2 vs A), seed 2 0.6 (+0.1) -> paired mean -0.05, one of two lower
     assert rows[1] == "| B | 1,2 | 0.450 ± 0.354 | 0.350 ± 0.354 | 0.10 / 0.60 | -0.050 (1 of 2 lower) |"
 
+    assert main(["--row", f"A={base}:m", "--row", f"B={other}:m", "--overview", "--out", str(out)]) == 0
+    text = out.read_text()
+    final, over = text.split("averaged over")
+    assert "| A | 0,1,2 | 0.500 ± 0.100 |" in final and "| B | 1,2 | 0.450 ± 0.354 |" in final
+    assert "| A | 0,1,2 | 0.367 ± 0.115 |" in over and "| B | 1,2 | 0.350 ± 0.354 |" in over
+
 
 @pytest.mark.parametrize("config, size", [("learnable_border.json", 64), ("world128c.json", 128)])
 def test_demo_data_writes_the_references_at_the_prior_s_size_with_their_caption(tmp_path, config, size):
