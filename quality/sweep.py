@@ -32,6 +32,7 @@ class Setting:
     source: str
     evals: dict[int, list[dict]]  # seed -> the run's evaluations, one per step
     steps: list[int]
+    prior: dict | None = None  # the prior's (no LoRA) metrics, from the first report
 
     def curves(self, metric: str) -> dict[int, list[float]]:
         """seed -> `metric` at each evaluation step."""
@@ -48,9 +49,11 @@ def parse_row(spec: str) -> tuple[str, list[Path], str]:
 
 
 def load_setting(label: str, dirs: list[Path], method: str) -> Setting:
-    evals, steps = {}, None
+    evals, steps, prior = {}, None, None
     for d in dirs:
-        runs = json.loads((d / "results.json").read_text())["runs"].get(method)
+        results = json.loads((d / "results.json").read_text())
+        prior = prior or results.get("prior")
+        runs = results["runs"].get(method)
         if not runs:
             raise SystemExit(f"{d}: no runs of method {method!r}")
         for run in runs:
@@ -59,7 +62,8 @@ def load_setting(label: str, dirs: list[Path], method: str) -> Setting:
                 raise SystemExit(f"{d}: evaluation steps {run_steps} differ from {steps}")
             steps = run_steps
             evals[int(run["seed"])] = run["evals"]
-    return Setting(label, "+".join(str(d) for d in dirs) + f":{method}", dict(sorted(evals.items())), steps)
+    return Setting(label, "+".join(str(d) for d in dirs) + f":{method}", dict(sorted(evals.items())), steps,
+                   prior)
 
 
 def summarise(curves: dict[int, list[float]], ref: dict[int, list[float]] | None) -> dict:
@@ -104,12 +108,15 @@ def table(settings: list[Setting], metric: str) -> str:
 
 def overview(settings: list[Setting], metrics: list[str], reading: str) -> str:
     """A row per setting, a column per metric: mean ± sample std over seeds of the value at the last
-    evaluation step (reading "final") or of each run's mean over its evaluation steps ("over")."""
+    evaluation step (reading "final") or of each run's mean over its evaluation steps ("over"); first
+    the prior's own value (no LoRA) when the first setting's report has it."""
     steps = settings[0].steps
     what = f"at step {steps[-1]}" if reading == "final" else f"averaged over the evaluation steps {steps}"
     lines = [f"{what} (mean ± sample std over seeds):", "",
              "| setting | seeds | " + " | ".join(f"`{m}`" for m in metrics) + " |",
              "|---|---|" + "---|" * len(metrics)]
+    if settings[0].prior:
+        lines.append("| prior (no LoRA) | — | " + " | ".join(f"{settings[0].prior[m]:.3f}" for m in metrics) + " |")
     for s in settings:
         cells = [_ms(summarise(s.curves(m), None)[reading]) for m in metrics]
         lines.append(f"| {s.label} | {','.join(map(str, s.evals))} | " + " | ".join(cells) + " |")

@@ -362,7 +362,7 @@ def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
         d.mkdir()
         runs = [{"seed": s, "evals": [{"step": 500, "ref_identity": a}, {"step": 1000, "ref_identity": b}]}
                 for s, (a, b) in curves.items()]
-        (d / "results.json").write_text(json.dumps({"runs": {"m": runs}}))
+        (d / "results.json").write_text(json.dumps({"runs": {"m": runs}, "prior": {"ref_identity": 0.125}}))
         return d
 
     base = report("base", {0: (0.2, 0.4), 1: (0.0, 0.6), 2: (0.5, 0.5)})
@@ -378,6 +378,7 @@ def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
     assert main(["--row", f"A={base}:m", "--row", f"B={other}:m", "--overview", "--out", str(out)]) == 0
     text = out.read_text()
     final, over = text.split("averaged over")
+    assert "| prior (no LoRA) | — | 0.125 |" in final and "| prior (no LoRA) | — | 0.125 |" in over
     assert "| A | 0,1,2 | 0.500 ± 0.100 |" in final and "| B | 1,2 | 0.450 ± 0.354 |" in final
     assert "| A | 0,1,2 | 0.367 ± 0.115 |" in over and "| B | 1,2 | 0.350 ± 0.354 |" in over
 
@@ -401,3 +402,17 @@ def test_demo_data_writes_the_references_at_the_prior_s_size_with_their_caption(
                if ln and not ln.startswith("#")]
     assert prompts[0] == "a sks shape, on a white background"
     assert len(prompts) == 6 and "sks" not in prompts[-1]
+
+
+def test_concept_colours_count_the_drawn_concept_per_prompt_background():
+    from quality.concept_colour import concept_colours
+    from quality.world import Scene
+
+    def img(colour, bg, shape="cross"):
+        return render(Scene(shape, colour, "flat", bg, "centre", "large", 0.5, 0.5, 0.5), 128)
+
+    requested = [{"background": "pink"}, {"background": "mint"}]
+    images = np.stack([img("purple", "pink"), img("blue", "pink"),  # prompt 0, two samples
+                       img("blue", "mint"), img("blue", "mint", shape="circle")])  # the circle is not counted
+    out = concept_colours(images, requested, samples_per_prompt=2, shape="cross", rotation_deg=15)
+    assert out == {"pink": {"purple": 1, "blue": 1}, "mint": {"blue": 1}}
