@@ -301,17 +301,20 @@ class AptTrainerNode(io.ComfyNode):
                     "H100, SDXL at 1024, rank 32: peak 14.1 GiB and 0.60 s per step (Fastest) against "
                     "7.3 GiB and 1.09 s (Low VRAM), for the UNet alone.")),
                 AtaSettingsIO.Input("ata_settings", optional=True, tooltip=(
-                    "Optional: APT Indicator & Augmentation settings (defaults follow the paper).")),
+                    "Optional: APT Indicator & Augmentation settings (defaults follow the paper, except the "
+                    "'border' fill around zoomed-out images).")),
                 RegSettingsIO.Input("reg_settings", optional=True, tooltip=(
-                    "Optional: APT Regularization weights (defaults follow the paper).")),
+                    "Optional: APT Regularization weights (defaults lambda_rs 0.01 and lambda_aa 0.01, set "
+                    "by the quality benchmark; the paper's 1.0 held the subject back there).")),
                 io.Int.Input("batch_size", default=1, min=1, max=16, optional=True, tooltip=(
                     "Images per step (all from the same aspect bucket). 1 follows the paper and uses "
                     "the least memory; 2-4 gives smoother steps but needs about that many times the "
                     "activation memory (use 'Low VRAM' with it).")),
                 io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True, tooltip=(
                     "How the learning rate changes over the run. constant: the same all the way (the "
-                    "default); cosine: slowly falls to 0 at the last step, which often gives a "
-                    "cleaner final LoRA.")),
+                    "default); cosine: slowly falls to 0 at the last step. In the benchmark cosine made "
+                    "the final LoRA much less of a lottery (2-3x smaller swing between the last two "
+                    "checkpoints) but, at the same steps, APT learned the subject less: add steps.")),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
                     "Raise the learning rate from almost 0 to its full value over the first N steps "
                     "(0: start at full value). 5-10% of the steps helps when the first images burn.")),

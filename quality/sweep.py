@@ -67,12 +67,15 @@ def load_setting(label: str, dirs: list[Path], method: str) -> Setting:
 
 
 def summarise(curves: dict[int, list[float]], ref: dict[int, list[float]] | None) -> dict:
-    """Final and over-checkpoint means (± sample std over seeds) of seed -> curve and, against `ref`,
+    """Final and over-checkpoint means (± sample std over seeds) of seed -> curve, each seed's swing
+    |last - second-to-last| (how much the final readout depends on where the run stopped) and, against `ref`,
     the mean paired difference of the over-checkpoint value on the seeds both have, with how many
     seeds are lower."""
     final = np.array([c[-1] for c in curves.values()])
     over = {seed: float(np.mean(c)) for seed, c in curves.items()}
-    out = {"seeds": list(curves), "final": final, "over": np.array(list(over.values())), "per_seed": over}
+    swing = np.array([abs(c[-1] - c[-2]) if len(c) > 1 else 0.0 for c in curves.values()])
+    out = {"seeds": list(curves), "final": final, "over": np.array(list(over.values())), "per_seed": over,
+           "swing": swing}
     if ref is not None:
         common = [seed for seed in curves if seed in ref]
         diffs = np.array([over[seed] - float(np.mean(ref[seed])) for seed in common])
@@ -88,10 +91,11 @@ def table(settings: list[Setting], metric: str) -> str:
     ref = settings[0]
     steps = ref.steps
     lines = [f"`{metric}`: at step {steps[-1]} and averaged over the evaluation steps {steps} "
-             f"(mean ± sample std over seeds); paired: the over-steps difference to **{ref.label}** "
+             f"(mean ± sample std over seeds); swing: the mean over seeds of |step {steps[-1]} - step "
+             f"{steps[-2] if len(steps) > 1 else steps[-1]}|; paired: the over-steps difference to **{ref.label}** "
              "on the seeds both have, and how many of them are lower.", "",
-             "| setting | seeds | at step %d | over steps | per seed (over steps) | paired vs first |" % steps[-1],
-             "|---|---|---|---|---|---|"]
+             "| setting | seeds | at step %d | swing | over steps | per seed (over steps) | paired vs first |" % steps[-1],
+             "|---|---|---|---|---|---|---|"]
     ref_curves = ref.curves(metric)
     for i, s in enumerate(settings):
         r = summarise(s.curves(metric), ref_curves if i else None)
@@ -100,7 +104,8 @@ def table(settings: list[Setting], metric: str) -> str:
         if "paired" in r and len(r["paired"][0]):
             common, d = r["paired"]
             paired = f"{d.mean():+.3f} ({int((d < 0).sum())} of {len(common)} lower)"
-        lines.append(f"| {s.label} | {','.join(map(str, r['seeds']))} | {_ms(r['final'])} | {_ms(r['over'])} "
+        lines.append(f"| {s.label} | {','.join(map(str, r['seeds']))} | {_ms(r['final'])} | {r['swing'].mean():.3f} "
+                     f"| {_ms(r['over'])} "
                      f"| {per_seed} | {paired} |")
     lines += ["", "Sources: " + "; ".join(f"{s.label}: `{s.source}`" for s in settings)]
     return "\n".join(lines) + "\n"
