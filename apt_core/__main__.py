@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--lora-conv", action="store_true",
                    help="LoRA also on the resnet 3x3 convolutions (LoCon; ComfyUI's LoraLoader reads it)")
     t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default=TrainConfig.lr_schedule,
+                   help="cosine (default) falls to 0 at the last step; constant keeps --lr throughout")
+    t.add_argument("--warmup", type=int, default=0, metavar="STEPS",
+                   help="raise the learning rate linearly over the first STEPS steps")
     t.add_argument("--batch-size", type=int, default=1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--checkpoint-every", type=int, default=100)
@@ -146,6 +150,7 @@ def build_config(args: argparse.Namespace) -> AptConfig:
     return AptConfig(
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                           seed=args.seed, checkpoint_every=args.checkpoint_every,
+                          lr_schedule=args.lr_schedule, warmup_steps=args.warmup,
                           gradient_checkpointing=PRESETS[args.preset]),
         lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha else float(args.rank),
                         include_feed_forward=args.lora_ff, include_conv=args.lora_conv),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from apt_core.config import FILL_MODES, AugmentConfig, IndicatorConfig, RegularizerConfig
+from apt_core.config import FILL_MODES, AugmentConfig, IndicatorConfig, RegularizerConfig, TrainConfig
 
 from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
 from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRESETS,
@@ -310,11 +310,12 @@ class AptTrainerNode(io.ComfyNode):
                     "Images per step (all from the same aspect bucket). 1 follows the paper and uses "
                     "the least memory; 2-4 gives smoother steps but needs about that many times the "
                     "activation memory (use 'Low VRAM' with it).")),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", optional=True, tooltip=(
-                    "How the learning rate changes over the run. constant: the same all the way (the "
-                    "default); cosine: slowly falls to 0 at the last step. In the benchmark cosine made "
-                    "the final LoRA much less of a lottery (2-3x smaller swing between the last two "
-                    "checkpoints) but, at the same steps, APT learned the subject less: add steps.")),
+                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=TrainConfig.lr_schedule,
+                               optional=True, tooltip=(
+                    "How the learning rate changes over the run. cosine (default): slowly falls to 0 at "
+                    "the last step; in the benchmark the final LoRA then depended 2-3x less on where "
+                    "the run stopped and drifted less from the base model. constant: the same all the "
+                    "way (the earlier default); pick it to compare checkpoints saved along the run.")),
                 io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
                     "Raise the learning rate from almost 0 to its full value over the first N steps "
                     "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
@@ -338,7 +339,7 @@ class AptTrainerNode(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, dataset, steps: int, rank: int, learning_rate: float, seed: int,
                 checkpoint_every: int, lora_name: str, overwrite: bool, resume: bool, memory_preset: str,
-                ata_settings=None, reg_settings=None, batch_size: int = 1, lr_schedule: str = "constant",
+                ata_settings=None, reg_settings=None, batch_size: int = 1, lr_schedule: str = TrainConfig.lr_schedule,
                 warmup_steps: int = 0, save_lora_every_checkpoint: bool = False) -> io.NodeOutput:
         import comfy.sd
         import comfy.utils

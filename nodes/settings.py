@@ -67,7 +67,7 @@ def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolu
 
 def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, checkpoint_every: int,
                  preset: str, ata: dict | None = None, reg: dict | None = None, batch_size: int = 1,
-                 lr_schedule: str = "constant", warmup_steps: int = 0) -> AptConfig:
+                 lr_schedule: str = TrainConfig.lr_schedule, warmup_steps: int = 0) -> AptConfig:
     """Everything the trainer node knows -> a validated AptConfig (paper defaults elsewhere)."""
     if preset not in PRESETS:
         raise AptConfigError(f"unknown memory preset {preset!r}; choose one of {list(PRESETS)}.")

@@ -57,11 +57,12 @@ DEFAULTS: dict[str, Any] = {
     "methods": ["baseline", "ata", "ata_rs", "apt"],
     "seeds": [0, 1, 2],
     # apt_core.config.AptConfig.from_dict overrides shared by every method (switches come from METHODS)
-    "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0},
+    "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0,
+                             "lr_schedule": "constant"},
                    "lora": {"rank": 8, "alpha": 8.0},
                    "augment": {"space": "pixel", "fill": "constant"},
-                   # pinned: the committed reports were trained with these weights (apt_core's defaults
-                   # until sessions 8 and 9); newer configs set their own
+                   # pinned: the committed reports were trained with these weights and the constant
+                   # schedule (apt_core's defaults until sessions 8, 9 and 10); newer configs set their own
                    "regularizers": {"lambda_rs": 1.0, "lambda_aa": 1.0}},
     # With apt_core's "constant" fill (pinned above: the committed reports used it; apt_core's
     # default is now "border"): "black" is that fill as is (the paper's figure); "background"

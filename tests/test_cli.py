@@ -43,6 +43,14 @@ def test_aa_free_words_reach_the_config():
     assert build_config(parse_args([])).regularizers.aa_free_words == ()
 
 
+def test_lr_schedule_and_warmup_reach_the_config():
+    from apt_core.__main__ import build_config, parse_args
+    default = build_config(parse_args([])).train
+    assert (default.lr_schedule, default.warmup_steps) == ("cosine", 0)  # the benchmark-set default
+    chosen = build_config(parse_args(["--lr-schedule", "constant", "--warmup", "20"])).train
+    assert (chosen.lr_schedule, chosen.warmup_steps) == ("constant", 20)
+
+
 def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
     model = save_tiny_sdxl(build_tiny_sdxl(seed=1), tmp_path / "model")
     from apt_core.sample_images import write_sample_folder

@@ -245,16 +245,16 @@ def test_new_inputs_sit_at_the_end_optional_with_defaults_that_keep_the_old_beha
     assert opt["save_lora_every_checkpoint"][0] == "BOOLEAN"
     assert opt["save_lora_every_checkpoint"][1]["default"] is False  # off: only the final file, as before
     assert "overfitted" in opt["save_lora_every_checkpoint"][1]["tooltip"]
-    assert opt["lr_schedule"][1]["default"] == "constant"
+    assert opt["lr_schedule"][1]["default"] == "cosine"  # the benchmark-set default (was constant)
     ata = nd.AptAtaSettings.GET_NODE_INFO_V1()
     assert ata["input_order"]["optional"] == ["augmentation_space"]
     assert ata["input"]["optional"]["augmentation_space"][1]["default"] == "latent"
-    # defaults = the config the node built before these inputs existed
+    # defaults: the config the node built before these inputs existed, except the schedule (now cosine)
     old = s.build_config(steps=5, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                          ata=_ata(s))
     from apt_core.config import AugmentConfig, TrainConfig
 
-    assert (old.train.batch_size, old.train.lr_schedule, old.train.warmup_steps) == (1, "constant", 0)
+    assert (old.train.batch_size, old.train.lr_schedule, old.train.warmup_steps) == (1, "cosine", 0)
     assert old.augment.space == "latent" == AugmentConfig().space and TrainConfig().batch_size == 1
 
 

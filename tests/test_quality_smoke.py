@@ -370,10 +370,11 @@ def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
     out = tmp_path / "t.md"
     assert main(["--row", f"A={base}:m", "--row", f"B={other}:m", "--out", str(out)]) == 0
     rows = [line for line in out.read_text().splitlines() if line.startswith("| A") or line.startswith("| B")]
-    # A: over steps 0.3 / 0.3 / 0.5 -> mean 0.367, std 0.115; final 0.4 / 0.6 / 0.5 -> 0.5 ± 0.1
-    assert rows[0] == "| A | 0,1,2 | 0.500 ± 0.100 | 0.367 ± 0.115 | 0.30 / 0.30 / 0.50 | — |"
-    # B: seed 1 0.1 (-0.2 vs A), seed 2 0.6 (+0.1) -> paired mean -0.05, one of two lower
-    assert rows[1] == "| B | 1,2 | 0.450 ± 0.354 | 0.350 ± 0.354 | 0.10 / 0.60 | -0.050 (1 of 2 lower) |"
+    # A: over steps 0.3 / 0.3 / 0.5 -> mean 0.367, std 0.115; final 0.4 / 0.6 / 0.5 -> 0.5 ± 0.1;
+    # swings 0.2 / 0.6 / 0 -> 0.267
+    assert rows[0] == "| A | 0,1,2 | 0.500 ± 0.100 | 0.267 | 0.367 ± 0.115 | 0.30 / 0.30 / 0.50 | — |"
+    # B: seed 1 0.1 (-0.2 vs A), seed 2 0.6 (+0.1) -> paired mean -0.05, one of two lower; swings 0.2, 0.2
+    assert rows[1] == "| B | 1,2 | 0.450 ± 0.354 | 0.200 | 0.350 ± 0.354 | 0.10 / 0.60 | -0.050 (1 of 2 lower) |"
 
     assert main(["--row", f"A={base}:m", "--row", f"B={other}:m", "--overview", "--out", str(out)]) == 0
     text = out.read_text()

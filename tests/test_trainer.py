@@ -130,7 +130,9 @@ def test_baseline_switch_is_plain_dreambooth_lora():
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=cfg.train.weight_decay)
     g = torch.Generator().manual_seed(cfg.train.seed)
     weights = torch.ones(len(dataset))
-    for _ in range(steps):  # the trainer's documented draw order: image, t, noise, augmentation
+    for i in range(steps):  # the trainer's documented draw order: image, t, noise, augmentation
+        for group in opt.param_groups:  # the default schedule: cosine from 1e-2 to 0 at the last step
+            group["lr"] = 1e-2 * 0.5 * (1.0 + math.cos(math.pi * i / steps))
         ex = dataset.examples[int(torch.multinomial(weights, 1, generator=g))]
         t = torch.randint(0, 1000, (1,), generator=g)
         noise = torch.randn((1, *ex.latent.shape), generator=g)
