@@ -13,7 +13,8 @@ context, which no APT part is designed to separate).
 Part 1 samples the prior on "a <colour> <shape>, on a <background> background" for the pretraining
 shapes (the concept's shape is new) and reads the colour back. Part 2 reads every concept image
 kept in the --runs folders (images.npz of `python -m quality.run`: the last evaluation of the
-first seed of each method, prompts from the run's own results.json) and counts the detected colour of drawn crosses per prompt background.
+first seed of each method, prompts from the run's own results.json) and counts the detected colour
+of the drawn crosses per prompt background.
 """
 
 from __future__ import annotations
