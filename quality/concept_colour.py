@@ -45,7 +45,8 @@ def prior_colour_table(cfg: dict, backgrounds: list[str], per_shape: int = 4, se
     out = {}
     for bg in backgrounds:
         prompts = [f"a {colour} {s}, on a {bg} background" for s in PRIOR_SHAPES for _ in range(per_shape)]
-        images = sample(c, prompts, list(range(seed, seed + len(prompts))), steps=20, guidance=5.0, size=size)
+        images = sample(c, prompts, list(range(seed, seed + len(prompts))), steps=cfg["eval"]["sampling_steps"],
+                        guidance=cfg["eval"]["guidance"], size=size)
         out[bg] = collections.Counter(d.colour if d.present else "-" for d in map(detect, images))
     return out
 

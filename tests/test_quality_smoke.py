@@ -354,6 +354,7 @@ def test_token_aa_shares_add_up_to_the_aa_term():
     one = token_aa_shares(prior[:1, :1, :1], ft[:1, :1, :1], mask[:1])
     torch.testing.assert_close(one[:4], p * (p.log() - r.log()), atol=1e-6, rtol=1e-5)
 
+
 def test_sweep_table_averages_over_steps_and_pairs_seeds(tmp_path):
     from quality.sweep import main
 
