@@ -162,6 +162,11 @@ def drift_prompts(cfg: dict) -> list[str]:
     return [caption_from(p) for p in cfg["drift_prompts"]]
 
 
+def drift_seeds(cfg: dict) -> list[int]:
+    """The sampling seed of each drift prompt (the same with and without the LoRA)."""
+    return [cfg["eval"]["sample_seed"] + 10_000 + i for i in range(len(cfg["drift_prompts"]))]
+
+
 def _background_fill(dataset, bg_rgb: tuple[int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Make apt_core's pixel-space constant fill (-1) mean "the references' background".
 
@@ -236,9 +241,7 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
     p_all = [p for p in prompts for _ in range(k)]
     r_all = [r for r in reqs for _ in range(k)]
     seeds = [base + i for i in range(len(p_all))]
-    dp = drift_prompts(cfg)
-    dseeds = [base + 10_000 + i for i in range(len(dp))]
-    es = EvalSet(p_all, r_all, seeds, dp, dseeds, float(np.mean([s.cx for s in refs])),
+    es = EvalSet(p_all, r_all, seeds, drift_prompts(cfg), drift_seeds(cfg), float(np.mean([s.cx for s in refs])),
                  float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])),
                  size=world_image_size(c), shape_rotation_deg=float(ev.get("shape_rotation_deg", 0.0)))
     n_ref = int(cfg["eval"]["ref_samples"])  # images of the references' own caption (ref_identity)

@@ -418,3 +418,29 @@ def test_concept_colours_count_the_drawn_concept_per_prompt_background():
                        img("blue", "mint"), img("blue", "mint", shape="circle")])  # the circle is not counted
     out = concept_colours(images, requested, samples_per_prompt=2, shape="cross", rotation_deg=15)
     assert out == {"pink": {"purple": 1, "blue": 1}, "mint": {"blue": 1}}
+
+
+def test_drift_breakdown_splits_pixel_drift_and_attribute_changes_per_prompt(tmp_path):
+    import json
+
+    from quality.drift_breakdown import report
+    from quality.world import Scene
+
+    def img(shape, colour, bg):
+        return render(Scene(shape, colour, "flat", bg, "centre", "large", 0.5, 0.5, 0.5), 128)
+
+    prior = np.stack([img("circle", "red", "sky"), img("square", "green", "sand")])
+    tuned = np.stack([img("circle", "red", "sky"), img("cross", "blue", "sand")])  # only prompt 1 drifts
+    run = tmp_path / "run"
+    run.mkdir()
+    np.savez_compressed(run / "images.npz", prior_drift=prior, apt_drift=tuned, apt=tuned[:0])
+    (run / "results.json").write_text(json.dumps({"drift_prompts": ["a red circle", "a green square"]}))
+    text = report({"eval": {"shape_rotation_deg": 15}}, [run], reseed=False)
+    rows = {ln.split(" | ")[0]: ln for ln in text.splitlines() if ln.startswith("| a ")}
+    expected_px = np.abs(prior[1].astype(float) - tuned[1].astype(float)).mean() / 255 / 2
+    assert "| 0.000 |" in text.splitlines()[4]
+    assert f"**{expected_px:.3f}**" in text
+    assert "green square, large, centre, flat, sand" in text
+    changes = [ln for ln in text.splitlines() if ln.startswith("| a green square |")][-1]
+    assert "shape square→cross 1/1" in changes and "colour green→blue 1/1" in changes
+    assert rows["| a red circle"].endswith("| — |")
