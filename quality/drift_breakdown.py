@@ -81,7 +81,8 @@ def report(cfg: dict, runs: list[Path], reseed: bool = True) -> str:
                     changes[m][i].update(attribute_changes(prior_dets[i], detect(img, rotation_deg=rot)))
     methods = list(px)
     yard = reseeded_drift(cfg) if reseed else None
-    lines = [f"drift_px per prompt without the concept (mean over {len(runs)} run folders; "
+    counts = ", ".join(f"{m} {len(px[m][0])}" for m in methods)
+    lines = [f"drift_px per prompt without the concept (mean over the run folders: {counts}; "
              "the prior's own image is the same in every folder):", "",
              "| prompt | the prior draws | " + ("prior, other seeds | " if yard else "")
              + " | ".join(methods) + " |",
