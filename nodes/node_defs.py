@@ -175,7 +175,8 @@ class AptAtaSettings(io.ComfyNode):
                     "(can repeat the subject).")),
                 io.Float.Input("loss_weight_floor", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
                     "Lowest loss weight: each sample's loss is multiplied by max(1 - gamma, floor). "
-                    "0 follows the paper.")),
+                    "0 follows the paper. A floor of 0.5 did not make the concept learn faster in the "
+                    "quality benchmark; train longer instead.")),
                 io.Boolean.Input("adaptive_augmentation", default=True, tooltip=(
                     "Zoom-out/rotate images more often as the model starts to memorise them.")),
                 io.Boolean.Input("adaptive_loss_weight", default=True, tooltip=(
@@ -272,7 +273,9 @@ class AptTrainerNode(io.ComfyNode):
                 AptDatasetIO.Input("dataset", tooltip="Images + captions from APT Dataset Loader / APT Caption."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip=(
                     "Training steps (each step trains on 'batch_size' images, 1 by default). 300-1000 "
-                    "for 3-10 images; the paper trains up to 2000.")),
+                    "for 3-10 images; the paper trains up to 2000. APT learns a subject more slowly than "
+                    "plain LoRA: if the likeness is weak, train longer (the quality benchmark needed "
+                    "about 1.5x the steps).")),
                 io.Int.Input("rank", default=32, min=1, max=256, tooltip=(
                     "LoRA rank (size). 16-32 is plenty for one subject; higher = bigger file, more "
                     "memory.")),
