@@ -6,7 +6,7 @@ yardstick: the prior against itself on other seeds, i.e. how much two equally go
 the same prompt differ. A LoRA drift well above that is a systematic change of what is drawn,
 not sampling noise.
 
-    python -m quality.drift_breakdown --config quality/configs/world128c.json \\
+    python -m quality.drift_breakdown --config quality/configs/world128c_cosine.json \\
         --runs /tmp/q/cos_baseline_s0 /tmp/q/cos_apt_s0 ... --out drift.md
 
 Reads the drift images kept in each --runs folder (images.npz of `python -m quality.run`: the
@@ -47,7 +47,7 @@ def attribute_changes(before: Detection, after: Detection) -> list[tuple[str, ob
 
 
 def describe(d: Detection) -> str:
-    """What the detectors read, in the prompt's words: 'red circle, small, top left, flat'."""
+    """What the detectors read, in the prompt's words: 'red circle, small, top left, flat, sky'."""
     if not d.present:
         return f"nothing, {d.background}"
     return f"{d.colour} {d.shape}, {d.size_name}, {d.position}, {d.style}, {d.background}"
