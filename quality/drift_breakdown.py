@@ -30,14 +30,17 @@ from .sampling import sample
 from .world import Detection, detect
 
 
-def reseeded_drift(cfg: dict, offsets: tuple[int, ...] = (777, 1554, 2331, 3108)) -> list[float]:
-    """drift_px of the prior against itself on other seeds, per drift prompt (mean over offsets)."""
+def reseeded_drift(cfg: dict, prior_images: np.ndarray, offsets: tuple[int, ...] = (777, 1554, 2331, 3108),
+                   ) -> list[float]:
+    """drift_px of the prior against itself on other seeds, per drift prompt (mean over offsets).
+
+    prior_images: (n_prompts, H, W, 3) uint8, the prior's drift images on the runs' own seeds.
+    """
     c = load_prior(cfg)
     prompts, seeds = drift_prompts(cfg), drift_seeds(cfg)
     kw = dict(steps=cfg["eval"]["sampling_steps"], guidance=cfg["eval"]["guidance"], size=world_image_size(c))
-    base = sample(c, prompts, seeds, **kw)
     others = [sample(c, prompts, [s + off for s in seeds], **kw) for off in offsets]
-    return [float(np.mean([drift_px(o[i], base[i]) for o in others])) for i in range(len(prompts))]
+    return [float(np.mean([drift_px(o[i], prior_images[i]) for o in others])) for i in range(len(prompts))]
 
 
 def attribute_changes(before: Detection, after: Detection) -> list[tuple[str, object, object]]:
@@ -70,17 +73,18 @@ def report(cfg: dict, runs: list[Path], reseed: bool = True) -> str:
         prompts = run_prompts
         prior_reads = prior_reads or [collections.Counter() for _ in prompts]
         with np.load(run / "images.npz") as z:
-            prior_dets = [detect(im, rotation_deg=rot) for im in z["prior_drift"]]
+            prior = z["prior_drift"]  # an NpzFile decompresses on every lookup
+            prior_dets = [detect(im, rotation_deg=rot) for im in prior]
             for i, d in enumerate(prior_dets):
                 prior_reads[i][describe(d)] += 1
             for m in (f[:-len("_drift")] for f in z.files if f.endswith("_drift") and f != "prior_drift"):
                 px.setdefault(m, [[] for _ in prompts])
                 changes.setdefault(m, [collections.Counter() for _ in prompts])
                 for i, img in enumerate(z[m + "_drift"]):
-                    px[m][i].append(drift_px(img, z["prior_drift"][i]))
+                    px[m][i].append(drift_px(img, prior[i]))
                     changes[m][i].update(attribute_changes(prior_dets[i], detect(img, rotation_deg=rot)))
     methods = list(px)
-    yard = reseeded_drift(cfg) if reseed else None
+    yard = reseeded_drift(cfg, prior) if reseed else None
     counts = ", ".join(f"{m} {len(px[m][0])}" for m in methods)
     lines = [f"drift_px per prompt without the concept (mean over the run folders: {counts}; "
              "the prior's own image is the same in every folder):", "",
