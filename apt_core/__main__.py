@@ -78,6 +78,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--aa-free-word", action="append", default=[], metavar="WORD",
                    help="leave this word's tokens (e.g. the trigger word) out of attention alignment; "
                         "repeatable; default: align every token, as the paper does")
+    a.add_argument("--preserve", type=float, default=RegularizerConfig.lambda_preserve, metavar="WEIGHT",
+                   help="output preservation (not part of APT; 0 = off): keep the prior's prediction for "
+                        "each caption without the trigger word; needs --trigger-word; ~1.7x the time per step")
+    a.add_argument("--trigger-word", action="append", default=[], metavar="WORD",
+                   help="the word that names the subject in the captions (e.g. sks); repeatable")
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
     a.add_argument("--fill", choices=FILL_MODES, default=AugmentConfig.fill)
     a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
@@ -157,14 +162,15 @@ def build_config(args: argparse.Namespace) -> AptConfig:
         indicator=IndicatorConfig(scale=args.indicator_scale),
         augment=AugmentConfig(p_max=args.p_max, fill=args.fill),
         regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa,
-                                       aa_free_words=tuple(args.aa_free_word)),
+                                       aa_free_words=tuple(args.aa_free_word),
+                                       lambda_preserve=args.preserve, trigger_words=tuple(args.trigger_word)),
         switches=switches).validate()
 
 
 def format_event(e: ProgressEvent) -> str:
     gammas = " ".join(f"{g:.2f}" for g in e.gamma)
     return (f"step {e.step:>5}/{e.total_steps}  loss {e.loss:.4f} (denoise {e.loss_denoise:.4f} "
-            f"rs {e.loss_rs:.2e} aa {e.loss_aa:.2e})  aug {e.aug_rate:.2f}  lr {e.lr:.1e}  "
+            f"rs {e.loss_rs:.2e} aa {e.loss_aa:.2e}{f' preserve {e.loss_preserve:.2e}' if e.loss_preserve else ''})  aug {e.aug_rate:.2f}  lr {e.lr:.1e}  "
             f"{e.it_per_s:.1f} it/s  eta {e.eta_s:.0f}s\n    gamma per bin (low -> high noise): {gammas}")
 
 
@@ -205,7 +211,8 @@ def train(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
                             keep_pixels=config.augment.space == "pixel",
-                            aa_free_words=config.regularizers.aa_free_words)
+                            aa_free_words=config.regularizers.aa_free_words,
+                            trigger_words=config.regularizers.trigger_words if config.regularizers.lambda_preserve else ())
     print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
     samples = None
     if prompts or args.samples_out:

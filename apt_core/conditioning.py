@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from .errors import AptDatasetError
 
 
 @dataclass
@@ -67,6 +70,32 @@ def word_token_mask(ids: torch.Tensor, words: Sequence[Sequence[int]]) -> torch.
     return out.to(ids.device)
 
 
+def without_words(caption: str, words: Sequence[str]) -> str:
+    """`caption` with every whole-word occurrence of `words` removed (case-insensitive), spaces
+    and stray punctuation tidied: ("a sks dog, on the beach", ["sks"]) -> "a dog, on the beach"."""
+    out = caption
+    for w in words:
+        out = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", " ", out, flags=re.IGNORECASE)
+    out = re.sub(r"\s+([,.;:!?)])", r"\1", out)  # no space before punctuation
+    out = re.sub(r"([,;:])(\s*[,;:])+", r"\1", out)  # "a, , b" -> "a, b"
+    return re.sub(r"\s+", " ", out).strip().lstrip(",;:").strip()
+
+
+def preservation_caption(caption: str, trigger_words: Sequence[str]) -> str:
+    """The prompt output preservation trains on: `caption` without the trigger words.
+
+    Raises AptDatasetError when the caption has none of them: preserving the prior's output for the
+    caption itself would undo what the image teaches.
+    """
+    stripped = without_words(caption, trigger_words)
+    if stripped.casefold() == caption.strip().casefold():
+        raise AptDatasetError(
+            f"the caption {caption!r} does not contain the trigger word ({', '.join(trigger_words)}). "
+            "Output preservation trains on each caption with the trigger word removed: add the trigger "
+            "word to every caption, or set the preservation weight to 0.")
+    return stripped
+
+
 def sdxl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],
                   target_hw: tuple[int, int]) -> torch.Tensor:
     """(1, 6) float time ids in SDXL's order: original size, crop top-left, target size."""
@@ -80,6 +109,8 @@ class CachedExample:
     latent: (4, h, w) VAE latent already multiplied by the VAE scaling factor
     cond:   conditioning with batch dimension 1
     pixels: (3, H, W) in [-1, 1], kept only for pixel-space augmentation
+    preserve_cond: conditioning of the caption without the trigger words (batch 1), only for
+                   output preservation (RegularizerConfig.lambda_preserve)
     """
 
     latent: torch.Tensor
@@ -88,6 +119,7 @@ class CachedExample:
     source: str = ""
     pixels: torch.Tensor | None = None
     repeats: int = 1  # kohya "N_name" folders: sampled N times as often
+    preserve_cond: SDXLConditioning | None = None
 
     @property
     def bucket(self) -> tuple[int, int]:

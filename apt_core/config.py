@@ -88,16 +88,30 @@ class RegularizerConfig:
     # move onto the concept while every other token keeps the prior's map. Empty = all tokens,
     # as in the paper. Applied when the captions are encoded (cache_dataset).
     aa_free_words: tuple[str, ...] = ()
+    # Output preservation, an addition to APT (0 = off, the paper's method): on the same noisy
+    # latent, the LoRA's prediction for the caption *without* `trigger_words` is pulled towards the
+    # prior's (LoRA off). DreamBooth's prior preservation without class images. It targets what no
+    # APT part does: the concept leaking into prompts that do not name it (quality/README.md,
+    # "Output preservation"). Costs about one more forward and backward per step.
+    lambda_preserve: float = 0.0
+    # The words removed from each caption to build the preservation prompt ("a sks dog on the
+    # beach" -> "a dog on the beach"); every caption must contain one of them.
+    trigger_words: tuple[str, ...] = ()
 
     def validate(self) -> None:
-        if self.lambda_rs < 0 or self.lambda_aa < 0:
-            raise AptConfigError("lambda_RS and lambda_AA must be >= 0.")
+        if self.lambda_rs < 0 or self.lambda_aa < 0 or self.lambda_preserve < 0:
+            raise AptConfigError("lambda_RS, lambda_AA and the preservation weight must be >= 0.")
         if not self.up_block_factors:
             raise AptConfigError("at least one up-block resolution must be hooked for RS/AA.")
         if self.aa_distance not in ("mse", "kl"):
             raise AptConfigError(f"AA distance must be 'mse' or 'kl', got {self.aa_distance!r}.")
         if any(not isinstance(w, str) or not w.strip() or len(w.split()) != 1 for w in self.aa_free_words):
             raise AptConfigError(f"AA free words must be single non-empty words, got {list(self.aa_free_words)}.")
+        if any(not isinstance(w, str) or not w.strip() or len(w.split()) != 1 for w in self.trigger_words):
+            raise AptConfigError(f"trigger words must be single non-empty words, got {list(self.trigger_words)}.")
+        if self.lambda_preserve > 0 and not self.trigger_words:
+            raise AptConfigError("output preservation needs the trigger word (e.g. 'sks'): it trains on "
+                                 "each caption with the trigger word removed.")
 
 
 @dataclass

@@ -16,7 +16,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
-from .conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids, word_token_mask
+from .conditioning import (CachedDataset, CachedExample, SDXLConditioning, preservation_caption,
+                           sdxl_time_ids, word_token_mask)
 from .errors import AptModelError
 
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -387,14 +388,15 @@ def _move(modules: Iterable[torch.nn.Module], device: torch.device | str) -> lis
 def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: torch.device | str,
                   dtype: torch.dtype, keep_pixels: bool = False,
                   store_device: torch.device | str = "cpu",
-                  aa_free_words: Sequence[str] = ()) -> CachedDataset:
+                  aa_free_words: Sequence[str] = (), trigger_words: Sequence[str] = ()) -> CachedDataset:
     """Encode every record once: VAE latent (4, H/8, W/8) and SDXL conditioning (batch 1).
 
     records: objects with `pixels` (3, H, W) in [-1, 1], `caption`, `original_hw`,
     `crop_top_left`, `target_hw`, `source`. Encoding runs on `device` (VAE in float32); results
     are stored on `store_device` in `dtype` (time_ids and pixels stay float32). The VAE and text
     encoders are moved back to where they were afterwards. aa_free_words: marks those words'
-    tokens in each conditioning's `free_tokens` (RegularizerConfig.aa_free_words).
+    tokens in each conditioning's `free_tokens` (RegularizerConfig.aa_free_words). trigger_words:
+    also encode each caption without them as `preserve_cond` (output preservation).
     """
     if not records:
         raise ValueError("cache_dataset needs at least one record")
@@ -402,20 +404,25 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
     modules = [c.vae, c.text_encoder_1, c.text_encoder_2]
     before = _move(modules, device)
     try:
-        text = {}
+        text, preserve = {}, {}
         for cap in dict.fromkeys(r.caption for r in records):  # unique, in order
             ctx, pooled, mask = encode_text(c, [cap])
             free = free_token_mask(c, [cap], aa_free_words).to(store_device) if aa_free_words else None
             text[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device), free)
+            if trigger_words:
+                ctx, pooled, mask = encode_text(c, [preservation_caption(cap, trigger_words)])
+                preserve[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device))
         examples = []
         for r in records:
             latent = encode_pixels(c, r.pixels[None])[0].to(store_device, dtype)
             ctx, pooled, mask, free = text[r.caption]
-            time_ids = sdxl_time_ids(tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw))
+            time_ids = sdxl_time_ids(tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw)).to(store_device)
             pixels = r.pixels.detach().to(store_device, torch.float32).clone() if keep_pixels else None
-            examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids.to(store_device), mask, free),
+            keep = SDXLConditioning(*preserve[r.caption][:2], time_ids, preserve[r.caption][2]) \
+                if trigger_words else None
+            examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids, mask, free),
                                           r.caption, str(getattr(r, "source", "")), pixels,
-                                          int(getattr(r, "repeats", 1))))
+                                          int(getattr(r, "repeats", 1)), keep))
         black = -torch.ones(1, *records[0].pixels.shape)
         fill = encode_pixels(c, black)[0].mean(dim=(1, 2)).to(store_device, torch.float32)
     finally:

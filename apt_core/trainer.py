@@ -3,6 +3,8 @@
 Per step (the order of the method notes):
   sample images, t, noise -> look up gamma_b (before this step's EMA update) -> maybe augment
   -> noise -> prior forward (no grad, LoRA off) -> fine-tuned forward -> losses -> update EMAs.
+With output preservation on (not part of APT), a second pair of forwards on the caption without
+the trigger word follows the first backward, so the two graphs are never held at once.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ProgressEvent:
     it_per_s: float
     eta_s: float
     timesteps: list[int] = field(default_factory=list)
+    loss_preserve: float = 0.0  # lambda_preserve * L_preserve (0 when output preservation is off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -116,6 +119,9 @@ class AptTrainer:
         # just before that checkpoint is written, e.g. to save the LoRA of that step too. Before, so
         # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
         self.on_checkpoint_step = on_checkpoint_step
+        if config.regularizers.lambda_preserve > 0 and any(ex.preserve_cond is None for ex in dataset.examples):
+            raise AptConfigError("output preservation needs each caption encoded without the trigger word: "
+                                 "cache the dataset with trigger_words set.")
         self.device = next(backbone.unet.parameters()).device
         self.amp_dtype = autocast_dtype(config.train.mixed_precision, self.device)
         self.generator = torch.Generator().manual_seed(config.train.seed)
@@ -189,6 +195,30 @@ class AptTrainer:
         """The host UNet's weight dtype: what its inputs (x_t, conditioning) are cast to."""
         return next(self.backbone.unet.parameters()).dtype
 
+    def _noised(self, latents: torch.Tensor, t_dev: torch.Tensor, noise: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t in the UNet's dtype and the fp32 regression target (noise or v), both (B, 4, h, w)."""
+        acp = self._alphas_cumprod[t_dev].view(-1, 1, 1, 1)
+        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
+        target = noise if self.backbone.prediction_type == "epsilon" else \
+            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
+        return x_t.to(self.unet_dtype), target.float()
+
+    def preservation_loss(self, latents: torch.Tensor, keep_cond: SDXLConditioning, t: torch.Tensor,
+                          noise: torch.Tensor) -> torch.Tensor:
+        """L_preserve: MSE between the fine-tuned and the prior's (LoRA off, no grad) predictions for
+        the caption without the trigger word, on the same noisy latent as the denoising loss.
+
+        latents, noise: (B, 4, h, w) fp32 on the device (latents as augmented); t: (B,) on the CPU.
+        Returns a scalar (before lambda_preserve).
+        """
+        t_dev = t.to(self.device)
+        x_t, _ = self._noised(latents, t_dev, noise)
+        with torch.no_grad(), self.lora.disabled():
+            pred_pre = self._forward(x_t, t_dev, keep_cond)
+        pred_ft = self._forward(x_t, t_dev, keep_cond)
+        return (pred_ft.float() - pred_pre.float()).pow(2).mean()
+
     def batch_losses(self, latents: torch.Tensor, cond: SDXLConditioning, t: torch.Tensor,
                      noise: torch.Tensor, gamma: torch.Tensor) -> BatchLosses:
         """The objective's terms for one batch: prior forward (no grad, LoRA off), fine-tuned forward.
@@ -200,11 +230,7 @@ class AptTrainer:
         cfg, sw = self.config, self.config.switches
         b = latents.shape[0]
         t_dev = t.to(self.device)
-        acp = self._alphas_cumprod[t_dev].view(b, 1, 1, 1)
-        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
-        target = noise if self.backbone.prediction_type == "epsilon" else \
-            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
-        x_t, target = x_t.to(self.unet_dtype), target.float()
+        x_t, target = self._noised(latents, t_dev, noise)
         loss_pre = None
         if sw.needs_prior:
             with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
@@ -252,6 +278,14 @@ class AptTrainer:
             self.scaler.scale(terms.total).backward()
         finally:
             self.probe.end_step()
+        preserve = torch.zeros(())
+        if cfg.regularizers.lambda_preserve > 0:
+            keep_cond = SDXLConditioning.cat([ex.preserve_cond for ex in examples]).to(self.device, self.unet_dtype)
+            preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(latents, keep_cond, t, noise)
+            if not torch.isfinite(preserve):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
+            self.scaler.scale(preserve).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
         if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
@@ -268,10 +302,11 @@ class AptTrainer:
         self._rng_at_step_start, self._updating = None, False  # the step is complete
         self._augmented.extend(applied.tolist())
         self._step_times.append(time.perf_counter() - started)
-        return self._event(*(float(x.detach()) for x in (terms.total, terms.denoise, terms.rs, terms.aa)),
+        return self._event(*(float(x.detach()) for x in (terms.total + preserve.to(terms.total.device),
+                                                         terms.denoise, terms.rs, terms.aa, preserve)),
                            terms.weight, lr, t)
 
-    def _event(self, loss: float, loss_denoise: float, loss_rs: float, loss_aa: float,
+    def _event(self, loss: float, loss_denoise: float, loss_rs: float, loss_aa: float, loss_preserve: float,
                weight: torch.Tensor, lr: float, t: torch.Tensor) -> ProgressEvent:
         sec = sorted(self._step_times)[len(self._step_times) // 2]
         remaining = self.config.train.steps - self.step_idx
@@ -280,7 +315,7 @@ class AptTrainer:
             loss_denoise=loss_denoise, loss_rs=loss_rs, loss_aa=loss_aa,
             gamma=self.indicator.gammas(), aug_rate=sum(self._augmented) / max(1, len(self._augmented)),
             loss_weight=float(weight.mean()), lr=lr, it_per_s=1.0 / sec if sec > 0 else 0.0,
-            eta_s=remaining * sec, timesteps=t.tolist())
+            eta_s=remaining * sec, timesteps=t.tolist(), loss_preserve=loss_preserve)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self) -> TrainResult:

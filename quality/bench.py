@@ -382,8 +382,9 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     ref_cap = reference_caption(cfg)
     records = [Record(to_pixels(im), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
                for i, im in enumerate(ref_images)]
-    free_words = apt_config(cfg, cfg["methods"][0], 0).regularizers.aa_free_words  # same for every method
-    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=free_words)
+    regs = apt_config(cfg, cfg["methods"][0], 0).regularizers  # the same for every method
+    dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=regs.aa_free_words,
+                            trigger_words=regs.trigger_words if regs.lambda_preserve > 0 else ())
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])
@@ -430,7 +431,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
                 trainer.close()
             results["runs"].setdefault(method, []).append({
                 "seed": seed, "evals": evals, "final_gamma": history[-1]["gamma"],
-                "history": [{k: h[k] for k in ("step", "loss", "loss_denoise", "loss_rs", "loss_aa",
+                "history": [{k: h[k] for k in ("step", "loss", "loss_denoise", "loss_rs", "loss_aa", "loss_preserve",
                                                "gamma", "aug_rate", "loss_weight")} for h in history]})
             results["seconds"] = round(time.time() - t0, 1)
             if on_run:

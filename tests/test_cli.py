@@ -43,6 +43,22 @@ def test_aa_free_words_reach_the_config():
     assert build_config(parse_args([])).regularizers.aa_free_words == ()
 
 
+def test_output_preservation_trains_from_the_command_line(tmp_path, capsys):
+    from apt_core.__main__ import build_config, parse_args
+    cfg = build_config(parse_args(["--preserve", "0.5", "--trigger-word", "sks"])).regularizers
+    assert (cfg.lambda_preserve, cfg.trigger_words) == (0.5, ("sks",))
+    assert build_config(parse_args([])).regularizers.lambda_preserve == 0.0  # off: the paper's method
+    from apt_core.sample_images import write_sample_folder
+    images = write_sample_folder(tmp_path / "imgs", count=2, size=64)  # captions name "sks toy"
+    assert main(["--model", "tiny", "--images", str(images), "--resolution", "64", "--steps", "2", "--rank", "2",
+                 "--preserve", "1", "--trigger-word", "sks", "--print-every", "1",
+                 "--out", str(tmp_path / "l.safetensors")]) == 0
+    assert " preserve " in capsys.readouterr().out
+    assert main(["--model", "tiny", "--images", str(images), "--resolution", "64", "--steps", "1",
+                 "--preserve", "1", "--trigger-word", "ohwx", "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert "does not contain the trigger word (ohwx)" in capsys.readouterr().err
+
+
 def test_lr_schedule_and_warmup_reach_the_config():
     from apt_core.__main__ import build_config, parse_args
     default = build_config(parse_args([])).train
@@ -65,6 +81,7 @@ def test_trains_from_a_diffusers_folder_and_an_image_folder(tmp_path, capsys):
     (["--rank", "0"], "rank must be a positive integer"),
     (["--model", "/no/such/model.safetensors"], "not found"),
     (["--aa-free-word", "sks dog"], "single non-empty words"),
+    (["--preserve", "1"], "needs the trigger word"),
 ])
 def test_bad_input_is_a_clear_error_not_a_traceback(tmp_path, capsys, args, message):
     assert main(args + ["--steps", "1", "--out", str(tmp_path / "x.safetensors")]) == 2

@@ -35,10 +35,11 @@ def generated_records(n: int = 3, size: int = 64, seed: int = 0) -> list[FakeRec
     return out
 
 
-def tiny_model_and_data(seed: int = 0, n_images: int = 3, keep_pixels: bool = False):
+def tiny_model_and_data(seed: int = 0, n_images: int = 3, keep_pixels: bool = False,
+                        trigger_words: tuple[str, ...] = ()):
     components = build_tiny_sdxl(seed=seed)
     dataset = cache_dataset(components, generated_records(n_images), "cpu", torch.float32,
-                            keep_pixels=keep_pixels)
+                            keep_pixels=keep_pixels, trigger_words=trigger_words)
     return components, dataset
 
 

@@ -1,0 +1,132 @@
+"""Output preservation (an addition to APT): the caption without the trigger word keeps the prior's
+prediction. Prompt building, caching, the loss against a hand computation, and that it preserves."""
+
+import pytest
+import torch
+
+from apt_core.backbone import DiffusersSDXLBackbone
+from apt_core.conditioning import SDXLConditioning, preservation_caption, without_words
+from apt_core.config import AptConfig, RegularizerConfig
+from apt_core.errors import AptConfigError, AptDatasetError
+from apt_core.models import encode_prompts
+from apt_core.trainer import AptTrainer
+
+from tiny import config, generated_records, tiny_model_and_data
+
+
+@pytest.mark.parametrize("caption, words, expected", [
+    ("a sks shape, on a white background", ["sks"], "a shape, on a white background"),
+    ("a photo of sks dog on grass", ["sks"], "a photo of dog on grass"),
+    ("sks, a dog on the beach", ["sks"], "a dog on the beach"),
+    ("a photo of SKS dog", ["sks"], "a photo of dog"),
+    ("ohwx man, sks style", ["ohwx", "sks"], "man, style"),
+    ("a sksdog and a sks", ["sks"], "a sksdog and a"),  # only whole words
+])
+def test_without_words_removes_whole_words_and_tidies(caption, words, expected):
+    assert without_words(caption, words) == expected
+
+
+def test_preservation_caption_needs_the_trigger_word_in_the_caption():
+    assert preservation_caption("a sks dog", ["sks"]) == "a dog"
+    with pytest.raises(AptDatasetError, match="does not contain the trigger word"):
+        preservation_caption("a photo of a dog", ["sks"])
+
+
+def test_config_needs_trigger_words_and_a_non_negative_weight():
+    with pytest.raises(AptConfigError, match="needs the trigger word"):
+        AptConfig(regularizers=RegularizerConfig(lambda_preserve=1.0)).validate()
+    with pytest.raises(AptConfigError, match=">= 0"):
+        AptConfig(regularizers=RegularizerConfig(lambda_preserve=-1.0, trigger_words=("sks",))).validate()
+    with pytest.raises(AptConfigError, match="single non-empty words"):
+        RegularizerConfig(trigger_words=("two words",)).validate()
+    AptConfig(regularizers=RegularizerConfig(lambda_preserve=1.0, trigger_words=("sks",))).validate()
+
+
+def test_cache_dataset_encodes_each_caption_without_the_trigger_word():
+    components, dataset = tiny_model_and_data(trigger_words=("sks",))
+    ex = dataset.examples[1]
+    assert ex.caption == "a photo of sks dog on grass"
+    want = encode_prompts(components, ["a photo of dog on grass"], (64, 64), (0, 0), (64, 64))
+    assert torch.equal(ex.preserve_cond.context, want.context)
+    assert torch.equal(ex.preserve_cond.pooled, want.pooled)
+    assert torch.equal(ex.preserve_cond.time_ids, ex.cond.time_ids)
+    assert not torch.equal(ex.preserve_cond.context, ex.cond.context)
+    _, plain = tiny_model_and_data()
+    assert plain.examples[0].preserve_cond is None
+
+
+def test_cache_dataset_names_the_caption_without_the_trigger_word():
+    components, _ = tiny_model_and_data()
+    records = generated_records(2)
+    records[1].caption = "a photo of a dog"
+    from apt_core.models import cache_dataset
+    with pytest.raises(AptDatasetError, match="'a photo of a dog'"):
+        cache_dataset(components, records, "cpu", torch.float32, trigger_words=("sks",))
+
+
+def preserving_trainer(lam: float, steps: int = 6, lr: float = 1e-2, trigger_words=("sks",)):
+    components, dataset = tiny_model_and_data(trigger_words=trigger_words)
+    cfg = config(steps, learning_rate=lr)
+    cfg.regularizers.lambda_preserve, cfg.regularizers.trigger_words = lam, ("sks",)
+    return AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg), dataset
+
+
+def test_trainer_refuses_preservation_without_cached_prompts():
+    with pytest.raises(AptConfigError, match="trigger_words"):
+        preserving_trainer(1.0, trigger_words=())
+
+
+def test_preservation_loss_is_the_mse_to_the_prior_on_the_prompt_without_the_trigger():
+    trainer, dataset = preserving_trainer(1.0, steps=4)
+    ex = dataset.examples[0]
+    g = torch.Generator().manual_seed(7)
+    latents, noise = ex.latent[None].float(), torch.randn((1, *ex.latent.shape), generator=g)
+    t = torch.tensor([400])
+    assert float(trainer.preservation_loss(latents, ex.preserve_cond, t, noise).detach()) == 0.0  # LoRA B = 0
+    trainer.run()
+    acp = trainer.backbone.alphas_cumprod[400]
+    x_t = acp.sqrt() * latents + (1 - acp).sqrt() * noise
+    with torch.no_grad():
+        ft = trainer.backbone.predict(x_t, t, ex.preserve_cond)
+        with trainer.lora.disabled():
+            pre = trainer.backbone.predict(x_t, t, ex.preserve_cond)
+    got = trainer.preservation_loss(latents, ex.preserve_cond, t, noise)
+    assert got.requires_grad and float(got) > 0
+    torch.testing.assert_close(got.detach(), (ft - pre).pow(2).mean())
+
+
+def test_train_step_reports_the_weighted_preservation_term_in_the_total():
+    trainer, _ = preserving_trainer(2.5, steps=4)
+    trainer.run()
+    h = trainer.history[-1]
+    assert h["loss_preserve"] > 0
+    assert h["loss"] == pytest.approx(h["loss_denoise"] + h["loss_rs"] + h["loss_aa"] + h["loss_preserve"], rel=1e-5)
+    trainer_off, _ = preserving_trainer(0.0, steps=4)
+    trainer_off.run()
+    assert all(e["loss_preserve"] == 0.0 for e in trainer_off.history)
+
+
+def preservation_gap(trainer, dataset) -> float:
+    """Mean squared gap between the LoRA's and the prior's predictions for every preservation prompt,
+    on fixed noisy latents at three timesteps."""
+    g = torch.Generator().manual_seed(11)
+    total = 0.0
+    cond = SDXLConditioning.cat([ex.preserve_cond for ex in dataset.examples])
+    latents = torch.stack([ex.latent for ex in dataset.examples]).float()
+    for t in (200, 500, 800):
+        noise = torch.randn(latents.shape, generator=g)
+        tt = torch.full((latents.shape[0],), t)
+        with torch.no_grad():
+            total += float(trainer.preservation_loss(latents, cond, tt, noise))
+    return total / 3
+
+
+def test_preservation_keeps_the_prompt_without_the_trigger_closer_to_the_prior():
+    """Same seed, data and steps: only lambda_preserve differs."""
+    free, dataset = preserving_trainer(0.0, steps=12)
+    free.run()
+    kept, _ = preserving_trainer(5.0, steps=12)
+    kept.run()
+    gap_free, gap_kept = preservation_gap(free, dataset), preservation_gap(kept, dataset)
+    assert gap_free > 0
+    assert gap_kept < 0.5 * gap_free, (gap_kept, gap_free)
