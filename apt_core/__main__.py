@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "repeatable; default: align every token, as the paper does")
     a.add_argument("--preserve", type=float, default=RegularizerConfig.lambda_preserve, metavar="WEIGHT",
                    help="output preservation (not part of APT; 0 = off): keep the prior's prediction for "
-                        "each caption without the trigger word; needs --trigger-word; ~1.7x the time per step")
+                        "each caption without the trigger word; needs --trigger-word; two more UNet forwards and a "
+                        "backward per step; in the quality benchmark it cost the subject's colour (quality/README.md)")
     a.add_argument("--trigger-word", action="append", default=[], metavar="WORD",
                    help="the word that names the subject in the captions (e.g. sks); repeatable")
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)

@@ -88,11 +88,13 @@ class RegularizerConfig:
     # move onto the concept while every other token keeps the prior's map. Empty = all tokens,
     # as in the paper. Applied when the captions are encoded (cache_dataset).
     aa_free_words: tuple[str, ...] = ()
-    # Output preservation, an addition to APT (0 = off, the paper's method): on the same noisy
-    # latent, the LoRA's prediction for the caption *without* `trigger_words` is pulled towards the
-    # prior's (LoRA off). DreamBooth's prior preservation without class images. It targets what no
-    # APT part does: the concept leaking into prompts that do not name it (quality/README.md,
-    # "Output preservation"). Costs about one more forward and backward per step.
+    # Output preservation, an addition to APT, off by default: on the same noisy latent, the LoRA's
+    # prediction for the caption *without* `trigger_words` is pulled towards the prior's (LoRA off);
+    # DreamBooth's prior preservation without class images. Meant for what no APT part targets, the
+    # concept leaking into prompts that do not name it. In the quality benchmark (lambda 1) it gave
+    # back the style asked for and halved noise-prediction drift but cost the subject's colour, and
+    # pixel drift did not fall (quality/README.md, "Output preservation"). Costs two more UNet
+    # forwards (one without gradient) and a backward per step.
     lambda_preserve: float = 0.0
     # The words removed from each caption to build the preservation prompt ("a sks dog on the
     # beach" -> "a dog on the beach"); every caption must contain one of them.
