@@ -49,6 +49,9 @@ class AugmentConfig:
     fill: Literal["constant", "reflect", "border"] = "border"
     # "latent": transform cached latents (fast, default); "pixel": transform the image and
     # re-encode with the VAE every augmented step (the paper's order, slower, needs the VAE).
+    # In the quality benchmark latent space cost APT the likeness (a warped latent decodes to
+    # another shape and colour; quality/README.md, "latent-space augmentation"); the default
+    # stays until pixel space's time and memory are measured on SDXL.
     space: Literal["latent", "pixel"] = "latent"
 
     def validate(self) -> None:

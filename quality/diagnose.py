@@ -104,7 +104,8 @@ def zoom_round_trips(c, concept: dict, size: int, rotation_deg: float,
                      zooms=(1.0, 1.25, 1.5, 2.0, 2.5, 3.0), angles=(0.0, 15.0)) -> list[dict]:
     """What the VAE keeps of the concept (large, centred, as in the references) zoomed out by each
     zoom and turned by each angle with ATA's own warp: one row per (zoom, angle) with the shape
-    read on the warped image and on its VAE round trip."""
+    read on the warped image, on its VAE round trip (pixel-space augmentation) and on the decoded
+    warp of its latent (latent-space augmentation: the cached latent warped, then decoded)."""
     scene = Scene(concept["shape"], concept["colour"], concept["style"], concept["background"], "centre",
                   "large", 0.5, 0.5, 0.52)
     img = to_pixels(render(scene, size))[None]
@@ -114,8 +115,12 @@ def zoom_round_trips(c, concept: dict, size: int, rotation_deg: float,
             warped = zoom_rotate(img, torch.tensor([z]), torch.tensor([a]), "border")
             u8 = to_uint8_images(warped)[0]
             trip = detect(decode(c, encode_pixels(c, warped))[0], rotation_deg=rotation_deg)
+            latent = zoom_rotate(encode_pixels(c, img), torch.tensor([z]), torch.tensor([a]), "border")
+            lat = detect(decode(c, latent)[0], rotation_deg=rotation_deg)
             rows.append({"zoom": z, "angle": a, "warped_shape": detect(u8, rotation_deg=rotation_deg).shape,
-                         "trip_shape": trip.shape, "trip_colour": trip.colour, "trip_size": trip.size})
+                         "trip_shape": trip.shape, "trip_colour": trip.colour, "trip_size": trip.size,
+                         "latent_warp_shape": lat.shape, "latent_warp_colour": lat.colour,
+                         "latent_warp_size": lat.size})
     return rows
 
 
@@ -186,7 +191,8 @@ def main(argv=None) -> int:
           f"rotation tolerance {rot:g} deg):")
     for r in zooms:
         print(f"  zoom {r['zoom']:.2f} angle {r['angle']:4.1f}: warped {r['warped_shape']}, VAE trip "
-              f"{r['trip_colour']} {r['trip_shape']} size {r['trip_size']:.2f}")
+              f"{r['trip_colour']} {r['trip_shape']} size {r['trip_size']:.2f}, latent warp decoded "
+              f"{r['latent_warp_colour']} {r['latent_warp_shape']} size {r['latent_warp_size']:.2f}")
     return 0
 
 

@@ -291,6 +291,7 @@ def test_diagnose_reads_what_the_committed_prior_vae_keeps_of_a_zoomed_out_cross
     rows = {(r["zoom"], r["angle"]): r for r in zoom_round_trips(c, concept, 64, 0.0, zooms=(1.0, 2.0),
                                                                angles=(0.0, 15.0))}
     assert rows[1.0, 0.0]["warped_shape"] == rows[1.0, 0.0]["trip_shape"] == "cross"
+    assert rows[1.0, 0.0]["latent_warp_shape"] == "cross"  # zoom 1, angle 0: the latent as cached
     assert rows[1.0, 15.0]["warped_shape"] == "diamond"  # no rotation tolerance: the bias
     assert rows[2.0, 0.0]["warped_shape"] == "cross" and rows[2.0, 0.0]["trip_shape"] != "cross"
     assert rows[2.0, 0.0]["trip_colour"] == "blue"
