@@ -213,7 +213,7 @@ def train(args: argparse.Namespace) -> int:
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
                             keep_pixels=config.augment.space == "pixel",
                             aa_free_words=config.regularizers.aa_free_words,
-                            trigger_words=config.regularizers.trigger_words if config.regularizers.lambda_preserve else ())
+                            trigger_words=config.regularizers.preservation_words)
     print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
     samples = None
     if prompts or args.samples_out:

@@ -70,12 +70,16 @@ def word_token_mask(ids: torch.Tensor, words: Sequence[Sequence[int]]) -> torch.
     return out.to(ids.device)
 
 
+def _whole_word(word: str) -> re.Pattern:
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+
+
 def without_words(caption: str, words: Sequence[str]) -> str:
     """`caption` with every whole-word occurrence of `words` removed (case-insensitive), spaces
     and stray punctuation tidied: ("a sks dog, on the beach", ["sks"]) -> "a dog, on the beach"."""
     out = caption
     for w in words:
-        out = re.sub(rf"(?<!\w){re.escape(w)}(?!\w)", " ", out, flags=re.IGNORECASE)
+        out = _whole_word(w).sub(" ", out)
     out = re.sub(r"\s+([,.;:!?)])", r"\1", out)  # no space before punctuation
     out = re.sub(r"([,;:])(\s*[,;:])+", r"\1", out)  # "a, , b" -> "a, b"
     return re.sub(r"\s+", " ", out).strip().lstrip(",;:").strip()
@@ -87,13 +91,12 @@ def preservation_caption(caption: str, trigger_words: Sequence[str]) -> str:
     Raises AptDatasetError when the caption has none of them: preserving the prior's output for the
     caption itself would undo what the image teaches.
     """
-    stripped = without_words(caption, trigger_words)
-    if stripped.casefold() == caption.strip().casefold():
+    if not any(_whole_word(w).search(caption) for w in trigger_words):
         raise AptDatasetError(
             f"the caption {caption!r} does not contain the trigger word ({', '.join(trigger_words)}). "
             "Output preservation trains on each caption with the trigger word removed: add the trigger "
             "word to every caption, or set the preservation weight to 0.")
-    return stripped
+    return without_words(caption, trigger_words)
 
 
 def sdxl_time_ids(original_hw: tuple[int, int], crop_top_left: tuple[int, int],

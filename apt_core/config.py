@@ -103,6 +103,11 @@ class RegularizerConfig:
     # beach" -> "a dog on the beach"); every caption must contain one of them.
     trigger_words: tuple[str, ...] = ()
 
+    @property
+    def preservation_words(self) -> tuple[str, ...]:
+        """The trigger words to cache preservation prompts for: none while preservation is off."""
+        return self.trigger_words if self.lambda_preserve > 0 else ()
+
     def validate(self) -> None:
         if self.lambda_rs < 0 or self.lambda_aa < 0 or self.lambda_preserve < 0:
             raise AptConfigError("lambda_RS, lambda_AA and the preservation weight must be >= 0.")

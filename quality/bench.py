@@ -384,7 +384,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
                for i, im in enumerate(ref_images)]
     regs = apt_config(cfg, cfg["methods"][0], 0).regularizers  # the same for every method
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=regs.aa_free_words,
-                            trigger_words=regs.trigger_words if regs.lambda_preserve > 0 else ())
+                            trigger_words=regs.preservation_words)
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])

@@ -109,13 +109,14 @@ def zoom_round_trips(c, concept: dict, size: int, rotation_deg: float,
     scene = Scene(concept["shape"], concept["colour"], concept["style"], concept["background"], "centre",
                   "large", 0.5, 0.5, 0.52)
     img = to_pixels(render(scene, size))[None]
+    img_latent = encode_pixels(c, img)
     rows = []
     for z in zooms:
         for a in angles:
             warped = zoom_rotate(img, torch.tensor([z]), torch.tensor([a]), "border")
             u8 = to_uint8_images(warped)[0]
             trip = detect(decode(c, encode_pixels(c, warped))[0], rotation_deg=rotation_deg)
-            latent = zoom_rotate(encode_pixels(c, img), torch.tensor([z]), torch.tensor([a]), "border")
+            latent = zoom_rotate(img_latent, torch.tensor([z]), torch.tensor([a]), "border")
             lat = detect(decode(c, latent)[0], rotation_deg=rotation_deg)
             rows.append({"zoom": z, "angle": a, "warped_shape": detect(u8, rotation_deg=rotation_deg).shape,
                          "trip_shape": trip.shape, "trip_colour": trip.colour, "trip_size": trip.size,

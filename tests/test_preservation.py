@@ -30,6 +30,8 @@ def test_preservation_caption_needs_the_trigger_word_in_the_caption():
     assert preservation_caption("a sks dog", ["sks"]) == "a dog"
     with pytest.raises(AptDatasetError, match="does not contain the trigger word"):
         preservation_caption("a photo of a dog", ["sks"])
+    with pytest.raises(AptDatasetError, match="does not contain the trigger word"):  # tidying is not removal
+        preservation_caption("a dog ,  on grass", ["sks"])
 
 
 def test_config_needs_trigger_words_and_a_non_negative_weight():
@@ -40,6 +42,8 @@ def test_config_needs_trigger_words_and_a_non_negative_weight():
     with pytest.raises(AptConfigError, match="single non-empty words"):
         RegularizerConfig(trigger_words=("two words",)).validate()
     AptConfig(regularizers=RegularizerConfig(lambda_preserve=1.0, trigger_words=("sks",))).validate()
+    assert RegularizerConfig(lambda_preserve=1.0, trigger_words=("sks",)).preservation_words == ("sks",)
+    assert RegularizerConfig(lambda_preserve=0.0, trigger_words=("sks",)).preservation_words == ()
 
 
 def test_cache_dataset_encodes_each_caption_without_the_trigger_word():
