@@ -86,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the word that names the subject in the captions (e.g. sks); repeatable")
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
     a.add_argument("--fill", choices=FILL_MODES, default=AugmentConfig.fill)
+    a.add_argument("--augment-space", choices=("pixel", "latent"), default=AugmentConfig.space,
+                   help="pixel: zoom/rotate the image, then encode (variants encoded once before training); "
+                        "latent: transform the cached latent (no variants to encode, but the subject's "
+                        "likeness suffered in the quality benchmark)")
+    a.add_argument("--encode-every-step", action="store_true",
+                   help="pixel space: encode the exact drawn zoom/rotation at every augmented step "
+                        "instead of pre-encoded variants (the VAE stays on the device during training)")
     a.add_argument("--indicator-scale", type=float, default=IndicatorConfig.scale)
     a.add_argument("--print-every", type=int, default=25)
     s = p.add_argument_group("before/after samples (LoRA off vs on, same seeds, one grid PNG)")
@@ -161,7 +168,8 @@ def build_config(args: argparse.Namespace) -> AptConfig:
         lora=LoraConfig(rank=args.rank, alpha=args.alpha if args.alpha else float(args.rank),
                         include_feed_forward=args.lora_ff, include_conv=args.lora_conv),
         indicator=IndicatorConfig(scale=args.indicator_scale),
-        augment=AugmentConfig(p_max=args.p_max, fill=args.fill),
+        augment=AugmentConfig(p_max=args.p_max, fill=args.fill, space=args.augment_space,
+                              variant_grid=(0, 0) if args.encode_every_step else AugmentConfig.variant_grid),
         regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa,
                                        aa_free_words=tuple(args.aa_free_word),
                                        lambda_preserve=args.preserve, trigger_words=tuple(args.trigger_word)),
@@ -211,10 +219,15 @@ def train(args: argparse.Namespace) -> int:
     components.unet.to(device)
     started = time.perf_counter()
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
-                            keep_pixels=config.augment.space == "pixel",
+                            keep_pixels=config.augment.space == "pixel" and not config.augment.precomputed,
+                            variants_for=config.augment if config.switches.adaptive_augmentation else None,
                             aa_free_words=config.regularizers.aa_free_words,
                             trigger_words=config.regularizers.preservation_words)
-    print(f"cached {len(dataset)} latents and captions in {time.perf_counter() - started:.1f}s")
+    n_variants = sum(len(ex.variants) for ex in dataset.examples if ex.variants is not None)
+    extra = f" (+{n_variants} augmentation variants)" if n_variants else ""
+    print(f"cached {len(dataset)} latents{extra} and captions in {time.perf_counter() - started:.1f}s")
+    if dataset.examples[0].pixels is not None:  # encoding at every augmented step: keep the VAE near
+        components.vae.to(device)
     samples = None
     if prompts or args.samples_out:
         prompts = prompts or list(dict.fromkeys(r.caption for r in report.records))[:4]

@@ -4,15 +4,22 @@ A zoom-out by s ~ U[zoom_min, zoom_max] shrinks the image to 1/s of the canvas a
 and a rotation ~ U[-r, r] degrees turns it; the uncovered border is filled with a constant
 (black in pixel space, the latent of black in latent space), by reflection, or by repeating the
 edge pixels ("border").
+
+In pixel space the transformed image must be VAE-encoded. Instead of encoding at every augmented
+step, `encode_variants` encodes each image once per cell of a (zoom x angle) grid before training;
+an augmented step then uses the variant of the cell its drawn zoom and angle fall in
+(`variant_index`), so the grid's variants are used with equal probability.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 
+from .conditioning import CachedDataset
 from .config import AugmentConfig
 
 
@@ -54,18 +61,89 @@ def zoom_rotate(x: torch.Tensor, zoom: torch.Tensor, angle_deg: torch.Tensor, fi
     return out.to(x.dtype)
 
 
+def augment_mask(gamma: torch.Tensor, cfg: AugmentConfig, draw: AugmentDraw) -> torch.Tensor:
+    """Which samples are augmented this step: coin < min(gamma_i, p_max). gamma: (B,). Returns (B,) bool."""
+    if not cfg.enabled:
+        return torch.zeros_like(draw.coin, dtype=torch.bool)
+    return draw.coin < gamma.float().cpu().clamp(max=cfg.p_max)
+
+
 def adaptive_augment(x: torch.Tensor, gamma: torch.Tensor, cfg: AugmentConfig, draw: AugmentDraw,
                      fill_value: torch.Tensor | float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Augment sample i with probability min(gamma_i, p_max).
 
     x: (B, C, H, W); gamma: (B,) in [0, 1]. Returns (augmented x, applied mask (B,) bool).
     """
-    p = gamma.float().clamp(max=cfg.p_max)
-    applied = draw.coin < p
-    if not cfg.enabled or not bool(applied.any()):
-        return x, torch.zeros_like(applied)
+    applied = augment_mask(gamma, cfg, draw)
+    if not bool(applied.any()):
+        return x, applied
     idx = applied.nonzero().squeeze(1)
     out = x.clone()
     dev_idx = idx.to(x.device)
     out[dev_idx] = zoom_rotate(x[dev_idx], draw.zoom[idx], draw.angle[idx], cfg.fill, fill_value)
     return out, applied
+
+
+def _grid_levels(cfg: AugmentConfig) -> tuple[int, int]:
+    """(zoom levels, angle levels) of the variant grid; a range of width 0 needs one level."""
+    nz, na = (int(n) for n in cfg.variant_grid)
+    return (nz if cfg.zoom_max > cfg.zoom_min else 1), (na if cfg.rotation_deg > 0 else 1)
+
+
+def variant_grid(cfg: AugmentConfig) -> torch.Tensor:
+    """(zoom, angle) at the centre of each cell of the grid over [zoom_min, zoom_max] x
+    [-rotation_deg, rotation_deg]; cell k = zoom_cell * angle_levels + angle_cell.
+
+    Returns (K, 2) float32.
+    """
+    nz, na = _grid_levels(cfg)
+    zoom = cfg.zoom_min + (torch.arange(nz) + 0.5) * (cfg.zoom_max - cfg.zoom_min) / nz
+    angle = -cfg.rotation_deg + (torch.arange(na) + 0.5) * (2.0 * cfg.rotation_deg) / na
+    zz, aa = torch.meshgrid(zoom, angle, indexing="ij")
+    return torch.stack([zz.reshape(-1), aa.reshape(-1)], dim=1).float()
+
+
+def variant_index(draw: AugmentDraw, cfg: AugmentConfig) -> torch.Tensor:
+    """The grid cell holding each drawn (zoom, angle). Returns (B,) int64 rows of `variant_grid`."""
+    nz, na = _grid_levels(cfg)
+
+    def cell(value: torch.Tensor, low: float, high: float, n: int) -> torch.Tensor:
+        if n == 1:
+            return torch.zeros_like(value, dtype=torch.long)
+        return ((value - low) / (high - low) * n).floor().long().clamp(0, n - 1)
+
+    zc = cell(draw.zoom, cfg.zoom_min, cfg.zoom_max, nz)
+    ac = cell(draw.angle, -cfg.rotation_deg, cfg.rotation_deg, na)
+    return zc * na + ac
+
+
+def encode_variants(dataset: CachedDataset, cfg: AugmentConfig,
+                    encode: Callable[[torch.Tensor], torch.Tensor], *, fill_value: float = -1.0,
+                    batch_size: int = 1, check_interrupt: Callable[[], None] | None = None,
+                    keep_pixels: bool = True) -> None:
+    """Encode every example's pixel-space variants once: `ex.variants` (K, 4, h, w), stored like
+    `ex.latent` (device, dtype), and `dataset.variant_params` = `variant_grid(cfg)`.
+
+    encode: (n, 3, H, W) pixels in [-1, 1] -> (n, 4, H/8, W/8) scaled latents, as `ex.latent`.
+    batch_size images go through the encoder at once (1 keeps the VAE's memory lowest).
+    keep_pixels=False drops each `ex.pixels` afterwards (training from variants does not need them).
+    """
+    params = variant_grid(cfg)
+    for ex in dataset.examples:
+        if ex.pixels is None:
+            raise ValueError("encode_variants needs the cached pixels: cache with keep_pixels=True")
+    for ex in dataset.examples:
+        chunks = []
+        for start in range(0, len(params), batch_size):
+            if check_interrupt is not None:
+                check_interrupt()
+            p = params[start:start + batch_size]
+            with torch.no_grad():
+                x = ex.pixels[None].expand(len(p), -1, -1, -1)
+                x = zoom_rotate(x, p[:, 0], p[:, 1], cfg.fill, fill_value)
+                chunks.append(encode(x).to(ex.latent.device, ex.latent.dtype))
+        ex.variants = torch.cat(chunks)
+    dataset.variant_params = params
+    if not keep_pixels:
+        for ex in dataset.examples:
+            ex.pixels = None

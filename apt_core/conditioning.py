@@ -112,6 +112,8 @@ class CachedExample:
     latent: (4, h, w) VAE latent already multiplied by the VAE scaling factor
     cond:   conditioning with batch dimension 1
     pixels: (3, H, W) in [-1, 1], kept only for pixel-space augmentation
+    variants: (K, 4, h, w) latents of the zoomed/rotated image at each cell of the augmentation's
+              variant grid (`apt_core.augment.encode_variants`), only for pre-encoded pixel space
     preserve_cond: conditioning of the caption without the trigger words (batch 1), only for
                    output preservation (RegularizerConfig.lambda_preserve)
     """
@@ -123,6 +125,7 @@ class CachedExample:
     pixels: torch.Tensor | None = None
     repeats: int = 1  # kohya "N_name" folders: sampled N times as often
     preserve_cond: SDXLConditioning | None = None
+    variants: torch.Tensor | None = None
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -134,10 +137,12 @@ class CachedDataset:
     """Cached examples plus what augmentation needs to fill borders in latent space.
 
     fill_latent: (4,) per-channel latent of a black image (constant fill in latent space)
+    variant_params: (K, 2) the (zoom, angle) each example's `variants` were encoded with
     """
 
     examples: list[CachedExample]
     fill_latent: torch.Tensor = field(default_factory=lambda: torch.zeros(4))
+    variant_params: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -47,12 +47,22 @@ class AugmentConfig:
     # paper's black ("constant") frame is learned as content: in the quality benchmark it kept
     # APT from learning the concept at all and doubled drift (quality/README.md, "black fill").
     fill: Literal["constant", "reflect", "border"] = "border"
-    # "latent": transform cached latents (fast, default); "pixel": transform the image and
-    # re-encode with the VAE every augmented step (the paper's order, slower, needs the VAE).
-    # In the quality benchmark latent space cost APT the likeness (a warped latent decodes to
-    # another shape and colour; quality/README.md, "latent-space augmentation"); the default
-    # stays until pixel space's time and memory are measured on SDXL.
-    space: Literal["latent", "pixel"] = "latent"
+    # "pixel" (default, the paper's order): the image is zoomed/rotated, then VAE-encoded. "latent":
+    # the cached latent is transformed instead; cheaper, but in the quality benchmark a warped
+    # latent decodes to another shape and colour and APT lost most of the likeness
+    # (quality/README.md, "latent-space augmentation").
+    space: Literal["latent", "pixel"] = "pixel"
+    # Pixel space only: (zoom levels, angle levels) of a grid of variants encoded once per image
+    # before training; an augmented step uses the variant whose grid cell holds its drawn zoom and
+    # angle, so training needs neither the VAE nor per-step encodes (memory as in latent space).
+    # (0, 0) re-encodes the exactly drawn transform at every augmented step (the VAE stays loaded).
+    # In the quality benchmark 8 x 3 matched per-step encoding (quality/README.md, "pre-encoded").
+    variant_grid: tuple[int, int] = (8, 3)
+
+    @property
+    def precomputed(self) -> bool:
+        """Whether pixel-space augmentation draws from pre-encoded variants (variant_grid)."""
+        return self.space == "pixel" and tuple(self.variant_grid) != (0, 0)
 
     def validate(self) -> None:
         if not 0.0 <= self.p_max <= 1.0:
@@ -66,6 +76,10 @@ class AugmentConfig:
             raise AptConfigError(f"fill mode must be one of {FILL_MODES}, got {self.fill!r}.")
         if self.space not in ("latent", "pixel"):
             raise AptConfigError(f"augmentation space must be 'latent' or 'pixel', got {self.space!r}.")
+        grid = tuple(self.variant_grid)
+        if len(grid) != 2 or any(int(n) != n for n in grid) or not (grid == (0, 0) or min(grid) >= 1):
+            raise AptConfigError(f"variant grid must be two levels >= 1 (zoom, angle), or (0, 0) to "
+                                 f"encode every augmented step, got {self.variant_grid!r}.")
 
 
 @dataclass

@@ -16,8 +16,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
+from .augment import encode_variants
 from .conditioning import (CachedDataset, CachedExample, SDXLConditioning, preservation_caption,
                            sdxl_time_ids, word_token_mask)
+from .config import AugmentConfig
 from .errors import AptModelError
 
 SDXL_CONFIG_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -388,7 +390,8 @@ def _move(modules: Iterable[torch.nn.Module], device: torch.device | str) -> lis
 def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: torch.device | str,
                   dtype: torch.dtype, keep_pixels: bool = False,
                   store_device: torch.device | str = "cpu",
-                  aa_free_words: Sequence[str] = (), trigger_words: Sequence[str] = ()) -> CachedDataset:
+                  aa_free_words: Sequence[str] = (), trigger_words: Sequence[str] = (),
+                  variants_for: AugmentConfig | None = None) -> CachedDataset:
     """Encode every record once: VAE latent (4, H/8, W/8) and SDXL conditioning (batch 1).
 
     records: objects with `pixels` (3, H, W) in [-1, 1], `caption`, `original_hw`,
@@ -396,7 +399,9 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
     are stored on `store_device` in `dtype` (time_ids and pixels stay float32). The VAE and text
     encoders are moved back to where they were afterwards. aa_free_words: marks those words'
     tokens in each conditioning's `free_tokens` (RegularizerConfig.aa_free_words). trigger_words:
-    also encode each caption without them as `preserve_cond` (output preservation).
+    also encode each caption without them as `preserve_cond` (output preservation). variants_for:
+    with pre-encoded pixel-space augmentation (`AugmentConfig.precomputed`), also encode each
+    image's augmentation variants (`apt_core.augment.encode_variants`) while the VAE is on `device`.
     """
     if not records:
         raise ValueError("cache_dataset needs at least one record")
@@ -412,12 +417,13 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
             if trigger_words:
                 ctx, pooled, mask = encode_text(c, [preservation_caption(cap, trigger_words)])
                 preserve[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device))
+        variants = variants_for is not None and variants_for.precomputed
         examples = []
         for r in records:
             latent = encode_pixels(c, r.pixels[None])[0].to(store_device, dtype)
             ctx, pooled, mask, free = text[r.caption]
             time_ids = sdxl_time_ids(tuple(r.original_hw), tuple(r.crop_top_left), tuple(r.target_hw)).to(store_device)
-            pixels = r.pixels.detach().to(store_device, torch.float32).clone() if keep_pixels else None
+            pixels = r.pixels.detach().to(store_device, torch.float32).clone() if keep_pixels or variants else None
             keep = SDXLConditioning(*preserve[r.caption][:2], time_ids, preserve[r.caption][2]) \
                 if trigger_words else None
             examples.append(CachedExample(latent, SDXLConditioning(ctx, pooled, time_ids, mask, free),
@@ -425,7 +431,10 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
                                           int(getattr(r, "repeats", 1)), keep))
         black = -torch.ones(1, *records[0].pixels.shape)
         fill = encode_pixels(c, black)[0].mean(dim=(1, 2)).to(store_device, torch.float32)
+        dataset = CachedDataset(examples, fill)
+        if variants:
+            encode_variants(dataset, variants_for, lambda px: encode_pixels(c, px), keep_pixels=keep_pixels)
     finally:
         for m, dev in zip(modules, before):
             m.to(dev)
-    return CachedDataset(examples, fill)
+    return dataset

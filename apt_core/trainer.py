@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .augment import adaptive_augment, draw_augmentation
+from .augment import adaptive_augment, augment_mask, draw_augmentation, variant_grid, variant_index
 from .backbone import Backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
@@ -105,9 +105,16 @@ class AptTrainer:
         if len(dataset) == 0:
             raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
         aug = config.augment
-        if config.switches.adaptive_augmentation and aug.space == "pixel":
+        if config.switches.adaptive_augmentation and aug.enabled and aug.precomputed:
+            params = dataset.variant_params
+            if params is None or any(ex.variants is None for ex in dataset.examples) \
+                    or params.shape != variant_grid(aug).shape or not torch.allclose(params, variant_grid(aug)):
+                raise AptConfigError("pixel-space augmentation needs each image's variants encoded for this "
+                                     "zoom/rotation range and variant grid: call apt_core.augment."
+                                     "encode_variants after caching, or use augmentation space 'latent'.")
+        elif config.switches.adaptive_augmentation and aug.enabled and aug.space == "pixel":
             if encode_pixels is None or any(ex.pixels is None for ex in dataset.examples):
-                raise AptConfigError("pixel-space augmentation needs the VAE and cached pixels; "
+                raise AptConfigError("pixel-space augmentation at every step needs the VAE and cached pixels; "
                                      "use augmentation space 'latent' or cache with keep_pixels=True.")
         self.backbone = backbone
         self.dataset = dataset
@@ -177,6 +184,15 @@ class AptTrainer:
         aug = self.config.augment
         if aug.space == "latent":
             return adaptive_augment(latents, gamma, aug, draw, self.dataset.fill_latent.to(self.device))
+        if aug.precomputed:
+            applied = augment_mask(gamma, aug, draw)
+            if bool(applied.any()):
+                cell = variant_index(draw, aug)
+                latents = latents.clone()
+                for i in applied.nonzero().squeeze(1).tolist():
+                    variant = self.dataset.examples[idx[i]].variants[cell[i]]
+                    latents[i] = variant.to(latents.device, latents.dtype)
+            return latents, applied
         pixels = torch.stack([self.dataset.examples[i].pixels for i in idx]).to(self.device)
         pixels, applied = adaptive_augment(pixels, gamma, aug, draw, fill_value=-1.0)
         if bool(applied.any()):

@@ -138,26 +138,33 @@ def synthetic_dataset(unet_config: dict[str, Any], resolution: int, dtype: torch
     like `apt_core.models.cache_dataset` stores it (latents and embeddings in the UNet's dtype).
 
     latent (4, res/8, res/8); context (1, 77, cross_attention_dim); pooled (1, pooled_dim);
-    time_ids (1, 6) float32; token_mask (1, 77) bool with the first VALID_TOKENS True.
+    time_ids (1, 6) float32; token_mask (1, 77) bool with the first VALID_TOKENS True;
+    variants (K, 4, res/8, res/8) random stand-ins for the default augmentation grid's pre-encoded
+    variants (a training step only looks one up; `time_caching` times encoding them).
     """
+    from apt_core.augment import variant_grid
     from apt_core.conditioning import CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids
+    from apt_core.config import AugmentConfig
 
     ctx_dim = int(unet_config["cross_attention_dim"])
     pooled_dim = int(unet_config["projection_class_embeddings_input_dim"]) \
         - 6 * int(unet_config["addition_time_embed_dim"])
     h = w = resolution // 8
     g = torch.Generator().manual_seed(seed)
+    grid = variant_grid(AugmentConfig())
     examples = []
     for i in range(n):
         latent = torch.randn(4, h, w, generator=g).to(dtype)
+        variants = torch.randn(len(grid), 4, h, w, generator=g).to(dtype)
         context = torch.randn(1, 77, ctx_dim, generator=g).to(dtype)
         pooled = torch.randn(1, pooled_dim, generator=g).to(dtype)
         time_ids = sdxl_time_ids((resolution, resolution), (0, 0), (resolution, resolution))
         mask = torch.zeros(1, 77, dtype=torch.bool)
         mask[:, :VALID_TOKENS] = True
         examples.append(CachedExample(latent, SDXLConditioning(context, pooled, time_ids, mask),
-                                      caption=f"a photo of sks dog {i}", source="synthetic"))
-    return CachedDataset(examples, torch.zeros(4))
+                                      caption=f"a photo of sks dog {i}", source="synthetic",
+                                      variants=variants))
+    return CachedDataset(examples, torch.zeros(4), variant_params=grid)
 
 
 def make_workload(model: str, device: torch.device, resolution: int, batch_size: int, rank: int,
@@ -222,7 +229,9 @@ class _Record:
 
 def time_caching(model: str, device: torch.device, dtype: torch.dtype, resolution: int) -> dict:
     """Seconds to encode one image (VAE, float32) and its caption (both text encoders) with
-    `apt_core.models.cache_dataset`: the first call (cold) and a second one (warm)."""
+    `apt_core.models.cache_dataset`: the first call (cold) and a second one (warm); then the same
+    with the default pixel-space augmentation variants (AugmentConfig().variant_grid) encoded too."""
+    from apt_core.config import AugmentConfig
     from apt_core.models import cache_dataset
 
     started = time.perf_counter()
@@ -240,10 +249,16 @@ def time_caching(model: str, device: torch.device, dtype: torch.dtype, resolutio
         cache_dataset(comps, [record], device, dtype)
         sync(device)
         times.append(time.perf_counter() - t0)
+    sync(device)
+    t0 = time.perf_counter()
+    cached = cache_dataset(comps, [record], device, dtype, variants_for=AugmentConfig())
+    sync(device)
+    variants_s = time.perf_counter() - t0
     del comps
     free_memory(device)
     return {"encoders_build_s": build_s, "encode_one_image_cold_s": times[0],
-            "encode_one_image_warm_s": times[1]}
+            "encode_one_image_warm_s": times[1], "encode_one_image_with_variants_s": variants_s,
+            "variants_per_image": len(cached.examples[0].variants)}
 
 
 # ------------------------------------------------------------------------------ timing & memory

@@ -833,6 +833,8 @@ def run(args: argparse.Namespace, argv: list[str], log=print) -> dict[str, Any]:
                 one_off["caching: build VAE + text encoders (random init)"] = c["encoders_build_s"]
                 one_off["caching: encode one image + caption (cold)"] = c["encode_one_image_cold_s"]
                 one_off["caching: encode one image + caption (warm)"] = c["encode_one_image_warm_s"]
+                one_off[f"caching: encode one image + caption + its {c['variants_per_image']} pixel-space "
+                        "augmentation variants (warm)"] = c["encode_one_image_with_variants_s"]
             except Exception as exc:
                 one_off["caching"] = f"failed: {type(exc).__name__}: {exc}"[:300]
                 traceback.print_exc()

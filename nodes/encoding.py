@@ -7,6 +7,8 @@
   same numbers `CLIPTextEncodeSDXL` would set. Plain `CLIPTextEncode` would leave them at 768 x 768.
   `SDXLConditioning.pooled` stores that full adm vector `y` (see comfy_backbone).
 - The token mask (real tokens BOS..EOS, per 77-token chunk) comes from the CLIP-L token ids.
+- Pixel-space augmentation variants (`apt_core.augment.encode_variants`) go through `VAE.encode`
+  too, before training, so the VAE can be unloaded while the UNet trains.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Callable, Sequence
 
 import torch
 
+from apt_core.augment import encode_variants
 from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids,
                                    word_token_mask)
+from apt_core.config import AugmentConfig
 from apt_core.errors import AptModelError
 
 
@@ -98,10 +102,15 @@ def encode_caption(clip, base_model, caption: str, original_hw, crop_top_left, t
         free_tokens=free_token_mask(clip, tokens, aa_free_words, cond.shape[1]))
 
 
+def encode_latents(vae, base_model, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, 4, H/8, W/8) float32 CPU latents as the UNet sees them."""
+    latent = vae.encode(to_comfy_image(pixels))
+    return base_model.process_latent_in(latent.float()).detach().float().cpu().clone()
+
+
 def encode_latent(vae, base_model, pixels: torch.Tensor) -> torch.Tensor:
     """(3, H, W) in [-1, 1] -> (4, H/8, W/8) float32 latent as the UNet sees it."""
-    latent = vae.encode(to_comfy_image(pixels))
-    return base_model.process_latent_in(latent.float()).detach().float().cpu().clone()[0]
+    return encode_latents(vae, base_model, pixels[None])[0]
 
 
 def pixel_encoder(vae, base_model) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -125,15 +134,19 @@ def pixel_encoder(vae, base_model) -> Callable[[torch.Tensor], torch.Tensor]:
 def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int, adm_channels: int,
                   check_interrupt: Callable[[], None] = lambda: None,
                   on_item: Callable[[int, int], None] = lambda i, n: None,
-                  keep_pixels: bool = False, aa_free_words: Sequence[str] = ()) -> CachedDataset:
+                  keep_pixels: bool = False, aa_free_words: Sequence[str] = (),
+                  variants_for: AugmentConfig | None = None) -> CachedDataset:
     """Encode every record once (under no_grad, on whatever device ComfyUI picks) to CPU float32.
-    keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation;
-    aa_free_words: mark those words' tokens in `free_tokens` (RegularizerConfig.aa_free_words)."""
+    keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation at every step;
+    aa_free_words: mark those words' tokens in `free_tokens` (RegularizerConfig.aa_free_words);
+    variants_for: with pre-encoded pixel-space augmentation (`AugmentConfig.precomputed`), also
+    encode each image's augmentation variants."""
     if clip is None:
         raise AptModelError("No CLIP connected: the checkpoint has no text encoder. Connect the CLIP "
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
     if vae is None:
         raise AptModelError("No VAE connected. Connect the VAE output of 'Load Checkpoint'.")
+    variants = variants_for is not None and variants_for.precomputed
     examples = []
     text_cache: dict[tuple, SDXLConditioning] = {}
     with torch.no_grad():
@@ -151,10 +164,14 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
                         f"expects {context_dim} / {adm_channels}. Connect the CLIP from the same SDXL "
                         "checkpoint as the MODEL.")
             latent = encode_latent(vae, base_model, r.pixels)
-            pixels = r.pixels.detach().float().cpu().clone() if keep_pixels else None
+            pixels = r.pixels.detach().float().cpu().clone() if keep_pixels or variants else None
             examples.append(CachedExample(latent, cond, r.caption, str(getattr(r, "source", "")),
                                           pixels, int(getattr(r, "repeats", 1))))
             on_item(i + 1, len(records))
         black = -torch.ones_like(records[0].pixels)
         fill = encode_latent(vae, base_model, black).mean(dim=(1, 2))
-    return CachedDataset(examples, fill)
+        dataset = CachedDataset(examples, fill)
+        if variants:
+            encode_variants(dataset, variants_for, lambda px: encode_latents(vae, base_model, px),
+                            check_interrupt=check_interrupt, keep_pixels=keep_pixels)
+    return dataset

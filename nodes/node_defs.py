@@ -184,14 +184,17 @@ class AptAtaSettings(io.ComfyNode):
                 io.Boolean.Input("track_indicator", default=False, tooltip=(
                     "Compute gamma even when nothing above uses it (costs one extra forward per step; "
                     "useful for comparison runs).")),
-                io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default=_AUG.space, optional=True,
+                io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default="pixel", optional=True,
                                tooltip=(
-                    "Where the zoom-out/rotation happens. latent (fast, default): the already-encoded "
-                    "image is transformed. pixel (the paper's order): the picture itself is transformed "
-                    "and re-encoded with the VAE at every augmented step - slower, and it needs more GPU "
-                    "memory because the VAE stays loaded during training. In the quality benchmark pixel "
-                    "learned the subject's likeness far better (latent turned zoomed-out subjects into "
-                    "other shapes and colours); choose pixel if your GPU has room.")),
+                    "Where the zoom-out/rotation happens. pixel (default, the paper's order): the picture "
+                    "itself is transformed, then encoded with the VAE; each image's "
+                    f"{_AUG.variant_grid[0] * _AUG.variant_grid[1]} variants ({_AUG.variant_grid[0]} zooms x "
+                    f"{_AUG.variant_grid[1]} angles) are encoded once before training, so training needs no "
+                    "VAE and no more memory. "
+                    "pixel_every_step: the exact drawn zoom/angle is encoded at every augmented step - the "
+                    "VAE stays loaded (more GPU memory) and steps are slower. latent: the already-encoded "
+                    "image is transformed (nothing extra to encode), but in the quality benchmark it turned "
+                    "zoomed-out subjects into other shapes and colours and the subject's likeness suffered.")),
             ],
             outputs=[AtaSettingsIO.Output(display_name="ata_settings", tooltip="Connect to APT Trainer.")],
         )
@@ -200,7 +203,7 @@ class AptAtaSettings(io.ComfyNode):
     def execute(cls, bins: int, ema_alpha: float, indicator_scale: float, p_max: float, zoom_min: float,
                 zoom_max: float, rotation: float, fill_mode: str, loss_weight_floor: float,
                 adaptive_augmentation: bool, adaptive_loss_weight: bool, track_indicator: bool,
-                augmentation_space: str = "latent") -> io.NodeOutput:
+                augmentation_space: str = "pixel") -> io.NodeOutput:
         return io.NodeOutput(ata_settings(
             num_bins=bins, ema_alpha=ema_alpha, indicator_scale=indicator_scale, p_max=p_max,
             zoom_min=zoom_min, zoom_max=zoom_max, rotation_deg=rotation, fill=fill_mode,

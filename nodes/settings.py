@@ -26,18 +26,24 @@ RESOLUTIONS = {
 DEFAULT_RESOLUTIONS = "32x32 + 64x64 (paper)"
 
 LR_SCHEDULES = ("constant", "cosine")
-AUG_SPACES = ("latent", "pixel")
+# The node's augmentation-space choices -> (AugmentConfig.space, AugmentConfig.variant_grid).
+AUG_SPACES = {"pixel": ("pixel", AugmentConfig.variant_grid), "pixel_every_step": ("pixel", (0, 0)),
+              "latent": ("latent", AugmentConfig.variant_grid)}
 
 
 def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_max: float,
                  zoom_min: float, zoom_max: float, rotation_deg: float, fill: str,
                  loss_weight_floor: float, adaptive_augmentation: bool, adaptive_loss_weight: bool,
-                 track_indicator: bool, space: str = "latent") -> dict:
-    """The APT_ATA_SETTINGS value (validated now, so a bad value errors on the settings node)."""
+                 track_indicator: bool, space: str = "pixel") -> dict:
+    """The APT_ATA_SETTINGS value (validated now, so a bad value errors on the settings node).
+    space: one of AUG_SPACES."""
+    if space not in AUG_SPACES:
+        raise AptConfigError(f"augmentation space must be one of {sorted(AUG_SPACES)}, got {space!r}.")
+    space, grid = AUG_SPACES[space]
     ind = IndicatorConfig(num_bins=int(num_bins), ema_alpha=float(ema_alpha), scale=float(indicator_scale))
     aug = AugmentConfig(enabled=bool(adaptive_augmentation), p_max=float(p_max), zoom_min=float(zoom_min),
                         zoom_max=float(zoom_max), rotation_deg=float(rotation_deg), fill=fill,
-                        space=space)
+                        space=space, variant_grid=grid)
     ind.validate()
     aug.validate()
     if not 0.0 <= loss_weight_floor <= 1.0:

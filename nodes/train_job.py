@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
@@ -233,8 +234,8 @@ class TrainJob:
             tips.append("batch size 1")
         tips += ["a lower resolution on 'APT Dataset Loader' (e.g. 768)", "a smaller rank (e.g. 16)",
                  "only 32x32 in 'APT Regularization weights'"]
-        if cfg.augment.space == "pixel" and cfg.switches.adaptive_augmentation:
-            tips.append("augmentation space 'latent'")
+        if cfg.augment.space == "pixel" and not cfg.augment.precomputed and cfg.switches.adaptive_augmentation:
+            tips.append("augmentation space 'pixel' (pre-encoded variants: no VAE during training)")
         batch = f", batch size {cfg.train.batch_size}" if cfg.train.batch_size > 1 else ""
         msg = (f"Out of GPU memory {where} (training at {self.dataset.resolution} px, LoRA rank "
                f"{cfg.lora.rank}{batch}). Try, in this order: " + "; ".join(tips) +
@@ -258,19 +259,26 @@ class TrainJob:
         from apt_core.trainer import AptTrainer
 
         cfg = self.config
-        pixel_aug = cfg.switches.adaptive_augmentation and cfg.augment.space == "pixel"
-        RUNS.update(run, status="encoding", message=f"encoding {len(self.dataset)} image(s)")
+        augmenting = cfg.switches.adaptive_augmentation and cfg.augment.enabled
+        pixel_aug = augmenting and cfg.augment.space == "pixel" and not cfg.augment.precomputed
+        variants_for = cfg.augment if augmenting and cfg.augment.precomputed else None
+        n = len(self.dataset)
+        what = f"{n} image(s)" + (f" and their {n * len(variant_grid(cfg.augment))} augmentation variants"
+                                  if variants_for else "")
+        RUNS.update(run, status="encoding", message=f"encoding {what}")
         send("apt.status", run.summary())
         backbone_check = ComfySDXLBackbone(self.model)  # shapes only; does not load anything
         cached = cache_dataset(list(self.dataset.records), self.model.model, self.clip, self.vae,
                                context_dim=backbone_check.context_dim,
                                adm_channels=backbone_check.adm_channels,
                                check_interrupt=mm.throw_exception_if_processing_interrupted,
-                               keep_pixels=pixel_aug, aa_free_words=cfg.regularizers.aa_free_words)
+                               keep_pixels=pixel_aug, variants_for=variants_for,
+                               aa_free_words=cfg.regularizers.aa_free_words)
 
         patcher = self.model.clone()
-        # Pixel-space augmentation re-encodes with the VAE during training: load it together with the
-        # UNet now, so that no later load can push the UNet being trained out of GPU memory.
+        # Pixel-space augmentation at every step re-encodes with the VAE during training: load it
+        # together with the UNet now, so that no later load can push the UNet being trained out of GPU
+        # memory. Pre-encoded variants need no VAE from here on.
         mm.load_models_gpu([patcher, self.vae.patcher] if pixel_aug else [patcher],
                            memory_required=1e20, force_full_load=True)
         backbone = ComfySDXLBackbone(patcher)

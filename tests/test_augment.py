@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from apt_core.augment import AugmentDraw, adaptive_augment, draw_augmentation, zoom_rotate
+from apt_core.augment import (AugmentDraw, adaptive_augment, draw_augmentation, encode_variants, variant_grid,
+                              variant_index, zoom_rotate)
+from apt_core.conditioning import CachedDataset, CachedExample
 from apt_core.config import AugmentConfig
 
 
@@ -83,3 +85,69 @@ def test_disabled_augmentation_returns_input_untouched():
     draw = AugmentDraw(torch.zeros(2), torch.full((2,), 2.0), torch.zeros(2))
     out, applied = adaptive_augment(x, torch.ones(2), AugmentConfig(enabled=False), draw)
     assert out is x and not applied.any()
+
+
+# ---- pre-encoded pixel-space variants ------------------------------------------------------------
+
+def test_variant_grid_holds_the_cell_centres_zoom_major():
+    """Default 8 x 3 over zoom [1, 3] and angle [-15, 15]: cells 0.25 wide and 10 degrees wide."""
+    grid = variant_grid(AugmentConfig())
+    assert grid.shape == (24, 2)
+    assert grid[:3].tolist() == [[1.125, -10.0], [1.125, 0.0], [1.125, 10.0]]
+    assert grid[-1].tolist() == [2.875, 10.0]
+    assert grid[::3, 0].tolist() == [1.125, 1.375, 1.625, 1.875, 2.125, 2.375, 2.625, 2.875]
+
+
+def test_variant_grid_collapses_a_range_of_width_zero():
+    no_rotation = variant_grid(AugmentConfig(rotation_deg=0.0, variant_grid=(4, 3)))
+    assert no_rotation.tolist() == [[1.25, 0.0], [1.75, 0.0], [2.25, 0.0], [2.75, 0.0]]
+    assert variant_grid(AugmentConfig(zoom_min=2.0, zoom_max=2.0, variant_grid=(4, 2))).tolist() == \
+        [[2.0, -7.5], [2.0, 7.5]]
+
+
+def test_variant_index_picks_the_cell_that_holds_the_draw():
+    cfg = AugmentConfig()  # zoom cells [1, 1.25), [1.25, 1.5) ...; angle cells [-15, -5), [-5, 5), [5, 15]
+    zoom = torch.tensor([1.0, 1.2499, 1.25, 2.99, 3.0, 2.0])
+    angle = torch.tensor([-15.0, -5.01, -4.99, 5.01, 15.0, 0.0])
+    draw = AugmentDraw(torch.zeros(6), zoom, angle)
+    # zoom cells 0, 0, 1, 7, 7, 4; angle cells 0, 0, 1, 2, 2, 1; k = zoom_cell * 3 + angle_cell
+    assert variant_index(draw, cfg).tolist() == [0, 0, 4, 23, 23, 13]
+    grid = variant_grid(cfg)
+    centres = AugmentDraw(torch.zeros(24), grid[:, 0], grid[:, 1])
+    assert variant_index(centres, cfg).tolist() == list(range(24))
+
+
+def test_drawn_augmentations_use_every_variant_about_equally():
+    cfg = AugmentConfig()
+    draw = draw_augmentation(24_000, cfg, torch.Generator().manual_seed(0))
+    counts = torch.bincount(variant_index(draw, cfg), minlength=24)
+    assert counts.min() > 800 and counts.max() < 1200  # 1000 expected each
+
+
+def test_encode_variants_encodes_each_cell_centre_transform_once_per_image():
+    cfg = AugmentConfig(variant_grid=(2, 2), fill="constant")
+    g = torch.Generator().manual_seed(0)
+    pixels = [torch.rand(3, 16, 16, generator=g) * 2 - 1, torch.rand(3, 16, 24, generator=g) * 2 - 1]
+    calls = []
+
+    def encode(x):  # stand-in VAE: (n, 3, H, W) -> (n, 4, H/8, W/8)
+        calls.append(len(x))
+        return torch.cat([x, x[:, :1]], dim=1)[:, :, ::8, ::8] * 2.0
+
+    ds = CachedDataset([CachedExample(encode(p[None])[0].half(), None, "c", pixels=p) for p in pixels])
+    calls.clear()
+    encode_variants(ds, cfg, encode, batch_size=3)
+    assert calls == [3, 1, 3, 1]
+    grid = variant_grid(cfg)
+    assert torch.equal(ds.variant_params, grid)
+    for ex, p in zip(ds.examples, pixels):
+        assert ex.variants.shape == (4, *ex.latent.shape) and ex.variants.dtype == torch.float16
+        for k, (zoom, angle) in enumerate(grid):
+            want = encode(zoom_rotate(p[None], zoom[None], angle[None], "constant", -1.0))[0].half()
+            assert torch.equal(ex.variants[k], want)
+
+
+def test_encode_variants_needs_the_pixels():
+    ds = CachedDataset([CachedExample(torch.zeros(4, 2, 2), None, "c")])
+    with pytest.raises(ValueError, match="keep_pixels"):
+        encode_variants(ds, AugmentConfig(), lambda x: x)

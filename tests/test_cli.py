@@ -13,6 +13,7 @@ def test_demo_run_writes_a_lora_and_a_resumable_checkpoint(tmp_path, capsys):
                  "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "gamma per bin" in text and "step     4/4" in text
+    assert "cached 5 latents (+120 augmentation variants)" in text  # 5 sample photos x the default 8 x 3 grid
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4"
     assert (tmp_path / "run" / "lora.checkpoints" / "step_000004.pt").exists()
@@ -57,6 +58,19 @@ def test_output_preservation_trains_from_the_command_line(tmp_path, capsys):
     assert main(["--model", "tiny", "--images", str(images), "--resolution", "64", "--steps", "1",
                  "--preserve", "1", "--trigger-word", "ohwx", "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "does not contain the trigger word (ohwx)" in capsys.readouterr().err
+
+
+def test_augmentation_space_flags_reach_the_config(tmp_path, capsys):
+    from apt_core.__main__ import build_config, parse_args
+    default = build_config(parse_args([])).augment
+    assert (default.space, default.precomputed) == ("pixel", True)
+    every = build_config(parse_args(["--encode-every-step"])).augment
+    assert (every.space, every.variant_grid, every.precomputed) == ("pixel", (0, 0), False)
+    assert build_config(parse_args(["--augment-space", "latent"])).augment.space == "latent"
+    for flags in (["--encode-every-step"], ["--augment-space", "latent"]):
+        assert main(["--steps", "2", "--rank", "2", "--checkpoint-every", "0", *flags,
+                     "--out", str(tmp_path / "l.safetensors")]) == 0
+        assert "augmentation variants" not in capsys.readouterr().out
 
 
 def test_lr_schedule_and_warmup_reach_the_config():

@@ -11,6 +11,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from apt_core.augment import variant_grid, zoom_rotate
+from apt_core.config import AugmentConfig
 from apt_core.errors import AptModelError
 from apt_core.models import (SD1_MESSAGE, build_tiny_sdxl, cache_dataset, check_sdxl_unet,
                              encode_pixels, encode_prompts, load_sdxl, save_tiny_sdxl,
@@ -202,6 +204,25 @@ def test_cache_dataset(tiny):
     kept = cache_dataset(tiny, records[:1], "cpu", torch.float32, keep_pixels=True)
     assert torch.equal(kept.examples[0].pixels, records[0].pixels)
     assert ds.examples[0].cond.free_tokens is None
+
+
+def test_cache_dataset_encodes_the_augmentation_variants_with_the_vae(tiny):
+    g = torch.Generator().manual_seed(3)
+    records = [FakeRecord(torch.rand(3, 64, 96, generator=g) * 2 - 1, "a sks dog", (64, 96), (0, 0),
+                          (64, 96), "a.png")]
+    aug = AugmentConfig(variant_grid=(2, 2))
+    ds = cache_dataset(tiny, records, "cpu", torch.float16, variants_for=aug)
+    ex = ds.examples[0]
+    assert ex.pixels is None and ex.variants.shape == (4, 4, 8, 12) and ex.variants.dtype == torch.float16
+    assert torch.equal(ds.variant_params, variant_grid(aug))
+    zoom, angle = ds.variant_params[3]
+    want = encode_pixels(tiny, zoom_rotate(records[0].pixels[None], zoom[None], angle[None], aug.fill, -1.0))
+    torch.testing.assert_close(ex.variants[3], want[0].half())
+    kept = cache_dataset(tiny, records, "cpu", torch.float32, keep_pixels=True, variants_for=aug)
+    assert torch.equal(kept.examples[0].pixels, records[0].pixels)
+    latent = AugmentConfig(space="latent")
+    none = cache_dataset(tiny, records, "cpu", torch.float32, variants_for=latent)
+    assert none.examples[0].variants is None and none.variant_params is None
 
 
 def test_cache_dataset_marks_the_free_words_tokens(tiny):

@@ -50,8 +50,9 @@ def _to_comfy_dataset(dataset, base_model):
         y = base_model.encode_adm(pooled_output=ex.cond.pooled, width=ow, height=oh, crop_w=left, crop_h=top,
                                   target_width=tw, target_height=th)
         cond = SDXLConditioning(ex.cond.context, y.float(), ex.cond.time_ids, ex.cond.token_mask)
-        out.append(CachedExample(ex.latent, cond, ex.caption, ex.source, ex.pixels, ex.repeats))
-    return CachedDataset(out, dataset.fill_latent)
+        out.append(CachedExample(ex.latent, cond, ex.caption, ex.source, ex.pixels, ex.repeats,
+                                 variants=ex.variants))
+    return CachedDataset(out, dataset.fill_latent, dataset.variant_params)
 
 
 @pytest.fixture()

@@ -479,7 +479,7 @@ def test_pixel_encoder_matches_the_vae_and_pixel_space_augmentation_reencodes(m,
     s = m["settings"]
     ata = s.ata_settings(num_bins=10, ema_alpha=0.1, indicator_scale=1000.0, p_max=1.0, zoom_min=2.0, zoom_max=3.0,
                          rotation_deg=15.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
-                         adaptive_loss_weight=True, track_indicator=False, space="pixel")
+                         adaptive_loss_weight=True, track_indicator=False, space="pixel_every_step")
     config = s.build_config(steps=3, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                             ata=ata)
     before = _sample(m["model"])
@@ -490,6 +490,42 @@ def test_pixel_encoder_matches_the_vae_and_pixel_space_augmentation_reencodes(m,
     res = job.prepare().run()
     assert seen == [(1, 3, 64, 64)] * 3 and res.history[-1]["aug_rate"] == 1.0
     assert res.lora_path.exists()
+    monkeypatch.undo()
+    assert torch.equal(_sample(m["model"]), before)
+
+
+def test_default_pixel_space_encodes_the_variants_with_the_vae_before_training(m, tmp_path, monkeypatch):
+    from apt_core.augment import variant_grid, zoom_rotate
+    from apt_core.config import AugmentConfig
+    from apt_core.indicator import OverfittingIndicator
+
+    enc, tj = m["encoding"], m["train_job"]
+    ds = _dataset(m, 2)
+    base = m["model"].model
+    aug = AugmentConfig(variant_grid=(2, 1))
+    cached = enc.cache_dataset(list(ds.records), base, m["clip"], m["vae"], context_dim=80, adm_channels=96,
+                               variants_for=aug)
+    grid = variant_grid(aug)
+    assert torch.equal(cached.variant_params, grid)
+    for ex, r in zip(cached.examples, ds.records):
+        assert ex.pixels is None and ex.variants.shape == (2, *ex.latent.shape)
+        for k, (zoom, angle) in enumerate(grid):
+            warped = zoom_rotate(r.pixels[None], zoom[None], angle[None], aug.fill, -1.0)
+            with torch.no_grad():
+                torch.testing.assert_close(ex.variants[k], enc.encode_latents(m["vae"], base, warped)[0])
+
+    # every sample augmented (gamma = 1), none of them encoded during training
+    monkeypatch.setattr(OverfittingIndicator, "gamma_for", lambda self, bins: torch.ones(len(bins)))
+    monkeypatch.setattr(tj, "pixel_encoder", lambda *a: pytest.fail("no VAE encode during training"))
+    s = m["settings"]
+    config = s.build_config(steps=3, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET)
+    assert config.augment.precomputed
+    before = _sample(m["model"])
+    job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                      lora_file="grid.safetensors", loras_dir=tmp_path / "loras",
+                      checkpoint_dir=tmp_path / "runs" / "grid", overwrite=False, resume=False, node_id="grid")
+    res = job.prepare().run()
+    assert res.history[-1]["aug_rate"] == 1.0 and res.lora_path.exists()
     monkeypatch.undo()
     assert torch.equal(_sample(m["model"]), before)
 

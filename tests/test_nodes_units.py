@@ -248,14 +248,17 @@ def test_new_inputs_sit_at_the_end_optional_with_defaults_that_keep_the_old_beha
     assert opt["lr_schedule"][1]["default"] == "cosine"  # the benchmark-set default (was constant)
     ata = nd.AptAtaSettings.GET_NODE_INFO_V1()
     assert ata["input_order"]["optional"] == ["augmentation_space"]
-    assert ata["input"]["optional"]["augmentation_space"][1]["default"] == "latent"
+    assert ata["input"]["optional"]["augmentation_space"][1]["default"] == "pixel"
+    assert ata["input"]["optional"]["augmentation_space"][1]["options"] == ["pixel", "pixel_every_step", "latent"]
     # defaults: the config the node built before these inputs existed, except the schedule (now cosine)
+    # and the augmentation space (now pixel, from pre-encoded variants; was latent)
     old = s.build_config(steps=5, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                          ata=_ata(s))
     from apt_core.config import AugmentConfig, TrainConfig
 
     assert (old.train.batch_size, old.train.lr_schedule, old.train.warmup_steps) == (1, "cosine", 0)
-    assert old.augment.space == "latent" == AugmentConfig().space and TrainConfig().batch_size == 1
+    assert old.augment.space == "pixel" == AugmentConfig().space and TrainConfig().batch_size == 1
+    assert old.augment.precomputed and old.augment.variant_grid == AugmentConfig().variant_grid
 
 
 def test_new_inputs_reach_the_config(mods):
@@ -263,7 +266,11 @@ def test_new_inputs_reach_the_config(mods):
     cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                          ata=_ata(s, space="pixel"), batch_size=3, lr_schedule="cosine", warmup_steps=4)
     assert (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps) == (3, "cosine", 4)
-    assert cfg.augment.space == "pixel"
+    assert cfg.augment.space == "pixel" and cfg.augment.precomputed
+    for choice, space, precomputed in (("pixel_every_step", "pixel", False), ("latent", "latent", False)):
+        cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0,
+                             preset=s.DEFAULT_PRESET, ata=_ata(s, space=choice))
+        assert (cfg.augment.space, cfg.augment.precomputed) == (space, precomputed)
     from apt_core.errors import AptConfigError
 
     with pytest.raises(AptConfigError, match="lr schedule"):

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apt_core.augment import draw_augmentation
+from apt_core.augment import AugmentDraw, draw_augmentation, variant_index, zoom_rotate
 from apt_core.backbone import DiffusersSDXLBackbone
-from apt_core.config import AptSwitches
-from apt_core.errors import NonFiniteLossError
+from apt_core.config import AptSwitches, AugmentConfig
+from apt_core.errors import AptConfigError, NonFiniteLossError
 from apt_core.models import build_tiny_sdxl, encode_pixels
 from apt_core.trainer import AptTrainer, lr_at
 
@@ -258,15 +258,54 @@ def test_gradient_checkpointing_gives_the_same_training():
         assert torch.allclose(p, q, atol=1e-6, rtol=1e-4)
 
 
-def test_pixel_space_augmentation_reencodes_with_the_vae():
-    components, dataset = tiny_model_and_data(0, keep_pixels=True)
+def test_pixel_space_augmentation_at_every_step_reencodes_the_drawn_transform():
+    components, dataset = tiny_model_and_data(0, keep_pixels=True, variants_for=None)
     cfg = config(3)
-    cfg.augment.space = "pixel"
+    cfg.augment.variant_grid = (0, 0)
     trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg,
                          encode_pixels=lambda p: encode_pixels(components, p))
     set_gamma_everywhere(trainer, 0.999)
+    draw = AugmentDraw(torch.zeros(1), torch.tensor([2.2]), torch.tensor([7.0]))
+    latents = dataset.examples[1].latent[None].clone()
+    out, applied = trainer._augment(latents, [1], torch.ones(1), draw)
+    want = encode_pixels(components, zoom_rotate(dataset.examples[1].pixels[None], draw.zoom, draw.angle,
+                                                 cfg.augment.fill, -1.0))
+    assert applied.tolist() == [True] and torch.equal(out, want)
     events = [trainer.train_step() for _ in range(3)]
     assert events[-1].aug_rate > 0.5
+
+
+def test_pre_encoded_variants_are_what_an_augmented_step_trains_on():
+    """The default: pixel space from variants cached with the dataset; no VAE during training."""
+    components, dataset = tiny_model_and_data(0)
+    cfg = config(3)
+    assert cfg.augment.precomputed and dataset.examples[0].pixels is None
+    trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
+    draw = AugmentDraw(torch.tensor([0.0, 0.9]), torch.tensor([2.2, 2.2]), torch.tensor([7.0, 7.0]))
+    latents = torch.stack([dataset.examples[i].latent for i in (2, 0)])
+    out, applied = trainer._augment(latents.clone(), [2, 0], torch.tensor([0.5, 0.5]), draw)
+    cell = int(variant_index(draw, cfg.augment)[0])  # zoom 2.2 -> cell 4, 7 degrees -> cell 2
+    assert cell == 14 and applied.tolist() == [True, False]
+    assert torch.equal(out[0], dataset.examples[2].variants[cell]) and torch.equal(out[1], latents[1])
+    set_gamma_everywhere(trainer, 0.999)
+    events = [trainer.train_step() for _ in range(3)]
+    assert events[-1].aug_rate > 0.5 and all(math.isfinite(e.loss) for e in events)
+
+
+def test_variants_for_other_augmentation_settings_are_refused():
+    components, dataset = tiny_model_and_data(0)
+    for change in ({"zoom_max": 2.0}, {"variant_grid": (4, 3)}):
+        cfg = config(1)
+        for key, value in change.items():
+            setattr(cfg.augment, key, value)
+        with pytest.raises(AptConfigError, match="variants encoded for this"):
+            AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
+    _, bare = tiny_model_and_data(0, variants_for=None)
+    with pytest.raises(AptConfigError, match="encode_variants"):
+        AptTrainer(DiffusersSDXLBackbone.from_components(components), bare, config(1))
+    cfg = config(1)
+    cfg.augment.space = "latent"  # needs nothing beyond the latents
+    assert AptTrainer(DiffusersSDXLBackbone.from_components(components), bare, cfg).run().steps_done == 1
 
 
 def test_lr_schedule():
@@ -338,8 +377,8 @@ def test_aa_free_words_leave_the_trigger_tokens_out_of_the_alignment():
     from tiny import generated_records
     from apt_core.models import cache_dataset
     components, dataset = tiny_model_and_data(0)
-    free = cache_dataset(components, generated_records(3), "cpu", torch.float32, aa_free_words=["sks"])
-    absent = cache_dataset(components, generated_records(3), "cpu", torch.float32, aa_free_words=["cat"])
+    free, absent = (cache_dataset(components, generated_records(3), "cpu", torch.float32, aa_free_words=[w],
+                                  variants_for=AugmentConfig()) for w in ("sks", "cat"))
     losses = []
     for data in (dataset, free, absent):
         cfg = config(6, learning_rate=1e-2)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apt_core.config import AptConfig, AptSwitches, TrainConfig
+from apt_core.config import AptConfig, AptSwitches, AugmentConfig, TrainConfig
 from apt_core.models import build_tiny_sdxl, cache_dataset
 
 
@@ -36,10 +36,12 @@ def generated_records(n: int = 3, size: int = 64, seed: int = 0) -> list[FakeRec
 
 
 def tiny_model_and_data(seed: int = 0, n_images: int = 3, keep_pixels: bool = False,
-                        trigger_words: tuple[str, ...] = ()):
+                        trigger_words: tuple[str, ...] = (), variants_for: AugmentConfig | None = AugmentConfig()):
+    """variants_for: the augmentation settings whose pixel-space variants are cached (the default
+    settings' unless given; None: none)."""
     components = build_tiny_sdxl(seed=seed)
     dataset = cache_dataset(components, generated_records(n_images), "cpu", torch.float32,
-                            keep_pixels=keep_pixels, trigger_words=trigger_words)
+                            keep_pixels=keep_pixels, trigger_words=trigger_words, variants_for=variants_for)
     return components, dataset
 
 
