@@ -30,6 +30,7 @@ import torch
 from .bench import concept_prompts, load_config, load_prior
 from .models import world_image_size
 from .sampling import sample
+from .textio import print_and_save
 from .world import detect
 
 PRIOR_SHAPES = ("square", "circle", "triangle")
@@ -116,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     text = report(load_config(args.config), args.runs, prior_check=not args.no_prior_check)
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    print_and_save(text, args.out)
     return 0
 
 

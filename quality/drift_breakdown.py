@@ -27,6 +27,7 @@ from .bench import drift_prompts, drift_seeds, load_config, load_prior
 from .metrics import ALL_ATTRS, drift_px
 from .models import world_image_size
 from .sampling import sample
+from .textio import print_and_save
 from .world import Detection, detect
 
 
@@ -115,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     text = report(load_config(args.config), args.runs, reseed=not args.no_reseed)
-    print(text, end="")
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
+    print_and_save(text, args.out)
     return 0
 
 

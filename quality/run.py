@@ -22,6 +22,7 @@ import numpy as np
 from . import plot
 from .bench import DETAIL, KEYS, LABELS, METHODS, fill_description, load_config, run_benchmark, summary
 from .metrics import mean_std
+from .textio import save_text
 
 DESCRIPTIONS = {
     "identity": "concept generated with the references' shape and colour (higher = better)",
@@ -190,7 +191,7 @@ def write_results(path: Path, results: dict) -> None:
     text = json.dumps(res, indent=1, default=float)
     for quoted, block in steps.items():
         text = text.replace(quoted, block, 1)
-    path.write_text(text + "\n")
+    save_text(path, text + "\n")
 
 
 def merge(dirs: list[Path]) -> dict:
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
         dest.mkdir(parents=True, exist_ok=True)
         write_results(dest / "results.json", out["results"])
         np.savez_compressed(dest / "images.npz", **out["images"])
-        (dest / "report.md").write_text(markdown(out, bool(out["results"]["smoke"])))
+        save_text(dest / "report.md", markdown(out, bool(out["results"]["smoke"])))
         figure(out).save(dest / "figure.png")
         print(f"merged {len(args.merge)} reports into {dest}")
         return 0
@@ -259,7 +260,7 @@ def main(argv=None) -> int:
         with np.load(dest / "images.npz") as z:
             ims = {k: z[k] for k in z.files}
         out = {"results": res, "images": ims}
-        (dest / "report.md").write_text(markdown(out, bool(res.get("smoke"))))
+        save_text(dest / "report.md", markdown(out, bool(res.get("smoke"))))
         figure(out).save(dest / "figure.png")
         return 0
     over = {}
@@ -285,7 +286,7 @@ def main(argv=None) -> int:
         if partial:
             text = text.replace("# APT personalization benchmark", "# APT personalization benchmark "
                                 "(PARTIAL: still running, not every seed/method is in yet)", 1)
-        (dest / "report.md").write_text(text)
+        save_text(dest / "report.md", text)
         figure(out).save(dest / "figure.png")
 
     out = run_benchmark(cfg, untrained=args.untrained_prior, on_run=lambda o: write(o, partial=True))

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .textio import print_and_save
+
 
 @dataclass
 class Setting:
@@ -145,9 +147,7 @@ def main(argv=None) -> int:
         text += "\nSources: " + "; ".join(f"{s.label}: `{s.source}`" for s in settings) + "\n"
     else:
         text = "\n".join(table(settings, metric) for metric in metrics)
-    print(text, end="")
-    if args.out:
-        Path(args.out).write_text(text)
+    print_and_save(text, args.out)
     return 0
 
 

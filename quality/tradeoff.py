@@ -25,6 +25,7 @@ import numpy as np
 
 from . import plot
 from .bench import LABELS
+from .textio import save_text
 
 METRICS = ("context", "style", "layout", "pos_spread", "id_shape", "drift_px", "drift_attr", "eps_dev")
 HIGHER_IS_BETTER = {"context": True, "style": True, "layout": True, "pos_spread": True, "id_shape": True,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         source = f"{args.other} from `{args.report}`, {args.base} from `{args.base_from}`"
     text = markdown(res, args.base, args.other, args.x, args.bootstrap, f"{args.name}.png")
     text = text.replace("\n\n", f"\n\nRuns: {source}.\n\n", 1)
-    (args.report / f"{args.name}.md").write_text(text)
+    save_text(args.report / f"{args.name}.md", text)
     figure(res, [args.base, args.other], args.x).save(args.report / f"{args.name}.png")
     print(text)
     return 0
