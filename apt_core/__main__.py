@@ -218,9 +218,10 @@ def train(args: argparse.Namespace) -> int:
     print(report.summary())
     components.unet.to(device)
     started = time.perf_counter()
+    aug = config.augment if config.switches.adaptive_augmentation else None
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
-                            keep_pixels=config.augment.space == "pixel" and not config.augment.precomputed,
-                            variants_for=config.augment if config.switches.adaptive_augmentation else None,
+                            keep_pixels=aug is not None and aug.space == "pixel" and not aug.precomputed,
+                            variants_for=aug,
                             aa_free_words=config.regularizers.aa_free_words,
                             trigger_words=config.regularizers.preservation_words)
     n_variants = sum(len(ex.variants) for ex in dataset.examples if ex.variants is not None)

@@ -146,7 +146,7 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
     if vae is None:
         raise AptModelError("No VAE connected. Connect the VAE output of 'Load Checkpoint'.")
-    variants = variants_for is not None and variants_for.precomputed
+    variants = variants_for is not None and variants_for.enabled and variants_for.precomputed
     examples = []
     text_cache: dict[tuple, SDXLConditioning] = {}
     with torch.no_grad():
