@@ -372,7 +372,7 @@ def run_benchmark(cfg: dict, *, untrained: bool = False, log: Callable[[str], No
         torch.set_num_threads(threads)
 
 
-def _ensure_variants(dataset, acfg: AptConfig, encode) -> None:
+def ensure_variants(dataset, acfg: AptConfig, encode) -> None:
     """Encode the references' pixel-space variants for this run's grid unless already encoded."""
     aug = acfg.augment
     if not (acfg.switches.adaptive_augmentation and aug.enabled and aug.precomputed):
@@ -421,7 +421,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     for seed in cfg["seeds"]:  # seed-major: a partial run already covers every method
         for method in cfg["methods"]:
             acfg = apt_config(cfg, method, seed)
-            _ensure_variants(dataset, acfg, enc)
+            ensure_variants(dataset, acfg, enc)
             backbone = DiffusersSDXLBackbone.from_components(c)
             trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=enc)
             history, evals = [], []

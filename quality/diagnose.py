@@ -29,8 +29,8 @@ from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, apt_config, load_config_with_sets, load_prior, predict_with_and_without_lora,
-                    reference_caption, reference_scenes, to_pixels)
+from .bench import (Record, apt_config, ensure_variants, load_config_with_sets, load_prior,
+                    predict_with_and_without_lora, reference_caption, reference_scenes, to_pixels)
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render
@@ -67,9 +67,10 @@ def prepare_run(cfg: dict, method: str, seed: int) -> PreparedRun:
     records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
                for i, s in enumerate(refs)]
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
+    acfg = apt_config(cfg, method, seed)
+    ensure_variants(dataset, acfg, lambda px: encode_pixels(c, px))
     backbone = DiffusersSDXLBackbone.from_components(c)
-    trainer = AptTrainer(backbone, dataset, apt_config(cfg, method, seed),
-                         encode_pixels=lambda px: encode_pixels(c, px))
+    trainer = AptTrainer(backbone, dataset, acfg, encode_pixels=lambda px: encode_pixels(c, px))
     return PreparedRun(c, dataset, backbone, trainer, size, float(cfg["eval"].get("shape_rotation_deg", 0.0)),
                        refs, ref_cap)
 
