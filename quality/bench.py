@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.augment import encode_variants, variant_grid
+from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptConfig, AptSwitches
 from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_sdxl
 from apt_core.trainer import AptTrainer
