@@ -218,16 +218,15 @@ def train(args: argparse.Namespace) -> int:
     print(report.summary())
     components.unet.to(device)
     started = time.perf_counter()
-    aug = config.augment if config.switches.adaptive_augmentation else None
+    every_step = config.augmentation is not None and config.augmentation.encodes_every_step
     dataset = cache_dataset(components, report.records, device, components.unet.dtype,
-                            keep_pixels=aug is not None and aug.space == "pixel" and not aug.precomputed,
-                            variants_for=aug,
+                            keep_pixels=every_step, variants_for=config.augmentation,
                             aa_free_words=config.regularizers.aa_free_words,
                             trigger_words=config.regularizers.preservation_words)
     n_variants = sum(len(ex.variants) for ex in dataset.examples if ex.variants is not None)
     extra = f" (+{n_variants} augmentation variants)" if n_variants else ""
     print(f"cached {len(dataset)} latents{extra} and captions in {time.perf_counter() - started:.1f}s")
-    if dataset.examples[0].pixels is not None:  # encoding at every augmented step: keep the VAE near
+    if every_step:  # the trainer encodes with the VAE: keep it on the device
         components.vae.to(device)
     samples = None
     if prompts or args.samples_out:

@@ -117,6 +117,13 @@ def variant_index(draw: AugmentDraw, cfg: AugmentConfig) -> torch.Tensor:
     return zc * na + ac
 
 
+def variants_match(dataset: CachedDataset, cfg: AugmentConfig) -> bool:
+    """Whether every example has variants and they were encoded for cfg's grid (`variant_grid`)."""
+    params, want = dataset.variant_params, variant_grid(cfg)
+    return params is not None and params.shape == want.shape and torch.allclose(params, want) \
+        and all(ex.variants is not None for ex in dataset.examples)
+
+
 def encode_variants(dataset: CachedDataset, cfg: AugmentConfig,
                     encode: Callable[[torch.Tensor], torch.Tensor], *, fill_value: float = -1.0,
                     batch_size: int = 1, check_interrupt: Callable[[], None] | None = None,

@@ -64,6 +64,11 @@ class AugmentConfig:
         """Whether pixel-space augmentation draws from pre-encoded variants (variant_grid)."""
         return self.space == "pixel" and tuple(self.variant_grid) != (0, 0)
 
+    @property
+    def encodes_every_step(self) -> bool:
+        """Whether pixel-space augmentation encodes the drawn transform at every augmented step."""
+        return self.space == "pixel" and not self.precomputed
+
     def validate(self) -> None:
         if not 0.0 <= self.p_max <= 1.0:
             raise AptConfigError(f"p_max must be in [0, 1], got {self.p_max}.")
@@ -222,6 +227,11 @@ class AptConfig:
     regularizers: RegularizerConfig = field(default_factory=RegularizerConfig)
     switches: AptSwitches = field(default_factory=AptSwitches)
     loss_weight_floor: float = 0.0  # w = max(1 - gamma_b, floor)
+
+    @property
+    def augmentation(self) -> AugmentConfig | None:
+        """The augmentation settings when ATA's augmentation runs (switch on and enabled), else None."""
+        return self.augment if self.switches.adaptive_augmentation and self.augment.enabled else None
 
     def validate(self) -> "AptConfig":
         for part in (self.train, self.lora, self.indicator, self.augment, self.regularizers):

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from .augment import adaptive_augment, augment_mask, draw_augmentation, variant_grid, variant_index
+from .augment import adaptive_augment, augment_mask, draw_augmentation, variant_index, variants_match
 from .backbone import Backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
@@ -104,15 +104,13 @@ class AptTrainer:
         self.config = config.validate()
         if len(dataset) == 0:
             raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
-        aug = config.augment
-        if config.switches.adaptive_augmentation and aug.enabled and aug.precomputed:
-            params = dataset.variant_params
-            if params is None or any(ex.variants is None for ex in dataset.examples) \
-                    or params.shape != variant_grid(aug).shape or not torch.allclose(params, variant_grid(aug)):
+        aug = config.augmentation
+        if aug is not None and aug.precomputed:
+            if not variants_match(dataset, aug):
                 raise AptConfigError("pixel-space augmentation needs each image's variants encoded for this "
                                      "zoom/rotation range and variant grid: call apt_core.augment."
                                      "encode_variants after caching, or use augmentation space 'latent'.")
-        elif config.switches.adaptive_augmentation and aug.enabled and aug.space == "pixel":
+        elif aug is not None and aug.encodes_every_step:
             if encode_pixels is None or any(ex.pixels is None for ex in dataset.examples):
                 raise AptConfigError("pixel-space augmentation at every step needs the VAE and cached pixels; "
                                      "use augmentation space 'latent' or cache with keep_pixels=True.")

@@ -234,7 +234,7 @@ class TrainJob:
             tips.append("batch size 1")
         tips += ["a lower resolution on 'APT Dataset Loader' (e.g. 768)", "a smaller rank (e.g. 16)",
                  "only 32x32 in 'APT Regularization weights'"]
-        if cfg.augment.space == "pixel" and not cfg.augment.precomputed and cfg.switches.adaptive_augmentation:
+        if cfg.augmentation is not None and cfg.augmentation.encodes_every_step:
             tips.append("augmentation space 'pixel' (pre-encoded variants: no VAE during training)")
         batch = f", batch size {cfg.train.batch_size}" if cfg.train.batch_size > 1 else ""
         msg = (f"Out of GPU memory {where} (training at {self.dataset.resolution} px, LoRA rank "
@@ -259,12 +259,11 @@ class TrainJob:
         from apt_core.trainer import AptTrainer
 
         cfg = self.config
-        augmenting = cfg.switches.adaptive_augmentation and cfg.augment.enabled
-        pixel_aug = augmenting and cfg.augment.space == "pixel" and not cfg.augment.precomputed
-        variants_for = cfg.augment if augmenting and cfg.augment.precomputed else None
+        aug = cfg.augmentation
+        pixel_aug = aug is not None and aug.encodes_every_step
         n = len(self.dataset)
-        what = f"{n} image(s)" + (f" and their {n * len(variant_grid(cfg.augment))} augmentation variants"
-                                  if variants_for else "")
+        what = f"{n} image(s)" + (f" and their {n * len(variant_grid(aug))} augmentation variants"
+                                  if aug is not None and aug.precomputed else "")
         RUNS.update(run, status="encoding", message=f"encoding {what}")
         send("apt.status", run.summary())
         backbone_check = ComfySDXLBackbone(self.model)  # shapes only; does not load anything
@@ -272,7 +271,7 @@ class TrainJob:
                                context_dim=backbone_check.context_dim,
                                adm_channels=backbone_check.adm_channels,
                                check_interrupt=mm.throw_exception_if_processing_interrupted,
-                               keep_pixels=pixel_aug, variants_for=variants_for,
+                               keep_pixels=pixel_aug, variants_for=aug,
                                aa_free_words=cfg.regularizers.aa_free_words)
 
         patcher = self.model.clone()

@@ -50,3 +50,15 @@ def test_dict_round_trip_and_unknown_keys():
         AptConfig.from_dict({"train": {"stepz": 3}})
     with pytest.raises(AptConfigError, match="unknown"):
         AptConfig.from_dict({"speed": 3})
+
+
+def test_augmentation_is_none_unless_it_runs_and_says_how_it_encodes():
+    from apt_core.config import AugmentConfig
+    cfg = AptConfig()
+    assert cfg.augmentation is cfg.augment and cfg.augment.precomputed and not cfg.augment.encodes_every_step
+    assert AptConfig(augment=AugmentConfig(enabled=False)).augmentation is None
+    assert AptConfig(switches=AptSwitches.baseline()).augmentation is None
+    every = AugmentConfig(variant_grid=(0, 0))
+    assert every.encodes_every_step and not every.precomputed
+    latent = AugmentConfig(space="latent")
+    assert not latent.encodes_every_step and not latent.precomputed
