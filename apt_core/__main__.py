@@ -22,6 +22,7 @@ from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, Indicator
 from .errors import AptError
 from .images import load_image_folder
 from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
+from .preservation import class_prompts, sample_class_examples
 from .sample_images import write_sample_folder
 from .sampling import before_after_grid, on_device, sample, to_uint8_images
 from .trainer import AptTrainer, ProgressEvent
@@ -82,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="output preservation (not part of APT; 0 = off): keep the prior's prediction for "
                         "each caption without the trigger word; needs --trigger-word; two more UNet forwards and a "
                         "backward per step; in the quality benchmark it cost the subject's colour (quality/README.md)")
+    a.add_argument("--class-images", type=int, default=RegularizerConfig.class_images, metavar="N",
+                   help="with --preserve: preserve on N images the model draws before training from the captions "
+                        "without the trigger word (DreamBooth's class images) instead of on the references")
     a.add_argument("--trigger-word", action="append", default=[], metavar="WORD",
                    help="the word that names the subject in the captions (e.g. sks); repeatable")
     a.add_argument("--p-max", type=float, default=AugmentConfig.p_max)
@@ -172,7 +176,8 @@ def build_config(args: argparse.Namespace) -> AptConfig:
                               variant_grid=(0, 0) if args.encode_every_step else AugmentConfig.variant_grid),
         regularizers=RegularizerConfig(lambda_rs=args.lambda_rs, lambda_aa=args.lambda_aa,
                                        aa_free_words=tuple(args.aa_free_word),
-                                       lambda_preserve=args.preserve, trigger_words=tuple(args.trigger_word)),
+                                       lambda_preserve=args.preserve, trigger_words=tuple(args.trigger_word),
+                                       class_images=args.class_images),
         switches=switches).validate()
 
 
@@ -226,6 +231,15 @@ def train(args: argparse.Namespace) -> int:
     n_variants = sum(len(ex.variants) for ex in dataset.examples if ex.variants is not None)
     extra = f" (+{n_variants} augmentation variants)" if n_variants else ""
     print(f"cached {len(dataset)} latents{extra} and captions in {time.perf_counter() - started:.1f}s")
+    regs = config.regularizers
+    if regs.lambda_preserve > 0 and regs.class_images > 0:
+        started = time.perf_counter()
+        dataset.class_examples = sample_class_examples(
+            components, [r.caption for r in report.records], regs.trigger_words, regs.class_images,
+            size=resolution, steps=args.sample_steps, guidance=args.cfg, dtype=components.unet.dtype)
+        print(f"drew {len(dataset.class_examples)} class images for preservation "
+              f"({' | '.join(class_prompts([r.caption for r in report.records], regs.trigger_words))}) "
+              f"in {time.perf_counter() - started:.1f}s")
     if every_step:  # the trainer encodes with the VAE: keep it on the device
         components.vae.to(device)
     samples = None

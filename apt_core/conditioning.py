@@ -138,11 +138,14 @@ class CachedDataset:
 
     fill_latent: (4,) per-channel latent of a black image (constant fill in latent space)
     variant_params: (K, 2) the (zoom, angle) each example's `variants` were encoded with
+    class_examples: the prior's own images of the class, only for output preservation on class
+                    images (RegularizerConfig.class_images; `apt_core.preservation`)
     """
 
     examples: list[CachedExample]
     fill_latent: torch.Tensor = field(default_factory=lambda: torch.zeros(4))
     variant_params: torch.Tensor | None = None
+    class_examples: list[CachedExample] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -121,6 +121,10 @@ class RegularizerConfig:
     # The words removed from each caption to build the preservation prompt ("a sks dog on the
     # beach" -> "a dog on the beach"); every caption must contain one of them.
     trigger_words: tuple[str, ...] = ()
+    # Where output preservation looks: 0 = on the references' own noisy latents; N > 0 = on N images
+    # the prior draws before training from the captions without the trigger word (DreamBooth's
+    # class images; `apt_core.preservation.sample_class_examples`).
+    class_images: int = 0
 
     @property
     def preservation_words(self) -> tuple[str, ...]:
@@ -130,6 +134,8 @@ class RegularizerConfig:
     def validate(self) -> None:
         if self.lambda_rs < 0 or self.lambda_aa < 0 or self.lambda_preserve < 0:
             raise AptConfigError("lambda_RS, lambda_AA and the preservation weight must be >= 0.")
+        if self.class_images < 0:
+            raise AptConfigError(f"the number of class images must be >= 0, got {self.class_images}.")
         if not self.up_block_factors:
             raise AptConfigError("at least one up-block resolution must be hooked for RS/AA.")
         if self.aa_distance not in ("mse", "kl"):

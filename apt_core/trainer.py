@@ -4,7 +4,8 @@ Per step (the order of the method notes):
   sample images, t, noise -> look up gamma_b (before this step's EMA update) -> maybe augment
   -> noise -> prior forward (no grad, LoRA off) -> fine-tuned forward -> losses -> update EMAs.
 With output preservation on (not part of APT), a second pair of forwards on the caption without
-the trigger word follows the first backward, so the two graphs are never held at once.
+the trigger word (or on a class image) follows the first backward, so the two graphs are never held
+at once.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
 from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
 from .lora import LoraAdapter
+from .preservation import draw_class_batch
 from .probes import AptProbe
 
 
@@ -124,7 +126,12 @@ class AptTrainer:
         # just before that checkpoint is written, e.g. to save the LoRA of that step too. Before, so
         # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
         self.on_checkpoint_step = on_checkpoint_step
-        if config.regularizers.lambda_preserve > 0 and any(ex.preserve_cond is None for ex in dataset.examples):
+        regs = config.regularizers
+        if regs.lambda_preserve > 0 and regs.class_images > 0:
+            if not dataset.class_examples or len({ex.bucket for ex in dataset.class_examples}) > 1:
+                raise AptConfigError("output preservation on class images needs the prior's class images, all of "
+                                     "one size: call apt_core.preservation.sample_class_examples before training.")
+        elif regs.lambda_preserve > 0 and any(ex.preserve_cond is None for ex in dataset.examples):
             raise AptConfigError("output preservation needs each caption encoded without the trigger word: "
                                  "cache the dataset with trigger_words set.")
         self.device = next(backbone.unet.parameters()).device
@@ -218,10 +225,27 @@ class AptTrainer:
             acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
         return x_t.to(self.unet_dtype), target.float()
 
+    def _preservation_batch(self, examples: list, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+                            ) -> tuple[torch.Tensor, SDXLConditioning, torch.Tensor, torch.Tensor]:
+        """What output preservation trains on this step: (latents, conditioning, t, noise).
+
+        With class images, B of them drawn at random, each with its own t and noise; otherwise this
+        step's (augmented) latents, t and noise with each caption's trigger-free conditioning.
+        The class draws come from a generator of (seed, step), not the training generator, so the
+        run's own draws are the same with preservation on or off, and a resumed run replays them.
+        """
+        if self.config.regularizers.class_images > 0:
+            g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.step_idx)
+            lat, cond, t, noise = draw_class_batch(self.dataset.class_examples, latents.shape[0],
+                                                   self.config.indicator.num_train_timesteps, g)
+            return lat.to(self.device, torch.float32), cond, t, noise.to(self.device)
+        return latents, SDXLConditioning.cat([ex.preserve_cond for ex in examples]), t, noise
+
     def preservation_loss(self, latents: torch.Tensor, keep_cond: SDXLConditioning, t: torch.Tensor,
                           noise: torch.Tensor) -> torch.Tensor:
         """L_preserve: MSE between the fine-tuned and the prior's (LoRA off, no grad) predictions for
-        the caption without the trigger word, on the same noisy latent as the denoising loss.
+        the caption without the trigger word, on the same noisy latent as the denoising loss (or on a
+        class image: `_preservation_batch`).
 
         latents, noise: (B, 4, h, w) fp32 on the device (latents as augmented); t: (B,) on the CPU.
         Returns a scalar (before lambda_preserve).
@@ -294,8 +318,9 @@ class AptTrainer:
             self.probe.end_step()
         preserve = torch.zeros(())
         if cfg.regularizers.lambda_preserve > 0:
-            keep_cond = SDXLConditioning.cat([ex.preserve_cond for ex in examples]).to(self.device, self.unet_dtype)
-            preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(latents, keep_cond, t, noise)
+            p_lat, p_cond, p_t, p_noise = self._preservation_batch(examples, latents, t, noise)
+            p_cond = p_cond.to(self.device, self.unet_dtype)
+            preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(p_lat, p_cond, p_t, p_noise)
             if not torch.isfinite(preserve):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())

@@ -24,6 +24,7 @@ from apt_core.augment import encode_variants, variants_match
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptConfig, AptSwitches
 from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_sdxl
+from apt_core.preservation import sample_class_examples
 from apt_core.trainer import AptTrainer
 
 from . import metrics as M
@@ -394,6 +395,10 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     regs = apt_config(cfg, cfg["methods"][0], 0).regularizers  # the same for every method
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=regs.aa_free_words,
                             trigger_words=regs.preservation_words)
+    if regs.lambda_preserve > 0 and regs.class_images > 0:  # the prior's, drawn once for every seed
+        dataset.class_examples = sample_class_examples(c, [ref_cap], regs.trigger_words, regs.class_images,
+                                                       size=size, steps=cfg["eval"]["sampling_steps"],
+                                                       guidance=cfg["eval"]["guidance"])
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])

@@ -60,6 +60,18 @@ def test_output_preservation_trains_from_the_command_line(tmp_path, capsys):
     assert "does not contain the trigger word (ohwx)" in capsys.readouterr().err
 
 
+def test_preservation_on_class_images_from_the_command_line(tmp_path, capsys):
+    from apt_core.__main__ import build_config, parse_args
+    assert build_config(parse_args([])).regularizers.class_images == 0
+    from apt_core.sample_images import write_sample_folder
+    images = write_sample_folder(tmp_path / "imgs", count=2, size=64)
+    assert main(["--model", "tiny", "--images", str(images), "--resolution", "64", "--steps", "2", "--rank", "2",
+                 "--preserve", "1", "--trigger-word", "sks", "--class-images", "3", "--sample-steps", "2",
+                 "--print-every", "1", "--out", str(tmp_path / "l.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "drew 3 class images for preservation" in out and " preserve " in out
+
+
 def test_augmentation_space_flags_reach_the_config(tmp_path, capsys):
     from apt_core.__main__ import build_config, parse_args
     default = build_config(parse_args([])).augment

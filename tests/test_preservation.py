@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from apt_core.backbone import DiffusersSDXLBackbone
-from apt_core.conditioning import SDXLConditioning, preservation_caption, without_words
+from apt_core.conditioning import CachedExample, SDXLConditioning, preservation_caption, without_words
 from apt_core.config import AptConfig, RegularizerConfig
 from apt_core.errors import AptConfigError, AptDatasetError
 from apt_core.models import encode_prompts
+from apt_core.preservation import class_prompts, draw_class_batch, sample_class_examples
+from apt_core.sampling import prompt_conditioning, sample
 from apt_core.trainer import AptTrainer
 
 from tiny import config, generated_records, tiny_model_and_data
@@ -132,5 +134,98 @@ def test_preservation_keeps_the_prompt_without_the_trigger_closer_to_the_prior()
     kept, _ = preserving_trainer(5.0, steps=12)
     kept.run()
     gap_free, gap_kept = preservation_gap(free, dataset), preservation_gap(kept, dataset)
+    assert gap_free > 0
+    assert gap_kept < 0.5 * gap_free, (gap_kept, gap_free)
+
+
+# ---- on class images: the prior's own samples of the caption without the trigger word ----------
+
+def test_class_prompts_are_the_unique_captions_without_the_trigger_word():
+    assert class_prompts(["a sks dog on grass", "a sks dog", "a sks dog on grass"], ["sks"]) == \
+        ["a dog on grass", "a dog"]
+    with pytest.raises(AptDatasetError, match="does not contain the trigger word"):
+        class_prompts(["a dog"], ["sks"])
+
+
+def test_class_examples_are_the_priors_samples_of_the_class_prompts():
+    components, _ = tiny_model_and_data()
+    captions = ["a sks dog on grass", "a photo of sks dog"]
+    got = sample_class_examples(components, captions, ["sks"], 3, size=64, seed=50, steps=2)
+    assert [ex.caption for ex in got] == ["a dog on grass", "a photo of dog", "a dog on grass"]  # cycled
+    _, latents = sample(components, [ex.caption for ex in got], [50, 51, 52], steps=2, size=64, return_latents=True)
+    for ex, want in zip(got, latents):
+        assert ex.latent.shape == (4, 8, 8)
+        torch.testing.assert_close(ex.latent, want, atol=1e-3, rtol=1e-3)  # batched-matmul rounding
+    want = prompt_conditioning(components, ["a photo of dog"], 64, 64)
+    assert torch.equal(got[1].cond.context, want.context) and torch.equal(got[1].cond.time_ids, want.time_ids)
+    assert sample_class_examples(components, captions, ["sks"], 0, size=64) == []
+
+
+def test_draw_class_batch_draws_images_then_timesteps_then_noise():
+    pool = [CachedExample(torch.full((4, 2, 2), float(i)), SDXLConditioning(
+        torch.zeros(1, 3, 8), torch.zeros(1, 8), torch.zeros(1, 6), torch.ones(1, 3, dtype=torch.bool)), f"c{i}")
+        for i in range(5)]
+    latents, cond, t, noise = draw_class_batch(pool, 2, 1000, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    pick = torch.randint(5, (2,), generator=g)
+    assert torch.equal(latents[:, 0, 0, 0], pick.float())
+    assert torch.equal(t, torch.randint(0, 1000, (2,), generator=g))
+    assert torch.equal(noise, torch.randn((2, 4, 2, 2), generator=g))
+    assert cond.context.shape == (2, 3, 8)
+
+
+def class_preserving_trainer(lam: float, class_examples, steps: int = 6, lr: float = 1e-2):
+    components, dataset = tiny_model_and_data()
+    dataset.class_examples = class_examples
+    cfg = config(steps, learning_rate=lr)
+    cfg.regularizers.lambda_preserve, cfg.regularizers.trigger_words, cfg.regularizers.class_images = lam, ("sks",), 4
+    return AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
+
+
+def tiny_class_examples(n: int = 4):
+    components, _ = tiny_model_and_data()
+    return sample_class_examples(components, ["a sks dog on grass"], ["sks"], n, size=64, steps=2)
+
+
+def test_trainer_refuses_class_image_preservation_without_class_images():
+    with pytest.raises(AptConfigError, match="sample_class_examples"):
+        class_preserving_trainer(1.0, [])
+    with pytest.raises(AptConfigError, match="class images must be >= 0"):
+        RegularizerConfig(class_images=-1).validate()
+
+
+def test_class_image_preservation_trains_on_the_class_images(monkeypatch):
+    classes = tiny_class_examples()
+    trainer = class_preserving_trainer(1.0, classes, steps=3)
+    seen = []
+    real = trainer.preservation_loss
+    monkeypatch.setattr(trainer, "preservation_loss",
+                        lambda lat, cond, t, noise: seen.append((lat, cond)) or real(lat, cond, t, noise))
+    trainer.run()
+    assert len(seen) == 3
+    for lat, cond in seen:
+        assert any(torch.equal(lat[0], ex.latent) for ex in classes)
+        assert torch.equal(cond.context, classes[0].cond.context)  # one class prompt here
+
+
+def test_class_image_preservation_keeps_the_class_images_closer_to_the_prior():
+    """Same seed, data and steps: only lambda_preserve differs; measured on the class images."""
+    classes = tiny_class_examples()
+    free = class_preserving_trainer(0.0, classes, steps=12)
+    free.run()
+    # the tiny random model's gap on its class images is ~1e-5, so the weight must be large to count
+    kept = class_preserving_trainer(500.0, classes, steps=12)
+    kept.run()
+
+    def gap(trainer) -> float:
+        g = torch.Generator().manual_seed(11)
+        latents = torch.stack([ex.latent for ex in classes])
+        cond = SDXLConditioning.cat([ex.cond for ex in classes])
+        with torch.no_grad():
+            return sum(float(trainer.preservation_loss(latents, cond, torch.full((4,), t),
+                                                       torch.randn(latents.shape, generator=g)))
+                       for t in (200, 500, 800)) / 3
+
+    gap_free, gap_kept = gap(free), gap(kept)
     assert gap_free > 0
     assert gap_kept < 0.5 * gap_free, (gap_kept, gap_free)
