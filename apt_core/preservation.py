@@ -9,13 +9,15 @@ LoRA's prediction on them towards the prior's, instead of on the references' own
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from diffusers import DDIMScheduler
 
+from .backbone import Backbone, DiffusersSDXLBackbone
 from .conditioning import CachedExample, SDXLConditioning, preservation_caption
 from .models import SDXLComponents
-from .sampling import denoise, initial_noise, latent_shape, prompt_conditioning
+from .sampling import expand, initial_noise, latent_shape, prompt_conditioning
 
 
 def class_prompts(captions: Sequence[str], trigger_words: Sequence[str]) -> list[str]:
@@ -23,36 +25,68 @@ def class_prompts(captions: Sequence[str], trigger_words: Sequence[str]) -> list
     return list(dict.fromkeys(preservation_caption(c, trigger_words) for c in captions))
 
 
+def ddim_for(backbone: Backbone) -> DDIMScheduler:
+    """DDIM (eta 0, trailing spacing) on the backbone's own training schedule (`alphas_cumprod`)."""
+    acp = backbone.alphas_cumprod.detach().double().cpu()
+    betas = 1.0 - acp / torch.cat([acp.new_ones(1), acp[:-1]])
+    return DDIMScheduler(num_train_timesteps=len(acp), trained_betas=betas.numpy(), clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+                         prediction_type=backbone.prediction_type)
+
+
 @torch.no_grad()
+def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], uncond: SDXLConditioning,
+                       seeds: Sequence[int], latent_hw: tuple[int, int], *, steps: int = 25,
+                       guidance: float = 5.0, batch: int = 8,
+                       check_interrupt: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """Clean latents (N, 4, h, w) float32 on the CPU that the backbone's UNet, as it is, draws for
+    conds[i] (batch 1 each) from the noise of seeds[i] (one generator each): DDIM with classifier-free
+    guidance against `uncond` (batch 1), both branches in one batch. Works for any Backbone (the
+    diffusers one here, ComfyUI's in the node pack)."""
+    sched = ddim_for(backbone)
+    sched.set_timesteps(steps)
+    p = next(backbone.unet.parameters())
+    out = []
+    for lo in range(0, len(seeds), batch):
+        part = list(seeds[lo:lo + batch])
+        b = len(part)
+        both = SDXLConditioning.cat([expand(uncond, b), *conds[lo:lo + b]]).to(p.device, p.dtype)
+        x = initial_noise(part, latent_hw).to(p.device) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            check_interrupt()
+            tt = torch.full((2 * b,), int(t), device=p.device)
+            u, v = backbone.predict(torch.cat([x, x]).to(p.dtype), tt, both).float().chunk(2)
+            x = sched.step(u + guidance * (v - u), t, x).prev_sample
+        out.append(x.cpu())
+    return torch.cat(out)
+
+
 def sample_class_examples(components: SDXLComponents, captions: Sequence[str], trigger_words: Sequence[str],
                           count: int, *, size: int | tuple[int, int], seed: int = 100_000, steps: int = 25,
                           guidance: float = 5.0, batch: int = 8, store_device: torch.device | str = "cpu",
                           dtype: torch.dtype = torch.float32) -> list[CachedExample]:
-    """`count` images drawn by the model as it is (call before a LoRA is attached) from the class prompts,
-    cycling through them, as cached examples: latent (4, h, w), conditioning of their prompt (batch 1).
+    """`count` images drawn by the diffusers model as it is (call before a LoRA is attached) from the
+    class prompts, cycling through them, as cached examples: latent (4, h, w), conditioning of their
+    prompt (batch 1).
 
-    size: H = W, or (H, W) in pixels. Image i starts from the noise of seed `seed + i` and is drawn
-    as `apt_core.sampling.sample` draws it (DDIM, CFG against the empty prompt), so the set is the
-    same for every training seed. The UNet and text encoders run where they are.
+    size: H = W, or (H, W) in pixels. Image i starts from the noise of seed `seed + i` (as
+    `apt_core.sampling.sample` would draw it), so the set is the same for every training seed.
+    The UNet and text encoders run where they are.
     """
     if count < 1:
         return []
     prompts = class_prompts(captions, trigger_words)
     chosen = [prompts[i % len(prompts)] for i in range(count)]
     height, width = (size, size) if isinstance(size, int) else size
-    channels, h, w = latent_shape(components, height, width)
-    dev = next(components.unet.parameters()).device
+    _, h, w = latent_shape(components, height, width)
     conds = {p: prompt_conditioning(components, [p], height, width) for p in prompts}
-    uncond = prompt_conditioning(components, [""], height, width).to(dev)
-    latents = []
-    for lo in range(0, count, batch):  # no VAE decode: training needs only the latents
-        part = chosen[lo:lo + batch]
-        cond = SDXLConditioning.cat([conds[p] for p in part]).to(dev)
-        noise = initial_noise([seed + lo + i for i in range(len(part))], (h, w), channels)
-        latents.append(denoise(components, noise, cond, uncond, steps=steps, guidance=guidance).cpu())
+    uncond = prompt_conditioning(components, [""], height, width)
+    latents = draw_class_latents(DiffusersSDXLBackbone.from_components(components),
+                                 [conds[p] for p in chosen], uncond,
+                                 [seed + i for i in range(count)], (h, w), steps=steps, guidance=guidance,
+                                 batch=batch)
     return [CachedExample(latent.to(store_device, dtype), conds[p].to(store_device, dtype), p,
-                          source=f"class image {i}")
-            for i, (latent, p) in enumerate(zip(torch.cat(latents), chosen))]
+                          source=f"class image {i}") for i, (latent, p) in enumerate(zip(latents, chosen))]
 
 
 def draw_class_batch(pool: Sequence[CachedExample], batch_size: int, num_train_timesteps: int,

@@ -22,6 +22,7 @@ from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditionin
                                    word_token_mask)
 from apt_core.config import AugmentConfig
 from apt_core.errors import AptModelError
+from apt_core.preservation import class_prompts
 
 
 def to_comfy_image(pixels: torch.Tensor) -> torch.Tensor:
@@ -175,3 +176,17 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
             encode_variants(dataset, variants_for, lambda px: encode_latents(vae, base_model, px),
                             check_interrupt=check_interrupt, keep_pixels=keep_pixels)
     return dataset
+
+
+def class_conditionings(clip, base_model, captions: Sequence[str], trigger_words: Sequence[str], count: int,
+                        resolution: int) -> tuple[list[str], list[SDXLConditioning], SDXLConditioning]:
+    """What the base model draws class images from (`apt_core.preservation`): `count` prompts cycling
+    through the captions without the trigger words, their conditionings (batch 1 each), and the
+    empty prompt's (the unguided branch), all square at `resolution`."""
+    prompts = class_prompts(captions, trigger_words)
+    chosen = [prompts[i % len(prompts)] for i in range(count)]
+    size = ((resolution, resolution), (0, 0), (resolution, resolution))
+    with torch.no_grad():
+        conds = {p: encode_caption(clip, base_model, p, *size) for p in prompts}
+        uncond = encode_caption(clip, base_model, "", *size)
+    return chosen, [conds[p] for p in chosen], uncond

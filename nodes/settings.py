@@ -57,14 +57,26 @@ def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_m
 
 def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
                  representation_stabilization: bool, attention_alignment: bool,
-                 aa_head_average: bool = False, aa_free_words: str = "") -> dict:
-    """The APT_REG_SETTINGS value. aa_free_words: comma-separated words ("sks, ohwx")."""
+                 aa_head_average: bool = False, aa_free_words: str = "", class_preservation: float = 0.0,
+                 class_images: int = 32, trigger_word: str = "sks") -> dict:
+    """The APT_REG_SETTINGS value. aa_free_words: comma-separated words ("sks, ohwx").
+    class_preservation > 0: prior preservation on `class_images` images the base model draws from the
+    captions without `trigger_word` (off at 0)."""
     if resolutions not in RESOLUTIONS:
         raise AptConfigError(f"unknown resolutions {resolutions!r}; choose one of {list(RESOLUTIONS)}.")
     free = tuple(w.strip() for w in (aa_free_words or "").split(",") if w.strip())
+    preserve = float(class_preservation) > 0
+    if preserve and int(class_images) < 1:
+        raise AptConfigError("class preservation needs at least 1 class image (32 in the benchmark).")
+    if preserve and not (trigger_word or "").strip():
+        raise AptConfigError("class preservation needs the trigger word of your captions (e.g. 'sks', as in "
+                             "APT Caption): it is removed from each caption to get the class prompt.")
     reg = RegularizerConfig(lambda_rs=float(lambda_rs), lambda_aa=float(lambda_aa),
                             up_block_factors=RESOLUTIONS[resolutions], aa_distance=aa_distance,
-                            aa_head_average=bool(aa_head_average), aa_free_words=free)
+                            aa_head_average=bool(aa_head_average), aa_free_words=free,
+                            lambda_preserve=float(class_preservation),
+                            trigger_words=(trigger_word.strip(),) if preserve else (),
+                            class_images=int(class_images) if preserve else 0)
     reg.validate()
     return {"regularizers": dataclasses.asdict(reg),
             "switches": {"representation_stabilization": bool(representation_stabilization),
@@ -92,6 +104,7 @@ def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, chec
     if reg:
         r = dict(reg["regularizers"])
         r["up_block_factors"] = tuple(r["up_block_factors"])
+        r["aa_free_words"], r["trigger_words"] = tuple(r["aa_free_words"]), tuple(r["trigger_words"])
         cfg.regularizers = RegularizerConfig(**r)
         switches.update(reg["switches"])
     cfg.switches = AptSwitches(**switches)

@@ -28,12 +28,14 @@ import torch
 
 from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
+from apt_core.conditioning import CachedExample
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
+from apt_core.preservation import draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
-from .encoding import cache_dataset, pixel_encoder
+from .encoding import cache_dataset, class_conditionings, pixel_encoder
 from .runs import RUNS, RunState, send
 from .settings import is_step_lora_name, step_lora_name
 
@@ -273,6 +275,11 @@ class TrainJob:
                                check_interrupt=mm.throw_exception_if_processing_interrupted,
                                keep_pixels=pixel_aug, variants_for=aug,
                                aa_free_words=cfg.regularizers.aa_free_words)
+        regs = cfg.regularizers
+        class_draw = None
+        if regs.lambda_preserve > 0 and regs.class_images > 0:
+            class_draw = class_conditionings(self.clip, self.model.model, [r.caption for r in self.dataset.records],
+                                             regs.trigger_words, regs.class_images, self.dataset.resolution)
 
         patcher = self.model.clone()
         # Pixel-space augmentation at every step re-encodes with the VAE during training: load it
@@ -281,6 +288,15 @@ class TrainJob:
         mm.load_models_gpu([patcher, self.vae.patcher] if pixel_aug else [patcher],
                            memory_required=1e20, force_full_load=True)
         backbone = ComfySDXLBackbone(patcher)
+        if class_draw is not None:
+            prompts, conds, uncond = class_draw
+            RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
+            send("apt.status", run.summary())
+            side = self.dataset.resolution // 8
+            latents = draw_class_latents(backbone, conds, uncond, [100_000 + i for i in range(len(prompts))],
+                                         (side, side), check_interrupt=mm.throw_exception_if_processing_interrupted)
+            cached.class_examples = [CachedExample(z, c, p, source=f"class image {i}")
+                                     for i, (z, c, p) in enumerate(zip(latents, conds, prompts))]
         make_plain_parameters(backbone.unet)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)

@@ -557,3 +557,48 @@ def test_make_plain_parameters_keeps_no_second_copy_of_the_unet(m):
     now = [t for mod in unet.modules() for t in [*mod._parameters.values(), *mod._buffers.values()] if t is not None]
     assert not any(t.is_inference() for t in now) and all(torch.equal(a, b) for a, b in zip(now, values))
     assert largest < total / 20  # the transient peak (one tensor) is small next to the whole UNet
+
+
+def test_class_preservation_draws_class_images_with_the_host_model_and_trains_on_them(m, tmp_path, monkeypatch):
+    from apt_core.preservation import draw_class_latents
+    from apt_core.trainer import AptTrainer
+
+    s, tj = m["settings"], m["train_job"]
+    reg = s.reg_settings(lambda_rs=0.01, lambda_aa=0.01, aa_distance="kl", resolutions=s.DEFAULT_RESOLUTIONS,
+                         representation_stabilization=True, attention_alignment=True,
+                         class_preservation=1.0, class_images=3, trigger_word="sks")
+    config = s.build_config(steps=2, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0,
+                            preset=s.DEFAULT_PRESET, reg=reg)
+    assert (config.regularizers.lambda_preserve, config.regularizers.class_images) == (1.0, 3)
+    seen = {}
+    real_draw, real_init = draw_class_latents, AptTrainer.__init__
+    monkeypatch.setattr(tj, "draw_class_latents", lambda *a, **k: seen.setdefault("latents", real_draw(*a, **k)))
+    monkeypatch.setattr(AptTrainer, "__init__",
+                        lambda self, backbone, dataset, *a, **k: seen.setdefault("classes", dataset.class_examples)
+                        and real_init(self, backbone, dataset, *a, **k))
+    before = _sample(m["model"])
+    job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                      lora_file="cls.safetensors", loras_dir=tmp_path / "loras",
+                      checkpoint_dir=tmp_path / "runs" / "cls", overwrite=False, resume=False, node_id="cls")
+    res = job.prepare().run()
+    assert res.lora_path.exists() and res.history[-1]["loss_preserve"] > 0  # step 1: LoRA B = 0, term 0
+    classes = seen["classes"]
+    assert len(classes) == 3 and seen["latents"].shape == (3, 4, 8, 8)
+    assert all(torch.isfinite(ex.latent).all() for ex in classes)
+    assert [ex.caption for ex in classes] == ["a photo of dog in snow", "a photo of dog on grass",
+                                              "a photo of dog in snow"]
+    assert torch.equal(_sample(m["model"]), before)  # drawing and training left the host model as it was
+
+
+def test_class_preservation_settings_need_a_trigger_word_and_images(m):
+    from apt_core.errors import AptConfigError
+
+    s = m["settings"]
+    kw = dict(lambda_rs=0.01, lambda_aa=0.01, aa_distance="kl", resolutions=s.DEFAULT_RESOLUTIONS,
+              representation_stabilization=True, attention_alignment=True)
+    with pytest.raises(AptConfigError, match="trigger word"):
+        s.reg_settings(**kw, class_preservation=1.0, trigger_word=" ")
+    with pytest.raises(AptConfigError, match="at least 1 class image"):
+        s.reg_settings(**kw, class_preservation=1.0, class_images=0)
+    off = s.reg_settings(**kw, class_preservation=0.0)["regularizers"]
+    assert (off["lambda_preserve"], off["class_images"], off["trigger_words"]) == (0.0, 0, ())
