@@ -37,12 +37,13 @@ def ddim_for(backbone: Backbone) -> DDIMScheduler:
 @torch.no_grad()
 def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], uncond: SDXLConditioning,
                        seeds: Sequence[int], latent_hw: tuple[int, int], *, steps: int = 25,
-                       guidance: float = 5.0, batch: int = 8,
+                       guidance: float = 5.0, batch: int = 2,
                        check_interrupt: Callable[[], None] = lambda: None) -> torch.Tensor:
     """Clean latents (N, 4, h, w) float32 on the CPU that the backbone's UNet, as it is, draws for
     conds[i] (batch 1 each) from the noise of seeds[i] (one generator each): DDIM with classifier-free
     guidance against `uncond` (batch 1), both branches in one batch. Works for any Backbone (the
-    diffusers one here, ComfyUI's in the node pack)."""
+    diffusers one here, ComfyUI's in the node pack). batch: images per UNet call (x 2 for CFG); 2
+    keeps SDXL at 1024 px within the memory of training."""
     sched = ddim_for(backbone)
     sched.set_timesteps(steps)
     p = next(backbone.unet.parameters())
@@ -63,7 +64,7 @@ def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], un
 
 def sample_class_examples(components: SDXLComponents, captions: Sequence[str], trigger_words: Sequence[str],
                           count: int, *, size: int | tuple[int, int], seed: int = 100_000, steps: int = 25,
-                          guidance: float = 5.0, batch: int = 8, store_device: torch.device | str = "cpu",
+                          guidance: float = 5.0, batch: int = 2, store_device: torch.device | str = "cpu",
                           dtype: torch.dtype = torch.float32) -> list[CachedExample]:
     """`count` images drawn by the diffusers model as it is (call before a LoRA is attached) from the
     class prompts, cycling through them, as cached examples: latent (4, h, w), conditioning of their

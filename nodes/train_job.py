@@ -31,7 +31,7 @@ from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.conditioning import CachedExample
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
-from apt_core.preservation import draw_class_latents
+from apt_core.preservation import class_prompts, draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
@@ -167,6 +167,9 @@ class TrainJob:
         check_comfy_sdxl(self.model)
         if not isinstance(self.dataset, AptDataset) or len(self.dataset) == 0:
             raise AptDatasetError("The dataset is empty: add 3-10 images of the subject.")
+        regs = self.config.regularizers
+        if regs.lambda_preserve > 0 and regs.class_images > 0:  # every caption must name the trigger word
+            class_prompts([r.caption for r in self.dataset.records], regs.trigger_words)
         latest = latest_checkpoint(self.checkpoint_dir)
         step = checkpoint_step(latest) if latest is not None else 0
         if latest is not None and self.resume and step < self.config.train.steps:

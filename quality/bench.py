@@ -398,7 +398,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     if regs.lambda_preserve > 0 and regs.class_images > 0:  # the prior's, drawn once for every seed
         dataset.class_examples = sample_class_examples(c, [ref_cap], regs.trigger_words, regs.class_images,
                                                        size=size, steps=cfg["eval"]["sampling_steps"],
-                                                       guidance=cfg["eval"]["guidance"])
+                                                       guidance=cfg["eval"]["guidance"], batch=8)
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])

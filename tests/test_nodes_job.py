@@ -601,4 +601,13 @@ def test_class_preservation_settings_need_a_trigger_word_and_images(m):
     with pytest.raises(AptConfigError, match="at least 1 class image"):
         s.reg_settings(**kw, class_preservation=1.0, class_images=0)
     off = s.reg_settings(**kw, class_preservation=0.0)["regularizers"]
+    from apt_core.errors import AptDatasetError
+    on = s.reg_settings(**kw, class_preservation=1.0, trigger_word="ohwx")
+    config = s.build_config(steps=1, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0,
+                            preset=s.DEFAULT_PRESET, reg=on)
+    job = m["train_job"].TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                                  lora_file="x.safetensors", loras_dir="/nonexistent", checkpoint_dir="/nonexistent",
+                                  overwrite=False, resume=False, node_id="x")
+    with pytest.raises(AptDatasetError, match="does not contain the trigger word"):  # before any work
+        job.prepare()
     assert (off["lambda_preserve"], off["class_images"], off["trigger_words"]) == (0.0, 0, ())
