@@ -232,7 +232,7 @@ def train(args: argparse.Namespace) -> int:
     extra = f" (+{n_variants} augmentation variants)" if n_variants else ""
     print(f"cached {len(dataset)} latents{extra} and captions in {time.perf_counter() - started:.1f}s")
     regs = config.regularizers
-    if regs.lambda_preserve > 0 and regs.class_images > 0:
+    if regs.preserves_on_class_images:
         started = time.perf_counter()
         dataset.class_examples = sample_class_examples(
             components, [r.caption for r in report.records], regs.trigger_words, regs.class_images,

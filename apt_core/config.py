@@ -127,9 +127,15 @@ class RegularizerConfig:
     class_images: int = 0
 
     @property
+    def preserves_on_class_images(self) -> bool:
+        """Whether output preservation is on and trains on class images (not the references)."""
+        return self.lambda_preserve > 0 and self.class_images > 0
+
+    @property
     def preservation_words(self) -> tuple[str, ...]:
-        """The trigger words to cache preservation prompts for: none while preservation is off."""
-        return self.trigger_words if self.lambda_preserve > 0 else ()
+        """The trigger words to cache preservation prompts (each caption without them) for: none
+        while preservation is off or trains on class images, which bring their own conditioning."""
+        return self.trigger_words if self.lambda_preserve > 0 and not self.preserves_on_class_images else ()
 
     def validate(self) -> None:
         if self.lambda_rs < 0 or self.lambda_aa < 0 or self.lambda_preserve < 0:

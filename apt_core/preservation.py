@@ -20,9 +20,27 @@ from .models import SDXLComponents
 from .sampling import expand, initial_noise, latent_shape, prompt_conditioning
 
 
+# Image i of a class set starts from the noise of seed CLASS_SEED + i, in every host and run.
+CLASS_SEED = 100_000
+
+
 def class_prompts(captions: Sequence[str], trigger_words: Sequence[str]) -> list[str]:
     """The unique captions without the trigger words, in order of first appearance."""
     return list(dict.fromkeys(preservation_caption(c, trigger_words) for c in captions))
+
+
+def cycled_class_prompts(captions: Sequence[str], trigger_words: Sequence[str], count: int) -> list[str]:
+    """The prompt of each of `count` class images: the class prompts, cycled."""
+    prompts = class_prompts(captions, trigger_words)
+    return [prompts[i % len(prompts)] for i in range(count)]
+
+
+def class_examples(latents: torch.Tensor, conds: Sequence[SDXLConditioning], prompts: Sequence[str],
+                   store_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                   ) -> list[CachedExample]:
+    """Drawn class latents (N, 4, h, w) with their conditionings and prompts as cached examples."""
+    return [CachedExample(z.to(store_device, dtype), c.to(store_device, dtype), p, source=f"class image {i}")
+            for i, (z, c, p) in enumerate(zip(latents, conds, prompts))]
 
 
 def ddim_for(backbone: Backbone) -> DDIMScheduler:
@@ -63,7 +81,7 @@ def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], un
 
 
 def sample_class_examples(components: SDXLComponents, captions: Sequence[str], trigger_words: Sequence[str],
-                          count: int, *, size: int | tuple[int, int], seed: int = 100_000, steps: int = 25,
+                          count: int, *, size: int | tuple[int, int], seed: int = CLASS_SEED, steps: int = 25,
                           guidance: float = 5.0, batch: int = 2, store_device: torch.device | str = "cpu",
                           dtype: torch.dtype = torch.float32) -> list[CachedExample]:
     """`count` images drawn by the diffusers model as it is (call before a LoRA is attached) from the
@@ -76,18 +94,16 @@ def sample_class_examples(components: SDXLComponents, captions: Sequence[str], t
     """
     if count < 1:
         return []
-    prompts = class_prompts(captions, trigger_words)
-    chosen = [prompts[i % len(prompts)] for i in range(count)]
+    chosen = cycled_class_prompts(captions, trigger_words, count)
     height, width = (size, size) if isinstance(size, int) else size
     _, h, w = latent_shape(components, height, width)
-    conds = {p: prompt_conditioning(components, [p], height, width) for p in prompts}
+    conds = {p: prompt_conditioning(components, [p], height, width) for p in dict.fromkeys(chosen)}
     uncond = prompt_conditioning(components, [""], height, width)
     latents = draw_class_latents(DiffusersSDXLBackbone.from_components(components),
                                  [conds[p] for p in chosen], uncond,
                                  [seed + i for i in range(count)], (h, w), steps=steps, guidance=guidance,
                                  batch=batch)
-    return [CachedExample(latent.to(store_device, dtype), conds[p].to(store_device, dtype), p,
-                          source=f"class image {i}") for i, (latent, p) in enumerate(zip(latents, chosen))]
+    return class_examples(latents, [conds[p] for p in chosen], chosen, store_device, dtype)
 
 
 def draw_class_batch(pool: Sequence[CachedExample], batch_size: int, num_train_timesteps: int,

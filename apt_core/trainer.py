@@ -127,7 +127,7 @@ class AptTrainer:
         # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
         self.on_checkpoint_step = on_checkpoint_step
         regs = config.regularizers
-        if regs.lambda_preserve > 0 and regs.class_images > 0:
+        if regs.preserves_on_class_images:
             if not dataset.class_examples or len({ex.bucket for ex in dataset.class_examples}) > 1:
                 raise AptConfigError("output preservation on class images needs the prior's class images, all of "
                                      "one size: call apt_core.preservation.sample_class_examples before training.")
@@ -234,7 +234,7 @@ class AptTrainer:
         The class draws come from a generator of (seed, step), not the training generator, so the
         run's own draws are the same with preservation on or off, and a resumed run replays them.
         """
-        if self.config.regularizers.class_images > 0:
+        if self.config.regularizers.preserves_on_class_images:
             g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.step_idx)
             lat, cond, t, noise = draw_class_batch(self.dataset.class_examples, latents.shape[0],
                                                    self.config.indicator.num_train_timesteps, g)

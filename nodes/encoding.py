@@ -22,7 +22,7 @@ from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditionin
                                    word_token_mask)
 from apt_core.config import AugmentConfig
 from apt_core.errors import AptModelError
-from apt_core.preservation import class_prompts
+from apt_core.preservation import cycled_class_prompts
 
 
 def to_comfy_image(pixels: torch.Tensor) -> torch.Tensor:
@@ -183,10 +183,9 @@ def class_conditionings(clip, base_model, captions: Sequence[str], trigger_words
     """What the base model draws class images from (`apt_core.preservation`): `count` prompts cycling
     through the captions without the trigger words, their conditionings (batch 1 each), and the
     empty prompt's (the unguided branch), all square at `resolution`."""
-    prompts = class_prompts(captions, trigger_words)
-    chosen = [prompts[i % len(prompts)] for i in range(count)]
+    chosen = cycled_class_prompts(captions, trigger_words, count)
     size = ((resolution, resolution), (0, 0), (resolution, resolution))
     with torch.no_grad():
-        conds = {p: encode_caption(clip, base_model, p, *size) for p in prompts}
+        conds = {p: encode_caption(clip, base_model, p, *size) for p in dict.fromkeys(chosen)}
         uncond = encode_caption(clip, base_model, "", *size)
     return chosen, [conds[p] for p in chosen], uncond

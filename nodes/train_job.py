@@ -28,10 +28,9 @@ import torch
 
 from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
-from apt_core.conditioning import CachedExample
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
-from apt_core.preservation import class_prompts, draw_class_latents
+from apt_core.preservation import CLASS_SEED, class_examples, class_prompts, draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
@@ -168,7 +167,7 @@ class TrainJob:
         if not isinstance(self.dataset, AptDataset) or len(self.dataset) == 0:
             raise AptDatasetError("The dataset is empty: add 3-10 images of the subject.")
         regs = self.config.regularizers
-        if regs.lambda_preserve > 0 and regs.class_images > 0:  # every caption must name the trigger word
+        if regs.preserves_on_class_images:  # every caption must name the trigger word
             class_prompts([r.caption for r in self.dataset.records], regs.trigger_words)
         latest = latest_checkpoint(self.checkpoint_dir)
         step = checkpoint_step(latest) if latest is not None else 0
@@ -280,7 +279,7 @@ class TrainJob:
                                aa_free_words=cfg.regularizers.aa_free_words)
         regs = cfg.regularizers
         class_draw = None
-        if regs.lambda_preserve > 0 and regs.class_images > 0:
+        if regs.preserves_on_class_images:
             class_draw = class_conditionings(self.clip, self.model.model, [r.caption for r in self.dataset.records],
                                              regs.trigger_words, regs.class_images, self.dataset.resolution)
 
@@ -296,10 +295,9 @@ class TrainJob:
             RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
             send("apt.status", run.summary())
             side = self.dataset.resolution // 8
-            latents = draw_class_latents(backbone, conds, uncond, [100_000 + i for i in range(len(prompts))],
+            latents = draw_class_latents(backbone, conds, uncond, [CLASS_SEED + i for i in range(len(prompts))],
                                          (side, side), check_interrupt=mm.throw_exception_if_processing_interrupted)
-            cached.class_examples = [CachedExample(z, c, p, source=f"class image {i}")
-                                     for i, (z, c, p) in enumerate(zip(latents, conds, prompts))]
+            cached.class_examples = class_examples(latents, conds, prompts)
         make_plain_parameters(backbone.unet)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)

@@ -395,7 +395,7 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     regs = apt_config(cfg, cfg["methods"][0], 0).regularizers  # the same for every method
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=regs.aa_free_words,
                             trigger_words=regs.preservation_words)
-    if regs.lambda_preserve > 0 and regs.class_images > 0:  # the prior's, drawn once for every seed
+    if regs.preserves_on_class_images:  # the prior's, drawn once for every seed
         dataset.class_examples = sample_class_examples(c, [ref_cap], regs.trigger_words, regs.class_images,
                                                        size=size, steps=cfg["eval"]["sampling_steps"],
                                                        guidance=cfg["eval"]["guidance"], batch=8)
