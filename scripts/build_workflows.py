@@ -184,6 +184,10 @@ NOTE_3 = """Advanced: every APT setting, resume, validation samples
   output/apt_lora_trainer/<LoRA name>/. With 'resume' on, the next run under the same LoRA name
   continues from the newest one (after Stop, Cancel or a crash, or after raising 'steps').
   Turn 'resume' off to start over (old checkpoints of that name are deleted).
+- The subject shows up in prompts that do not name it, or looks too little like your photos: set
+  'class_preservation' to 1 on 'APT Regularization weights' (0.3 for more likeness). The base model
+  then draws 32 images from your captions without the trigger word before training, and each
+  step takes about twice as long. Every caption must contain the trigger word.
 - Validation: three fixed prompts and seeds rendered with the trained LoRA (top) and with the
   untouched base model (bottom group) for comparison. Edit the prompts to match your subject.
 - The text boxes show the dataset report (skipped files and why), the final captions and the
