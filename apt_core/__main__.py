@@ -22,7 +22,7 @@ from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, Indicator
 from .errors import AptError
 from .images import load_image_folder
 from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
-from .preservation import class_prompts, sample_class_examples
+from .preservation import CLASS_CACHE_NAME, class_prompts, load_or_sample_class_examples
 from .sample_images import write_sample_folder
 from .sampling import before_after_grid, on_device, sample, to_uint8_images
 from .trainer import AptTrainer, ProgressEvent
@@ -232,14 +232,16 @@ def train(args: argparse.Namespace) -> int:
     extra = f" (+{n_variants} augmentation variants)" if n_variants else ""
     print(f"cached {len(dataset)} latents{extra} and captions in {time.perf_counter() - started:.1f}s")
     regs = config.regularizers
+    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     if regs.preserves_on_class_images:
         started = time.perf_counter()
-        dataset.class_examples = sample_class_examples(
+        cache = checkpoints / CLASS_CACHE_NAME
+        dataset.class_examples, reused = load_or_sample_class_examples(
             components, [r.caption for r in report.records], regs.trigger_words, regs.class_images,
-            size=resolution, steps=args.sample_steps, guidance=args.cfg, dtype=components.unet.dtype)
-        print(f"drew {len(dataset.class_examples)} class images for preservation "
+            size=resolution, cache=cache, steps=args.sample_steps, guidance=args.cfg, dtype=components.unet.dtype)
+        print(f"{'reused' if reused else 'drew'} {len(dataset.class_examples)} class images for preservation "
               f"({' | '.join(class_prompts([r.caption for r in report.records], regs.trigger_words))}) "
-              f"in {time.perf_counter() - started:.1f}s")
+              f"in {time.perf_counter() - started:.1f}s (kept in {cache})")
     if every_step:  # the trainer encodes with the VAE: keep it on the device
         components.vae.to(device)
     samples = None
@@ -247,7 +249,6 @@ def train(args: argparse.Namespace) -> int:
         prompts = prompts or list(dict.fromkeys(r.caption for r in report.records))[:4]
         samples = BeforeAfter(args, components, prompts, resolution)
         samples.before = samples.render(device)  # the pretrained model: no LoRA exists yet
-    checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_suffix(".checkpoints")
     trainer = AptTrainer(
         DiffusersSDXLBackbone.from_components(components), dataset, config, checkpoint_dir=checkpoints,
         on_event=lambda e: print(format_event(e), flush=True)

@@ -9,19 +9,31 @@ LoRA's prediction on them towards the prior's, instead of on the references' own
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .backbone import Backbone, DiffusersSDXLBackbone
 from .conditioning import CachedExample, SDXLConditioning, preservation_caption
+from .errors import AptOutputError
+from .export import atomic_write
 from .models import SDXLComponents
 from .sampling import expand, initial_noise, latent_shape, prompt_conditioning
 
 
 # Image i of a class set starts from the noise of seed CLASS_SEED + i, in every host and run.
 CLASS_SEED = 100_000
+# How class images are drawn unless a caller says otherwise (DDIM steps, classifier-free guidance).
+CLASS_DRAW_STEPS, CLASS_DRAW_GUIDANCE = 25, 5.0
+# Drawn class latents are kept next to a run's checkpoints under this name, so that a resumed run
+# (or a new one on the same model and captions) does not draw them again.
+CLASS_CACHE_NAME = "class_images.safetensors"
 
 
 def class_prompts(captions: Sequence[str], trigger_words: Sequence[str]) -> list[str]:
@@ -54,8 +66,8 @@ def ddim_for(backbone: Backbone) -> DDIMScheduler:
 
 @torch.no_grad()
 def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], uncond: SDXLConditioning,
-                       seeds: Sequence[int], latent_hw: tuple[int, int], *, steps: int = 25,
-                       guidance: float = 5.0, batch: int = 2,
+                       seeds: Sequence[int], latent_hw: tuple[int, int], *, steps: int = CLASS_DRAW_STEPS,
+                       guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
                        check_interrupt: Callable[[], None] = lambda: None) -> torch.Tensor:
     """Clean latents (N, 4, h, w) float32 on the CPU that the backbone's UNet, as it is, draws for
     conds[i] (batch 1 each) from the noise of seeds[i] (one generator each): DDIM with classifier-free
@@ -80,10 +92,54 @@ def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], un
     return torch.cat(out)
 
 
+def unet_fingerprint(unet: torch.nn.Module, values: int = 256) -> str:
+    """A short hash of the UNet's weights as they are now (another checkpoint, or a LoRA merged into
+    them, changes it): the first `values` entries of every parameter tensor, in float32."""
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            digest.update(name.encode())
+            digest.update(p.detach().flatten()[:values].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def class_draw_key(prompts: Sequence[str], seeds: Sequence[int], latent_hw: tuple[int, int], steps: int,
+                   guidance: float, model: str) -> str:
+    """Everything a drawn class set depends on, as one string (`model`: `unet_fingerprint`)."""
+    return json.dumps({"prompts": list(prompts), "seeds": list(seeds), "latent_hw": list(latent_hw),
+                       "steps": steps, "guidance": guidance, "model": model}, sort_keys=True)
+
+
+def cached_class_latents(path: str | Path | None, key: str, draw: Callable[[], torch.Tensor]
+                         ) -> tuple[torch.Tensor, bool]:
+    """The class latents saved at `path` for `key`, or `draw()`'s, then saved there (atomically).
+
+    Returns (latents (N, 4, h, w), whether they were read from `path`). A file for another key, or an
+    unreadable one, is drawn again and replaced; a file that cannot be written (full disk) only
+    costs the next run the draw.
+    """
+    if path is not None and Path(path).is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("apt_class_key") == key:
+                    return f.get_tensor("latents"), True
+        except Exception:  # noqa: BLE001 - a damaged cache is drawn again
+            pass
+    latents = draw()
+    if path is not None:
+        try:
+            atomic_write(path, lambda tmp: save_file({"latents": latents.contiguous()}, tmp,
+                                                     metadata={"apt_class_key": key}))
+        except AptOutputError:
+            pass
+    return latents, False
+
+
 def sample_class_examples(components: SDXLComponents, captions: Sequence[str], trigger_words: Sequence[str],
-                          count: int, *, size: int | tuple[int, int], seed: int = CLASS_SEED, steps: int = 25,
-                          guidance: float = 5.0, batch: int = 2, store_device: torch.device | str = "cpu",
-                          dtype: torch.dtype = torch.float32) -> list[CachedExample]:
+                          count: int, *, size: int | tuple[int, int], seed: int = CLASS_SEED,
+                          steps: int = CLASS_DRAW_STEPS, guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
+                          store_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                          ) -> list[CachedExample]:
     """`count` images drawn by the diffusers model as it is (call before a LoRA is attached) from the
     class prompts, cycling through them, as cached examples: latent (4, h, w), conditioning of their
     prompt (batch 1).
@@ -92,18 +148,34 @@ def sample_class_examples(components: SDXLComponents, captions: Sequence[str], t
     `apt_core.sampling.sample` would draw it), so the set is the same for every training seed.
     The UNet and text encoders run where they are.
     """
+    return load_or_sample_class_examples(components, captions, trigger_words, count, size=size, seed=seed,
+                                         steps=steps, guidance=guidance, batch=batch, store_device=store_device,
+                                         dtype=dtype, cache=None)[0]
+
+
+def load_or_sample_class_examples(components: SDXLComponents, captions: Sequence[str],
+                                  trigger_words: Sequence[str], count: int, *, size: int | tuple[int, int],
+                                  cache: str | Path | None, seed: int = CLASS_SEED, steps: int = CLASS_DRAW_STEPS,
+                                  guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
+                                  store_device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                                  ) -> tuple[list[CachedExample], bool]:
+    """`sample_class_examples`, reusing the set kept in the file `cache` when it was drawn by the
+    same weights, prompts, seeds, size, steps and guidance, and keeping a new one there otherwise.
+    Returns (examples, whether they were reused)."""
     if count < 1:
-        return []
+        return [], False
     chosen = cycled_class_prompts(captions, trigger_words, count)
     height, width = (size, size) if isinstance(size, int) else size
     _, h, w = latent_shape(components, height, width)
     conds = {p: prompt_conditioning(components, [p], height, width) for p in dict.fromkeys(chosen)}
     uncond = prompt_conditioning(components, [""], height, width)
-    latents = draw_class_latents(DiffusersSDXLBackbone.from_components(components),
-                                 [conds[p] for p in chosen], uncond,
-                                 [seed + i for i in range(count)], (h, w), steps=steps, guidance=guidance,
-                                 batch=batch)
-    return class_examples(latents, [conds[p] for p in chosen], chosen, store_device, dtype)
+    seeds = [seed + i for i in range(count)]
+    key = class_draw_key(chosen, seeds, (h, w), steps, guidance, unet_fingerprint(components.unet)) \
+        if cache is not None else ""
+    latents, reused = cached_class_latents(cache, key, lambda: draw_class_latents(
+        DiffusersSDXLBackbone.from_components(components), [conds[p] for p in chosen], uncond, seeds, (h, w),
+        steps=steps, guidance=guidance, batch=batch))
+    return class_examples(latents, [conds[p] for p in chosen], chosen, store_device, dtype), reused
 
 
 def draw_class_batch(pool: Sequence[CachedExample], batch_size: int, num_train_timesteps: int,

@@ -258,7 +258,9 @@ class AptRegSettings(io.ComfyNode):
                     "about twice the work.")),
                 io.Int.Input("class_images", default=32, min=1, max=1000, optional=True, tooltip=(
                     "How many class images the base model draws before training (25 sampling steps "
-                    "each) when class_preservation is on.")),
+                    "each) when class_preservation is on. They are kept with the run's checkpoints, so "
+                    "resuming (or training this LoRA name again on the same model and captions) does not "
+                    "draw them again.")),
                 io.String.Input("trigger_word", default="sks", optional=True, tooltip=(
                     "The trigger word of your captions (as in APT Caption), removed from each caption "
                     "to make the class prompts. Only used when class_preservation is on.")),

@@ -30,7 +30,9 @@ from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
-from apt_core.preservation import CLASS_SEED, class_examples, class_prompts, draw_class_latents
+from apt_core.preservation import (CLASS_CACHE_NAME, CLASS_DRAW_GUIDANCE, CLASS_DRAW_STEPS, CLASS_SEED,
+                                    cached_class_latents, class_draw_key, class_examples, class_prompts,
+                                    draw_class_latents, unet_fingerprint)
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
@@ -256,6 +258,30 @@ class TrainJob:
             return True
         return run.stop_requested
 
+    def _class_examples(self, run: RunState, backbone: ComfySDXLBackbone, prompts: list[str],
+                        conds: list, uncond) -> list:
+        """The class images the base model draws for preservation, or those it drew for an earlier
+        run of this LoRA name on the same model, captions and resolution (kept with the checkpoints)."""
+        import comfy.model_management as mm
+
+        side = self.dataset.resolution // 8
+        seeds = [CLASS_SEED + i for i in range(len(prompts))]
+        key = class_draw_key(prompts, seeds, (side, side), CLASS_DRAW_STEPS, CLASS_DRAW_GUIDANCE,
+                             unet_fingerprint(backbone.unet))
+
+        def draw():
+            RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
+            send("apt.status", run.summary())
+            return draw_class_latents(backbone, conds, uncond, seeds, (side, side), steps=CLASS_DRAW_STEPS,
+                                      guidance=CLASS_DRAW_GUIDANCE,
+                                      check_interrupt=mm.throw_exception_if_processing_interrupted)
+
+        latents, reused = cached_class_latents(self.checkpoint_dir / CLASS_CACHE_NAME, key, draw)
+        if reused:
+            log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts),
+                     self.checkpoint_dir / CLASS_CACHE_NAME)
+        return class_examples(latents, conds, prompts)
+
     def _run(self, run: RunState) -> JobResult:
         import comfy.model_management as mm
         import comfy.utils
@@ -291,13 +317,7 @@ class TrainJob:
                            memory_required=1e20, force_full_load=True)
         backbone = ComfySDXLBackbone(patcher)
         if class_draw is not None:
-            prompts, conds, uncond = class_draw
-            RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
-            send("apt.status", run.summary())
-            side = self.dataset.resolution // 8
-            latents = draw_class_latents(backbone, conds, uncond, [CLASS_SEED + i for i in range(len(prompts))],
-                                         (side, side), check_interrupt=mm.throw_exception_if_processing_interrupted)
-            cached.class_examples = class_examples(latents, conds, prompts)
+            cached.class_examples = self._class_examples(run, backbone, *class_draw)
         make_plain_parameters(backbone.unet)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)

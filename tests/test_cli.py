@@ -70,6 +70,11 @@ def test_preservation_on_class_images_from_the_command_line(tmp_path, capsys):
                  "--print-every", "1", "--out", str(tmp_path / "l.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "drew 3 class images for preservation" in out and " preserve " in out
+    assert (tmp_path / "l.checkpoints" / "class_images.safetensors").is_file()
+    assert main(["--model", "tiny", "--images", str(images), "--resolution", "64", "--steps", "2", "--rank", "2",
+                 "--preserve", "1", "--trigger-word", "sks", "--class-images", "3", "--sample-steps", "2",
+                 "--out", str(tmp_path / "l.safetensors")]) == 0
+    assert "reused 3 class images for preservation" in capsys.readouterr().out
 
 
 def test_augmentation_space_flags_reach_the_config(tmp_path, capsys):

@@ -589,6 +589,15 @@ def test_class_preservation_draws_class_images_with_the_host_model_and_trains_on
                                               "a photo of dog in snow"]
     assert torch.equal(_sample(m["model"]), before)  # drawing and training left the host model as it was
 
+    # A second run of the same LoRA name on the same model and captions reuses them without drawing.
+    monkeypatch.setattr(tj, "draw_class_latents", lambda *a, **k: pytest.fail("drew the class images again"))
+    seen.clear()
+    again = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                        lora_file="cls.safetensors", loras_dir=tmp_path / "loras",
+                        checkpoint_dir=tmp_path / "runs" / "cls", overwrite=True, resume=False, node_id="cls")
+    assert again.prepare().run().lora_path.exists()
+    assert all(torch.equal(a.latent, b.latent) for a, b in zip(seen["classes"], classes))
+
 
 def test_class_preservation_settings_need_a_trigger_word_and_images(m):
     from apt_core.errors import AptConfigError

@@ -229,3 +229,39 @@ def test_class_image_preservation_keeps_the_class_images_closer_to_the_prior():
     gap_free, gap_kept = gap(free), gap(kept)
     assert gap_free > 0
     assert gap_kept < 0.5 * gap_free, (gap_kept, gap_free)
+
+
+def test_class_latents_are_kept_and_reused_only_for_the_same_key(tmp_path):
+    from apt_core.preservation import cached_class_latents
+    path, calls = tmp_path / "run" / "class_images.safetensors", []
+
+    def draw(value):
+        return lambda: calls.append(value) or torch.full((2, 4, 3, 3), float(value))
+
+    first, reused = cached_class_latents(path, "key-a", draw(1))
+    assert (not reused, calls) == (True, [1]) and path.is_file()
+    again, reused = cached_class_latents(path, "key-a", draw(2))
+    assert reused and calls == [1] and torch.equal(again, first)  # read back, not drawn
+    other, reused = cached_class_latents(path, "key-b", draw(3))  # another model / prompts / size
+    assert not reused and calls == [1, 3] and float(other[0, 0, 0, 0]) == 3.0
+    path.write_bytes(b"not a safetensors file")  # damaged: drawn again and replaced
+    fixed, reused = cached_class_latents(path, "key-b", draw(4))
+    assert not reused and float(fixed[0, 0, 0, 0]) == 4.0
+    assert cached_class_latents(path, "key-b", draw(5))[1]
+    blocked = tmp_path / "file"
+    blocked.write_text("x")  # a file where the folder should be: cannot keep it, still returns the draw
+    got, reused = cached_class_latents(blocked / "class_images.safetensors", "k", draw(6))
+    assert not reused and float(got[0, 0, 0, 0]) == 6.0
+
+
+def test_unet_fingerprint_follows_the_weights():
+    from apt_core.preservation import class_draw_key, unet_fingerprint
+    components, _ = tiny_model_and_data()
+    before = unet_fingerprint(components.unet)
+    assert unet_fingerprint(components.unet) == before and len(before) == 16
+    with torch.no_grad():
+        next(components.unet.parameters()).view(-1)[0] += 1e-3
+    assert unet_fingerprint(components.unet) != before
+    key = class_draw_key(["a dog"], [1], (8, 8), 25, 5.0, before)
+    assert key != class_draw_key(["a dog"], [1], (8, 8), 25, 5.0, unet_fingerprint(components.unet))
+    assert key != class_draw_key(["a cat"], [1], (8, 8), 25, 5.0, before)
