@@ -254,8 +254,8 @@ class AptRegSettings(io.ComfyNode):
                     "were. Against the subject leaking into prompts that do not name it. 0 = off "
                     "(default); 1 is what the benchmark measured (less drift from the base model and a "
                     "better likeness, quality/README.md); 0.3 keeps more likeness and a little more "
-                    "drift; 3 lost the subject in the benchmark. Needs the trigger word in every caption. Each step does "
-                    "about twice the work.")),
+                    "drift; 3 lost the subject in the benchmark. Needs the trigger word in every "
+                    "caption. Each step does about twice the work.")),
                 io.Int.Input("class_images", default=32, min=1, max=1000, optional=True, tooltip=(
                     "How many class images the base model draws before training (25 sampling steps "
                     "each) when class_preservation is on. They are kept with the run's checkpoints, so "
