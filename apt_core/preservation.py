@@ -169,13 +169,33 @@ def load_or_sample_class_examples(components: SDXLComponents, captions: Sequence
     _, h, w = latent_shape(components, height, width)
     conds = {p: prompt_conditioning(components, [p], height, width) for p in dict.fromkeys(chosen)}
     uncond = prompt_conditioning(components, [""], height, width)
-    seeds = [seed + i for i in range(count)]
-    key = class_draw_key(chosen, seeds, (h, w), steps, guidance, unet_fingerprint(components.unet)) \
+    chosen_conds = [conds[p] for p in chosen]
+    latents, reused = load_or_draw_class_latents(
+        DiffusersSDXLBackbone.from_components(components), chosen, chosen_conds, uncond, (h, w), cache,
+        seed=seed, steps=steps, guidance=guidance, batch=batch)
+    return class_examples(latents, chosen_conds, chosen, store_device, dtype), reused
+
+
+def load_or_draw_class_latents(backbone: Backbone, prompts: Sequence[str], conds: Sequence[SDXLConditioning],
+                               uncond: SDXLConditioning, latent_hw: tuple[int, int], cache: str | Path | None,
+                               *, seed: int = CLASS_SEED, steps: int = CLASS_DRAW_STEPS,
+                               guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
+                               check_interrupt: Callable[[], None] = lambda: None,
+                               on_draw: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, bool]:
+    """`draw_class_latents` for prompts[i] / conds[i] from the noise of seed + i, or the set kept in
+    the file `cache` for the same backbone weights (`unet_fingerprint`), prompts, seeds, size, steps
+    and guidance (`cached_class_latents`; None: always draw, keep nothing). on_draw: called just
+    before drawing (not when the set is reused). Returns (latents (N, 4, h, w), whether reused)."""
+    seeds = [seed + i for i in range(len(prompts))]
+    key = class_draw_key(prompts, seeds, latent_hw, steps, guidance, unet_fingerprint(backbone.unet)) \
         if cache is not None else ""
-    latents, reused = cached_class_latents(cache, key, lambda: draw_class_latents(
-        DiffusersSDXLBackbone.from_components(components), [conds[p] for p in chosen], uncond, seeds, (h, w),
-        steps=steps, guidance=guidance, batch=batch))
-    return class_examples(latents, [conds[p] for p in chosen], chosen, store_device, dtype), reused
+
+    def draw() -> torch.Tensor:
+        on_draw()
+        return draw_class_latents(backbone, conds, uncond, seeds, latent_hw, steps=steps, guidance=guidance,
+                                  batch=batch, check_interrupt=check_interrupt)
+
+    return cached_class_latents(cache, key, draw)
 
 
 def draw_class_batch(pool: Sequence[CachedExample], batch_size: int, num_train_timesteps: int,

@@ -30,9 +30,7 @@ from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
-from apt_core.preservation import (CLASS_CACHE_NAME, CLASS_DRAW_GUIDANCE, CLASS_DRAW_STEPS, CLASS_SEED,
-                                    cached_class_latents, class_draw_key, class_examples, class_prompts,
-                                    draw_class_latents, unet_fingerprint)
+from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompts, load_or_draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
 from .dataset import AptDataset
@@ -264,22 +262,17 @@ class TrainJob:
         run of this LoRA name on the same model, captions and resolution (kept with the checkpoints)."""
         import comfy.model_management as mm
 
-        side = self.dataset.resolution // 8
-        seeds = [CLASS_SEED + i for i in range(len(prompts))]
-        key = class_draw_key(prompts, seeds, (side, side), CLASS_DRAW_STEPS, CLASS_DRAW_GUIDANCE,
-                             unet_fingerprint(backbone.unet))
-
-        def draw():
+        def on_draw() -> None:
             RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
             send("apt.status", run.summary())
-            return draw_class_latents(backbone, conds, uncond, seeds, (side, side), steps=CLASS_DRAW_STEPS,
-                                      guidance=CLASS_DRAW_GUIDANCE,
-                                      check_interrupt=mm.throw_exception_if_processing_interrupted)
 
-        latents, reused = cached_class_latents(self.checkpoint_dir / CLASS_CACHE_NAME, key, draw)
+        side = self.dataset.resolution // 8
+        cache = self.checkpoint_dir / CLASS_CACHE_NAME
+        latents, reused = load_or_draw_class_latents(
+            backbone, prompts, conds, uncond, (side, side), cache, on_draw=on_draw,
+            check_interrupt=mm.throw_exception_if_processing_interrupted)
         if reused:
-            log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts),
-                     self.checkpoint_dir / CLASS_CACHE_NAME)
+            log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
 
     def _run(self, run: RunState) -> JobResult:

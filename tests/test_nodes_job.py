@@ -572,7 +572,9 @@ def test_class_preservation_draws_class_images_with_the_host_model_and_trains_on
     assert (config.regularizers.lambda_preserve, config.regularizers.class_images) == (1.0, 3)
     seen = {}
     real_draw, real_init = draw_class_latents, AptTrainer.__init__
-    monkeypatch.setattr(tj, "draw_class_latents", lambda *a, **k: seen.setdefault("latents", real_draw(*a, **k)))
+    preservation = sys.modules[tj.load_or_draw_class_latents.__module__]  # where the job's draw is looked up
+    monkeypatch.setattr(preservation, "draw_class_latents",
+                        lambda *a, **k: seen.setdefault("latents", real_draw(*a, **k)))
     monkeypatch.setattr(AptTrainer, "__init__",
                         lambda self, backbone, dataset, *a, **k: seen.setdefault("classes", dataset.class_examples)
                         and real_init(self, backbone, dataset, *a, **k))
@@ -590,7 +592,7 @@ def test_class_preservation_draws_class_images_with_the_host_model_and_trains_on
     assert torch.equal(_sample(m["model"]), before)  # drawing and training left the host model as it was
 
     # A second run of the same LoRA name on the same model and captions reuses them without drawing.
-    monkeypatch.setattr(tj, "draw_class_latents", lambda *a, **k: pytest.fail("drew the class images again"))
+    monkeypatch.setattr(preservation, "draw_class_latents", lambda *a, **k: pytest.fail("drew the class images again"))
     seen.clear()
     again = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
                         lora_file="cls.safetensors", loras_dir=tmp_path / "loras",
