@@ -117,6 +117,11 @@ def variant_index(draw: AugmentDraw, cfg: AugmentConfig) -> torch.Tensor:
     return zc * na + ac
 
 
+def wants_variants(cfg: AugmentConfig | None) -> bool:
+    """Whether caching should encode variants for cfg: augmentation on, pixel space, pre-encoded."""
+    return cfg is not None and cfg.enabled and cfg.precomputed
+
+
 def variants_match(dataset: CachedDataset, cfg: AugmentConfig) -> bool:
     """Whether every example has variants and they were encoded for cfg's grid (`variant_grid`)."""
     params, want = dataset.variant_params, variant_grid(cfg)

@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                           CLIPTokenizer)
 
-from .augment import encode_variants
+from .augment import encode_variants, wants_variants
 from .conditioning import (CachedDataset, CachedExample, SDXLConditioning, preservation_caption,
                            sdxl_time_ids, word_token_mask)
 from .config import AugmentConfig
@@ -417,7 +417,7 @@ def cache_dataset(components: SDXLComponents, records: Sequence[Any], device: to
             if trigger_words:
                 ctx, pooled, mask = encode_text(c, [preservation_caption(cap, trigger_words)])
                 preserve[cap] = (ctx.to(store_device, dtype), pooled.to(store_device, dtype), mask.to(store_device))
-        variants = variants_for is not None and variants_for.enabled and variants_for.precomputed
+        variants = wants_variants(variants_for)
         examples = []
         for r in records:
             latent = encode_pixels(c, r.pixels[None])[0].to(store_device, dtype)

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from apt_core.augment import encode_variants
+from apt_core.augment import encode_variants, wants_variants
 from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids,
                                    word_token_mask)
 from apt_core.config import AugmentConfig
@@ -147,7 +147,7 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
     if vae is None:
         raise AptModelError("No VAE connected. Connect the VAE output of 'Load Checkpoint'.")
-    variants = variants_for is not None and variants_for.enabled and variants_for.precomputed
+    variants = wants_variants(variants_for)
     examples = []
     text_cache: dict[tuple, SDXLConditioning] = {}
     with torch.no_grad():

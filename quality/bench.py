@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from apt_core.augment import encode_variants, variants_match
+from apt_core.augment import encode_variants, variants_match, wants_variants
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptConfig, AptSwitches
 from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_sdxl
@@ -376,7 +376,7 @@ def run_benchmark(cfg: dict, *, untrained: bool = False, log: Callable[[str], No
 def ensure_variants(dataset, acfg: AptConfig, encode) -> None:
     """Encode the references' pixel-space variants for this run's grid unless already encoded."""
     aug = acfg.augmentation
-    if aug is not None and aug.precomputed and not variants_match(dataset, aug):
+    if wants_variants(aug) and not variants_match(dataset, aug):
         encode_variants(dataset, aug, encode, batch_size=8)
 
 
