@@ -21,7 +21,8 @@ from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, Indicator
     RegularizerConfig, TrainConfig
 from .errors import AptError
 from .images import load_image_folder
-from .models import build_tiny_sdxl, cache_dataset, encode_pixels, load_sdxl
+from .models import cache_dataset, encode_pixels, load_sdxl
+from .tiny_model import build_tiny_sdxl
 from .preservation import CLASS_CACHE_NAME, class_prompts, load_or_sample_class_examples
 from .sample_images import write_sample_folder
 from .sampling import before_after_grid, on_device, sample, to_uint8_images

@@ -84,6 +84,37 @@ def adaptive_augment(x: torch.Tensor, gamma: torch.Tensor, cfg: AugmentConfig, d
     return out, applied
 
 
+def augment_batch(dataset: CachedDataset, idx: list[int], latents: torch.Tensor, gamma: torch.Tensor,
+                  cfg: AugmentConfig, draw: AugmentDraw,
+                  encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ATA on one training batch: sample i is zoomed out and rotated with probability min(gamma_i, p_max).
+
+    latents: (B, 4, h, w), the cached latents of `dataset.examples[idx]`, on the training device;
+    gamma: (B,). By `cfg.space`: latent space warps the latents; pixel space reads each augmented
+    image's variant for the cell its draw falls in (`encode_variants`), or, without a variant grid,
+    warps the cached pixels and encodes them with `encode_pixels`.
+    Returns (latents, applied (B,) bool); the input is never modified.
+    """
+    if cfg.space == "latent":
+        return adaptive_augment(latents, gamma, cfg, draw, dataset.fill_latent.to(latents.device))
+    if cfg.precomputed:
+        applied = augment_mask(gamma, cfg, draw)
+        if bool(applied.any()):
+            cell = variant_index(draw, cfg)
+            latents = latents.clone()
+            for i in applied.nonzero().squeeze(1).tolist():
+                latents[i] = dataset.examples[idx[i]].variants[cell[i]].to(latents.device, latents.dtype)
+        return latents, applied
+    pixels = torch.stack([dataset.examples[i].pixels for i in idx]).to(latents.device)
+    pixels, applied = adaptive_augment(pixels, gamma, cfg, draw, fill_value=-1.0)
+    if bool(applied.any()):
+        sel = applied.nonzero().squeeze(1).to(latents.device)
+        latents = latents.clone()
+        latents[sel] = encode_pixels(pixels[sel]).to(latents.dtype)
+    return latents, applied
+
+
 def _grid_levels(cfg: AugmentConfig) -> tuple[int, int]:
     """(zoom levels, angle levels) of the variant grid; a range of width 0 needs one level."""
     nz, na = (int(n) for n in cfg.variant_grid)

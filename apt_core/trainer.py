@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from .augment import adaptive_augment, augment_mask, draw_augmentation, variant_index, variants_match
+from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
@@ -185,27 +185,6 @@ class AptTrainer:
                                  replacement=True, generator=self.generator)
         return [first] + same[rest].tolist()
 
-    def _augment(self, latents: torch.Tensor, idx: list[int], gamma: torch.Tensor, draw) -> tuple[torch.Tensor, torch.Tensor]:
-        aug = self.config.augment
-        if aug.space == "latent":
-            return adaptive_augment(latents, gamma, aug, draw, self.dataset.fill_latent.to(self.device))
-        if aug.precomputed:
-            applied = augment_mask(gamma, aug, draw)
-            if bool(applied.any()):
-                cell = variant_index(draw, aug)
-                latents = latents.clone()
-                for i in applied.nonzero().squeeze(1).tolist():
-                    variant = self.dataset.examples[idx[i]].variants[cell[i]]
-                    latents[i] = variant.to(latents.device, latents.dtype)
-            return latents, applied
-        pixels = torch.stack([self.dataset.examples[i].pixels for i in idx]).to(self.device)
-        pixels, applied = adaptive_augment(pixels, gamma, aug, draw, fill_value=-1.0)
-        if bool(applied.any()):
-            sel = applied.nonzero().squeeze(1).to(self.device)
-            latents = latents.clone()
-            latents[sel] = self.encode_pixels(pixels[sel]).to(latents.dtype)
-        return latents, applied
-
     def _forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
@@ -303,7 +282,8 @@ class AptTrainer:
 
         applied = torch.zeros(b, dtype=torch.bool)
         if sw.adaptive_augmentation:
-            latents, applied = self._augment(latents, idx, gamma, draw)
+            latents, applied = augment_batch(self.dataset, idx, latents, gamma, cfg.augment, draw,
+                                             self.encode_pixels)
         self.probe.begin_step(cond.aligned_tokens)
         try:
             terms = self.batch_losses(latents, cond, t, noise, gamma)

@@ -122,7 +122,7 @@ def labelled_regions():
     patch(trainer.AptTrainer, "_forward", forward_label)
     patch(torch.Tensor, "backward", backward_label)
     patch(torch.nn.utils, "clip_grad_norm_", lambda f: _label(f, "clip_grad_norm_"))
-    patch(trainer, "adaptive_augment", lambda f: _label(f, "adaptive augmentation"))
+    patch(trainer, "augment_batch", lambda f: _label(f, "adaptive augmentation"))
     patch(trainer.OverfittingIndicator, "update", lambda f: _label(f, "indicator update"))
     patch(trainer.AptTrainer, "_event", lambda f: _label(f, "progress event"))
     patch(probes.AptProbe, "losses", lambda f: _label(f, "RS/AA losses"))

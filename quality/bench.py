@@ -1,16 +1,11 @@
-"""The personalization benchmark: references of a new concept, four methods, exact metrics.
+"""The personalization benchmark: train each method on the task's references, evaluate with exact metrics.
 
-A config (JSON, see quality/configs/default.json) names the prior, the concept (shape, colour,
-style, background, layout of the references and how many), the reference caption, the concept
-prompts (other backgrounds / styles / positions / sizes), the prompts without the concept (prior
-drift), the methods, the training seeds and settings, and the evaluation schedule.
+The task itself (config, methods, references, prompts) is `task.py`; the metrics are `metrics.py`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +17,7 @@ import torch
 
 from apt_core.augment import encode_variants, variants_match, wants_variants
 from apt_core.backbone import DiffusersSDXLBackbone
-from apt_core.config import AptConfig, AptSwitches
+from apt_core.config import AptConfig
 from apt_core.models import SDXLComponents, cache_dataset, encode_pixels, load_sdxl
 from apt_core.preservation import sample_class_examples
 from apt_core.trainer import AptTrainer
@@ -30,145 +25,12 @@ from apt_core.trainer import AptTrainer
 from . import metrics as M
 from .models import IMAGE_SIZE, build_world_sdxl, conditioning, world_image_size
 from .sampling import sample
-from .world import (BACKGROUNDS, CONCEPT_TOKEN, GENERIC_SHAPE, POSITIONS, PRETRAIN_SHAPES, SHAPES, SIZES,
-                    Scene, caption, caption_from, detect, random_scene, render)
-
-METHODS: dict[str, dict[str, bool]] = {
-    # plain DreamBooth-LoRA; the indicator is tracked (prior forward) so its gap is recorded
-    "baseline": dict(adaptive_augmentation=False, adaptive_loss_weight=False,
-                     representation_stabilization=False, attention_alignment=False, track_indicator=True),
-    "ata": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
-                representation_stabilization=False, attention_alignment=False),
-    "ata_rs": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
-                   representation_stabilization=True, attention_alignment=False),
-    "apt": dict(adaptive_augmentation=True, adaptive_loss_weight=True,
-                representation_stabilization=True, attention_alignment=True),
-}
-LABELS = {"prior": "prior (no LoRA)", "baseline": "DreamBooth-LoRA", "ata": "+ATA",
-          "ata_rs": "+ATA+RS", "apt": "APT (ATA+RS+AA)"}
-
-DEFAULTS: dict[str, Any] = {
-    "prior": "quality/assets/prior",
-    "device": "cpu",
-    "threads": 1,
-    "concept": {"shape": "cross", "colour": "blue", "style": "flat", "background": "white",
-                "position": "centre", "size_name": "large", "n_images": 4, "seed": 7},
-    "reference_caption": "a {token} {class_word} on a {background} background",
-    "concept_prompts": [],
-    "drift_prompts": [],
-    "methods": ["baseline", "ata", "ata_rs", "apt"],
-    "seeds": [0, 1, 2],
-    # apt_core.config.AptConfig.from_dict overrides shared by every method (switches come from METHODS)
-    "apt_config": {"train": {"steps": 200, "learning_rate": 4e-3, "checkpoint_every": 0,
-                             "lr_schedule": "constant"},
-                   "lora": {"rank": 8, "alpha": 8.0},
-                   # pinned: per-step encoding, as the committed reports before session 13 were trained
-                   "augment": {"space": "pixel", "fill": "constant", "variant_grid": [0, 0]},
-                   # pinned: the committed reports were trained with these weights and the constant
-                   # schedule (apt_core's defaults until sessions 8, 9 and 10); newer configs set their own
-                   "regularizers": {"lambda_rs": 1.0, "lambda_aa": 1.0}},
-    # With apt_core's "constant" fill (pinned above: the committed reports used it; apt_core's
-    # default is now "border"): "black" is that fill as is (the paper's figure); "background"
-    # fills with the references' background colour (by shifting the cached pixels, see
-    # _background_fill). Ignored for apt_config.augment.fill "reflect" / "border".
-    "augment_fill": "black",
-    "eval": {"steps": [100, 200], "samples_per_prompt": 2, "sample_seed": 1000,
-             "sampling_steps": 20, "guidance": 5.0, "gap_draws": 32, "grid_prompts": 6,
-             "ref_samples": 4},
-}
-
-
-def merge_config(base: dict, over: dict) -> dict:
-    """`over` merged into a deep copy of `base`, nested dicts key by key."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        out[k] = merge_config(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
-    return out
-
-
-def _read(path: Path) -> dict:
-    """A config file; "extends": "other.json" (relative to it) is read first and overridden."""
-    data = json.loads(path.read_text())
-    base = data.pop("extends", None)
-    return merge_config(_read(path.parent / base), data) if base else data
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None, quick: bool = False) -> dict:
-    cfg = merge_config(DEFAULTS, _read(Path(path)) if path else {})
-    if quick:
-        cfg = merge_config(cfg, quick_overrides())
-        cfg["concept_prompts"], cfg["drift_prompts"] = cfg["concept_prompts"][:3], cfg["drift_prompts"][:2]
-    cfg = merge_config(cfg, overrides or {})
-    unknown = set(cfg["methods"]) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; known: {sorted(METHODS)}")
-    return cfg
-
-
-def load_config_with_sets(path: str | Path, sets: list[str]) -> tuple[dict, dict]:
-    """`load_config` with command-line `--set JSON` apt_config overrides merged in order.
-    Returns (config, the merged overrides) so a diagnostic can record what it changed."""
-    over: dict = {}
-    for s in sets:
-        over = merge_config(over, json.loads(s))
-    return load_config(path, {"apt_config": over} if over else None), over
-
-
-def quick_overrides() -> dict:
-    """A smoke test: 1 seed, 2 methods, a few steps, few prompts (see load_config(quick=True))."""
-    return {"methods": ["baseline", "apt"], "seeds": [0],
-            "apt_config": {"train": {"steps": 4}},
-            "eval": {"steps": [2, 4], "samples_per_prompt": 1, "sampling_steps": 3, "gap_draws": 4,
-                     "grid_prompts": 3, "ref_samples": 2},
-            "concept": {"n_images": 3}}
+from .task import (METHODS, Record, concept_prompts, drift_prompts, drift_seeds, reference_caption, reference_scenes,
+                   to_pixels)
+from .world import BACKGROUNDS, PRETRAIN_SHAPES, SHAPES, Scene, caption, detect, random_scene, render
 
 
 # ----------------------------------------------------------------------------- data
-
-@dataclass
-class Record:
-    """What apt_core.models.cache_dataset reads."""
-
-    pixels: torch.Tensor
-    caption: str
-    source: str
-    original_hw: tuple = (IMAGE_SIZE, IMAGE_SIZE)
-    crop_top_left: tuple = (0, 0)
-    target_hw: tuple = (IMAGE_SIZE, IMAGE_SIZE)
-    repeats: int = 1
-
-
-def reference_scenes(cfg: dict) -> list[Scene]:
-    con = cfg["concept"]
-    rng = random.Random(con["seed"])
-    fixed = {k: con[k] for k in ("shape", "colour", "style", "background", "position", "size_name")}
-    return [random_scene(rng, **fixed) for _ in range(con["n_images"])]
-
-
-def reference_caption(cfg: dict) -> str:
-    con = cfg["concept"]
-    return cfg["reference_caption"].format(token=CONCEPT_TOKEN, class_word=GENERIC_SHAPE, **{
-        k: v for k, v in con.items() if isinstance(v, str)})
-
-
-def to_pixels(img: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
-def concept_prompts(cfg: dict) -> tuple[list[str], list[dict]]:
-    """(prompts, requested attributes) of the concept prompts."""
-    reqs = [dict(p) for p in cfg["concept_prompts"]]
-    return [caption_from(r, token=CONCEPT_TOKEN) for r in reqs], reqs
-
-
-def drift_prompts(cfg: dict) -> list[str]:
-    return [caption_from(p) for p in cfg["drift_prompts"]]
-
-
-def drift_seeds(cfg: dict) -> list[int]:
-    """The sampling seed of each drift prompt (the same with and without the LoRA)."""
-    return [cfg["eval"]["sample_seed"] + 10_000 + i for i in range(len(cfg["drift_prompts"]))]
-
 
 def _background_fill(dataset, bg_rgb: tuple[int, int, int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """Make apt_core's pixel-space constant fill (-1) mean "the references' background".

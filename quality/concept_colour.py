@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import concept_prompts, load_config, load_prior
+from .bench import load_prior
+from .task import concept_prompts, load_config
 from .models import world_image_size
 from .sampling import sample
 from .textio import print_and_save

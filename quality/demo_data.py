@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .bench import concept_prompts, drift_prompts, load_config, reference_caption, reference_scenes
+from .task import concept_prompts, drift_prompts, load_config, reference_caption, reference_scenes
 from .world import render
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"

@@ -29,8 +29,8 @@ from apt_core.sampling import to_uint8_images
 from apt_core.trainer import AptTrainer
 
 from . import plot
-from .bench import (Record, apt_config, ensure_variants, load_config_with_sets, load_prior,
-                    predict_with_and_without_lora, reference_caption, reference_scenes, to_pixels)
+from .bench import apt_config, ensure_variants, load_prior, predict_with_and_without_lora
+from .task import Record, load_config_with_sets, reference_caption, reference_scenes, to_pixels
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bench import drift_prompts, drift_seeds, load_config, load_prior
+from .bench import load_prior
+from .task import drift_prompts, drift_seeds, load_config
 from .metrics import ALL_ATTRS, drift_px
 from .models import world_image_size
 from .sampling import sample

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .bench import load_config_with_sets
+from .task import load_config_with_sets
 from .diagnose import prepare_run
 
 TERMS = ("rs", "aa")

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from . import plot
-from .bench import DETAIL, KEYS, LABELS, METHODS, fill_description, load_config, run_benchmark, summary
+from .bench import DETAIL, KEYS, fill_description, run_benchmark, summary
+from .task import LABELS, METHODS, load_config
 from .metrics import mean_std
 from .textio import save_text
 

@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from . import plot
-from .bench import LABELS
+from .task import LABELS
 from .textio import save_text
 
 METRICS = ("context", "style", "layout", "pos_spread", "id_shape", "drift_px", "drift_attr", "eps_dev")

@@ -4,7 +4,7 @@ import pytest
 from safetensors import safe_open
 
 from apt_core.__main__ import main
-from apt_core.models import build_tiny_sdxl, save_tiny_sdxl
+from apt_core.tiny_model import build_tiny_sdxl, save_tiny_sdxl
 
 
 def test_demo_run_writes_a_lora_and_a_resumable_checkpoint(tmp_path, capsys):

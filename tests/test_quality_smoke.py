@@ -138,7 +138,8 @@ def test_background_fill_shift_is_exact():
     """The pixel shift that makes apt_core's black fill mean "reference background" is exact."""
     from apt_core.augment import zoom_rotate
     from apt_core.conditioning import CachedDataset, CachedExample
-    from quality.bench import _background_fill, to_pixels
+    from quality.bench import _background_fill
+    from quality.task import to_pixels
 
     s = random_scene(random.Random(1), background="sand", size_name="large", position="centre")
     px = to_pixels(render(s))

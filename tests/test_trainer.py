@@ -7,11 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apt_core.augment import AugmentDraw, draw_augmentation, variant_index, zoom_rotate
+from apt_core.augment import AugmentDraw, augment_batch, draw_augmentation, variant_index, zoom_rotate
 from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptSwitches, AugmentConfig
 from apt_core.errors import AptConfigError, NonFiniteLossError
-from apt_core.models import build_tiny_sdxl, encode_pixels
+from apt_core.models import encode_pixels
+from apt_core.tiny_model import build_tiny_sdxl
 from apt_core.trainer import AptTrainer, lr_at
 
 from tiny import config, tiny_model_and_data
@@ -267,7 +268,7 @@ def test_pixel_space_augmentation_at_every_step_reencodes_the_drawn_transform():
     set_gamma_everywhere(trainer, 0.999)
     draw = AugmentDraw(torch.zeros(1), torch.tensor([2.2]), torch.tensor([7.0]))
     latents = dataset.examples[1].latent[None].clone()
-    out, applied = trainer._augment(latents, [1], torch.ones(1), draw)
+    out, applied = augment_batch(dataset, [1], latents, torch.ones(1), cfg.augment, draw, trainer.encode_pixels)
     want = encode_pixels(components, zoom_rotate(dataset.examples[1].pixels[None], draw.zoom, draw.angle,
                                                  cfg.augment.fill, -1.0))
     assert applied.tolist() == [True] and torch.equal(out, want)
@@ -283,7 +284,7 @@ def test_pre_encoded_variants_are_what_an_augmented_step_trains_on():
     trainer = AptTrainer(DiffusersSDXLBackbone.from_components(components), dataset, cfg)
     draw = AugmentDraw(torch.tensor([0.0, 0.9]), torch.tensor([2.2, 2.2]), torch.tensor([7.0, 7.0]))
     latents = torch.stack([dataset.examples[i].latent for i in (2, 0)])
-    out, applied = trainer._augment(latents.clone(), [2, 0], torch.tensor([0.5, 0.5]), draw)
+    out, applied = augment_batch(dataset, [2, 0], latents.clone(), torch.tensor([0.5, 0.5]), cfg.augment, draw)
     cell = int(variant_index(draw, cfg.augment)[0])  # zoom 2.2 -> cell 4, 7 degrees -> cell 2
     assert cell == 14 and applied.tolist() == [True, False]
     assert torch.equal(out[0], dataset.examples[2].variants[cell]) and torch.equal(out[1], latents[1])

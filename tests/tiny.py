@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from apt_core.config import AptConfig, AptSwitches, AugmentConfig, TrainConfig
-from apt_core.models import build_tiny_sdxl, cache_dataset
+from apt_core.models import cache_dataset
+from apt_core.tiny_model import build_tiny_sdxl
 
 
 @dataclass

@@ -32,7 +32,7 @@ _BUILT: dict = {}
 
 
 def tiny_unet_config(kind: str) -> dict:
-    from apt_core.models import tiny_sdxl_unet_config
+    from apt_core.tiny_model import tiny_sdxl_unet_config
 
     cfg = dict(tiny_sdxl_unet_config())
     cfg["cross_attention_dim"] = TEXT_L["hidden_size"] + TEXT_G["hidden_size"]  # 80
