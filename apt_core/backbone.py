@@ -3,24 +3,53 @@
 `DiffusersSDXLBackbone` adapts a diffusers `UNet2DConditionModel`. The ComfyUI node pack writes
 its own adapter with the same methods around the host's UNet (SGM module names), so the trainer,
 the probe and the LoRA export never care which host they run in.
+
+The backbone also owns the trainable LoRA (`attach_lora`) and says where training computes
+(`device`, `dtype`): a host may keep the weights elsewhere (offloaded, memory-mapped) and bring
+them to its compute device per operation, so neither is read off the UNet's parameters. The
+diffusers backbone injects peft layers; the ComfyUI one registers the host's own weight adapters.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from contextlib import AbstractContextManager
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from .conditioning import SDXLConditioning
+from .config import LoraConfig
 from .probes import AptProbe, explicit_attention
+
+
+class TrainableLora(Protocol):
+    """The LoRA a backbone attached: the trainer's whole view of it."""
+
+    def parameters(self) -> list[nn.Parameter]: ...
+
+    def set_enabled(self, enabled: bool) -> None: ...
+
+    def disabled(self) -> AbstractContextManager[None]: ...  # the prior: LoRA off, back on after
+
+    def set_input_cast(self, enabled: bool) -> None: ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...  # {"<module>.down": (r, in), "<module>.up": (out, r)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def remove(self) -> None: ...  # leaves the UNet exactly as it was found
 
 
 class Backbone(Protocol):
     unet: nn.Module
     alphas_cumprod: torch.Tensor  # (T,) of the training noise schedule
     prediction_type: str  # "epsilon" | "v_prediction"
+    device: torch.device  # where training computes (the host's compute device)
+    dtype: torch.dtype  # the UNet weights' dtype: what x_t and the conditioning are cast to
+
+    def attach_lora(self, cfg: LoraConfig, seed: int) -> TrainableLora: ...
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor: ...
 
@@ -111,6 +140,19 @@ class DiffusersSDXLBackbone:
     def from_components(cls, components) -> "DiffusersSDXLBackbone":
         sched = components.scheduler
         return cls(components.unet, sched.alphas_cumprod, sched.config.prediction_type)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    def attach_lora(self, cfg: LoraConfig, seed: int) -> TrainableLora:
+        from .lora import LoraAdapter
+
+        return LoraAdapter(self.unet, self.lora_target_names(cfg.include_feed_forward), cfg, seed=seed)
 
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
         """x_t: (B, 4, h, w); t: (B,) -> model output (B, 4, h, w)."""

@@ -76,17 +76,17 @@ def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], un
     keeps SDXL at 1024 px within the memory of training."""
     sched = ddim_for(backbone)
     sched.set_timesteps(steps)
-    p = next(backbone.unet.parameters())
+    device, dtype = backbone.device, backbone.dtype
     out = []
     for lo in range(0, len(seeds), batch):
         part = list(seeds[lo:lo + batch])
         b = len(part)
-        both = SDXLConditioning.cat([expand(uncond, b), *conds[lo:lo + b]]).to(p.device, p.dtype)
-        x = initial_noise(part, latent_hw).to(p.device) * sched.init_noise_sigma
+        both = SDXLConditioning.cat([expand(uncond, b), *conds[lo:lo + b]]).to(device, dtype)
+        x = initial_noise(part, latent_hw).to(device) * sched.init_noise_sigma
         for t in sched.timesteps:
             check_interrupt()
-            tt = torch.full((2 * b,), int(t), device=p.device)
-            u, v = backbone.predict(torch.cat([x, x]).to(p.dtype), tt, both).float().chunk(2)
+            tt = torch.full((2 * b,), int(t), device=device)
+            u, v = backbone.predict(torch.cat([x, x]).to(dtype), tt, both).float().chunk(2)
             x = sched.step(u + guidance * (v - u), t, x).prev_sample
         out.append(x.cpu())
     return torch.cat(out)

@@ -28,7 +28,6 @@ from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
 from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
-from .lora import LoraAdapter
 from .preservation import draw_class_batch
 from .probes import AptProbe
 
@@ -134,15 +133,14 @@ class AptTrainer:
         elif regs.lambda_preserve > 0 and any(ex.preserve_cond is None for ex in dataset.examples):
             raise AptConfigError("output preservation needs each caption encoded without the trigger word: "
                                  "cache the dataset with trigger_words set.")
-        self.device = next(backbone.unet.parameters()).device
+        self.device = torch.device(backbone.device)  # the host's compute device, not where weights rest
         self.amp_dtype = autocast_dtype(config.train.mixed_precision, self.device)
         self.generator = torch.Generator().manual_seed(config.train.seed)
         self.indicator = OverfittingIndicator(config.indicator)
         sw = config.switches
         self.probe = AptProbe(sw.representation_stabilization, sw.attention_alignment,
                               config.regularizers.aa_distance, config.regularizers.aa_head_average)
-        self.lora = LoraAdapter(backbone.unet, backbone.lora_target_names(config.lora.include_feed_forward),
-                                config.lora, seed=config.train.seed)
+        self.lora = backbone.attach_lora(config.lora, config.train.seed)
         self.lora.set_input_cast(self.amp_dtype is None)
         self._alphas_cumprod = backbone.alphas_cumprod.to(self.device)
         self._probe_handle = backbone.attach_probe(self.probe, config.regularizers.up_block_factors) \
@@ -193,7 +191,7 @@ class AptTrainer:
     @property
     def unet_dtype(self) -> torch.dtype:
         """The host UNet's weight dtype: what its inputs (x_t, conditioning) are cast to."""
-        return next(self.backbone.unet.parameters()).dtype
+        return self.backbone.dtype
 
     def _noised(self, latents: torch.Tensor, t_dev: torch.Tensor, noise: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:

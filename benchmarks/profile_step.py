@@ -95,7 +95,7 @@ def labelled_regions():
     import peft.tuners.lora.layer as peft_lora
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from apt_core import backbone, probes, trainer
+    from apt_core import backbone, lora, probes, trainer
 
     patches = []
 
@@ -131,7 +131,7 @@ def labelled_regions():
           lambda f: _label(f, "recording cross-attn processor"))
     patch(AttnProcessor2_0, "__call__", lambda f: _label(f, "diffusers fused attention processor (SDPA)"))
     patch(peft_lora.Linear, "forward", lambda f: _label(f, "peft lora.Linear.forward"))
-    patch(trainer.LoraAdapter, "set_enabled", lambda f: _label(f, "LoRA on/off switch"))
+    patch(lora.LoraAdapter, "set_enabled", lambda f: _label(f, "LoRA on/off switch"))
     try:
         yield
     finally:

@@ -1,21 +1,29 @@
 """The ComfyUI side of the backbone seam: `apt_core.backbone.Backbone` around a host MODEL.
 
 ComfyUI's MODEL is a `comfy.model_patcher.ModelPatcher` whose `.model` is a `comfy.model_base.SDXL`
-holding the SGM `UNetModel` as `.diffusion_model`. This adapter lets `apt_core.AptTrainer` train
-that UNet in place:
+holding the SGM `UNetModel` as `.diffusion_model`. This adapter trains it the host's way, on a
+clone of the MODEL (`training_patcher`):
 
-- `predict` calls `diffusion_model(x, timesteps, context, y=adm)`. The cached conditioning stores
-  ComfyUI's full `y` vector (pooled CLIP-G output + the embedded size/crop ids, built once by the
-  model's own `encode_adm`) in `SDXLConditioning.pooled`, so no size embedding runs per step.
+- Device: the patcher's `load_device`, never a parameter's (a host may keep weights offloaded).
+  A dynamic-VRAM patcher (ComfyUI v0.33+ on NVIDIA: weights stay on the offload device and are
+  streamed per operation) is swapped for the host's non-dynamic delegate, loaded fresh outside
+  inference mode, so training holds its weights like any fully loaded model.
+- LoRA: the host's own weight adapters (nodes/comfy_lora.py), registered on the patcher and put in
+  place when `load()` loads it; the prior pass is the same model with the adapters switched off.
+- `predict` calls `diffusion_model(x, timesteps, context, y=adm, transformer_options=...)` with the
+  patcher's transformer options (attention patches, wrappers, attention override). The cached
+  conditioning stores ComfyUI's full `y` vector (pooled CLIP-G output + the embedded size/crop ids,
+  built once by the model's own `encode_adm`) in `SDXLConditioning.pooled`.
 - RS: forward hooks on the `SpatialTransformer` of every decoder (`output_blocks`) stage at the
   hooked resolutions (diffusers `up_blocks.i.attentions.j` <-> SGM `output_blocks.3i+j.1`).
-- AA: those stages' `attn2` modules get an instance-level `forward` that computes explicit
-  probabilities while the probe asks for them and otherwise calls ComfyUI's own (optimized) forward.
+- AA: those stages' cross-attention goes through an attn2 replace patch in the patcher's
+  transformer options (`set_model_attn2_replace`): explicit probabilities while the probe asks for
+  them, the host's optimized attention otherwise.
 - Gradient checkpointing wraps the `forward` of each ResBlock / SpatialTransformer (ComfyUI calls
   the layers of a `TimestepEmbedSequential` one by one, so wrapping the sequential would do nothing).
 
-Everything installed is undone by `ProbeHandle.remove()` / `set_gradient_checkpointing(False)`, and
-the peft LoRA layers by `AptTrainer.close()`: the shared MODEL is left as it was found.
+Everything installed is undone by `ProbeHandle.remove()`, `set_gradient_checkpointing(False)` and
+the LoRA's `remove()` (`AptTrainer.close()`): the shared MODEL is left as it was found.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from torch.utils.checkpoint import checkpoint
 
 from apt_core.backbone import ProbeHandle, kohya_key, transformer_lora_targets
 from apt_core.conditioning import SDXLConditioning
+from apt_core.config import LoraConfig
 from apt_core.errors import AptModelError
 from apt_core.probes import AptProbe, explicit_attention
+
+from .comfy_lora import ComfyLora
 
 NOT_SDXL = ("APT LoRA Trainer needs an SDXL model (SDXL base 1.0 or an SDXL fine-tune such as "
             "Juggernaut XL, RealVisXL, Pony or Illustrious), loaded with the standard 'Load Checkpoint' "
@@ -59,46 +70,28 @@ def check_comfy_sdxl(model) -> None:
                             "supported yet; use an epsilon- or v-prediction SDXL checkpoint.")
 
 
-def make_plain_parameters(module: nn.Module) -> int:
-    """Replace parameters/buffers that are inference tensors by equal normal tensors, in place.
+def training_patcher(model):
+    """The patcher to train on: a clone of `model` (shares its modules; our adapters and patches go
+    on the clone only), or, for a dynamic-VRAM patcher, the host's non-dynamic delegate.
 
-    ComfyUI creates and loads models inside `torch.inference_mode()`; autograd refuses to save such
-    tensors for backward, and a frozen weight downstream of a LoRA layer is saved. The values stay
-    bit-identical (so sampling with the model is unchanged); returns how many tensors were replaced.
-
-    Memory: tensors are swapped one at a time and the module held the only reference to the old
-    one, so it is freed right away (the CUDA caching allocator reuses it for the next copy). No
-    second copy of the UNet is kept; the peak extra is the largest single tensor. Measured on the
-    tiny test UNet: 618 tensors (12.4 MB) replaced, none of the originals alive afterwards (see
-    tests/test_nodes_job.py). Computed for SDXL (not measured on a GPU): 2,567,463,684 UNet
-    parameters = 5.13 GB in fp16 would be the cost of keeping a full copy; the actual transient
-    peak is its largest tensor, output_blocks.0.0.in_layers.2.weight (1280 x 2560 x 3 x 3) =
-    59 MB in fp16. Copying only the LoRA-targeted modules would not be enough: autograd saves every
-    frozen weight that acts on an activation needing a gradient, i.e. nearly all layers after
-    the first LoRA layer.
-    """
-    replaced = 0
-    with torch.inference_mode(False), torch.no_grad():
-        for sub in module.modules():
-            for name, p in list(sub._parameters.items()):
-                if p is not None and p.is_inference():
-                    sub._parameters[name] = nn.Parameter(p.clone(), requires_grad=p.requires_grad)
-                    replaced += 1
-            for name, b in list(sub._buffers.items()):
-                if b is not None and b.is_inference():
-                    sub._buffers[name] = b.clone()
-                    replaced += 1
-    return replaced
+    Call it outside inference mode: the delegate is loaded fresh, and weights created there are
+    ordinary tensors that autograd can save."""
+    if getattr(model, "is_dynamic", lambda: False)():
+        return model.clone(disable_dynamic=True)
+    return model.clone()
 
 
 class ComfySDXLBackbone:
     """`apt_core.backbone.Backbone` for a ComfyUI SDXL MODEL (ModelPatcher)."""
 
-    def __init__(self, patcher):
+    def __init__(self, patcher, also_load: tuple = ()):
+        """patcher: the one to train on (`training_patcher`); also_load: patchers to keep loaded
+        beside it (the VAE when pixel-space augmentation encodes during training)."""
         import comfy.model_base
 
         check_comfy_sdxl(patcher)
         self.patcher = patcher
+        self.also_load = tuple(also_load)
         self.base_model = patcher.model
         self.unet: nn.Module = self.base_model.diffusion_model
         sigmas = self.base_model.model_sampling.sigmas.detach().float().cpu()
@@ -121,13 +114,52 @@ class ComfySDXLBackbone:
     def compute_dtype(self) -> torch.dtype:
         return self.base_model.manual_cast_dtype or self.base_model.get_dtype()
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.patcher.load_device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base_model.get_dtype()
+
+    def load(self) -> None:
+        """Load the patcher (and `also_load`) fully on the load device, the host's way: this is
+        when ComfyUI puts the registered weight adapters into the modules."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patcher, *self.also_load], memory_required=1e20, force_full_load=True)
+
+    def attach_lora(self, cfg: LoraConfig, seed: int) -> ComfyLora:
+        lora = ComfyLora(self.patcher, self.lora_target_names(cfg.include_feed_forward), cfg, seed, self.device)
+        self.load()
+        if not lora.installed():  # loaded before the adapters existed: the host re-patches on a fresh load
+            self.patcher.unpatch_model()
+            self.load()
+        if not lora.installed():
+            lora.remove()
+            raise AptModelError("ComfyUI did not apply the LoRA adapters to the model; "
+                                "please report this with your ComfyUI version.")
+        return lora
+
+    def transformer_options(self) -> dict:
+        """The patcher's transformer options (attention patches, override) with its wrappers, as
+        ComfyUI's sampler passes them: a fresh dict per call, the UNet writes into it."""
+        import comfy.patcher_extension
+
+        options = dict(self.patcher.model_options.get("transformer_options", {}))
+        wrappers = getattr(self.patcher, "wrappers", None)
+        if wrappers:
+            options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
+                options.get("wrappers", {}), wrappers, copy_dict1=True)
+        return options
+
     # ---- Backbone protocol -------------------------------------------------------------------
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: SDXLConditioning) -> torch.Tensor:
         """x_t: (B, 4, h, w) noisy latents (already scaled like ComfyUI's calculate_input);
         t: (B,) integer timesteps; cond.pooled holds ComfyUI's adm vector y (B, adm_channels)."""
         dtype = self.compute_dtype
         return self.unet(x_t.to(dtype), timesteps=t.float(), context=cond.context.to(dtype),
-                         y=cond.pooled.to(dtype), transformer_options={})
+                         y=cond.pooled.to(dtype), transformer_options=self.transformer_options())
 
     def lora_target_names(self, include_feed_forward: bool = False) -> list[str]:
         return transformer_lora_targets(self.unet, include_feed_forward)
@@ -161,14 +193,29 @@ class ComfySDXLBackbone:
                 handle.undo.append(hook.remove)
                 handle.rs_layers.append(stage_name)
             if probe.aa:
+                k = int(stage_name.split(".")[1])
                 for m, tblock in enumerate(stage.transformer_blocks):
-                    attn = getattr(tblock, "attn2", None)
-                    if attn is None:
+                    if getattr(tblock, "attn2", None) is None:
                         continue
                     name = f"{stage_name}.transformer_blocks.{m}.attn2"
-                    handle.undo.append(_replace_forward(attn, _recording_attn2_forward(attn, name, probe)))
+                    handle.undo.append(self._replace_attn2(("output", k, m), _recording_attn2(name, probe)))
                     handle.aa_layers.append(name)
         return handle
+
+    def _replace_attn2(self, key: tuple[str, int, int], patch: Callable) -> Callable[[], None]:
+        """Install an attn2 replace patch on the patcher (the host's mechanism); returns its undo."""
+        replace = self.patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
+        previous = replace.get("attn2", {}).get(key)
+        self.patcher.set_model_attn2_replace(patch, *key)
+
+        def undo() -> None:
+            table = self.patcher.model_options["transformer_options"]["patches_replace"]["attn2"]
+            if previous is None:
+                table.pop(key, None)
+            else:
+                table[key] = previous
+
+        return undo
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled and not self._checkpointed:
@@ -182,6 +229,11 @@ class ComfySDXLBackbone:
                         def wrapped(*args, _f=original, **kwargs):
                             if not torch.is_grad_enabled():
                                 return _f(*args, **kwargs)
+                            # The UNet keeps writing its position ("block", "block_index") into the
+                            # transformer options as it goes: recompute with the values of this call,
+                            # or the attn2 patches would be looked up under the last block's key.
+                            args = tuple(dict(a) if isinstance(a, dict) else a for a in args)
+                            kwargs = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
                             return checkpoint(_f, *args, use_reentrant=False, **kwargs)
 
                         layer.forward = wrapped
@@ -196,39 +248,21 @@ class ComfySDXLBackbone:
         return bool(self._checkpointed)
 
 
-def _replace_forward(module: nn.Module, forward: Callable) -> Callable[[], None]:
-    """Install `forward` as an instance attribute; returns the undo function."""
-    had = "forward" in vars(module)
-    previous = vars(module).get("forward")
-    module.forward = forward
+def _recording_attn2(name: str, probe: AptProbe) -> Callable:
+    """attn2 replace patch: explicit softmax probabilities while the probe wants them, ComfyUI's
+    optimized attention otherwise. q, k, v: (B, N, heads * dim_head), already projected."""
 
-    def undo() -> None:
-        if had:
-            module.forward = previous
-        else:
-            vars(module).pop("forward", None)
+    def attn2(q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if not probe.explicit_attention:
+            from comfy.ldm.modules import attention
 
-    return undo
-
-
-def _recording_attn2_forward(attn: nn.Module, name: str, probe: AptProbe) -> Callable:
-    """ComfyUI CrossAttention.forward with explicit softmax probabilities while the probe wants them."""
-    fused = attn.forward  # the class's forward, bound: ComfyUI's optimized attention
-
-    def forward(x, context=None, value=None, mask=None, transformer_options={}):
-        if not probe.explicit_attention or context is None or mask is not None:
-            return fused(x, context=context, value=value, mask=mask, transformer_options=transformer_options)
-        heads, dim_head = attn.heads, attn.dim_head
-        b = x.shape[0]
-        q = attn.to_q(x)
-        k = attn.to_k(context)
-        v = attn.to_v(value if value is not None else context)
-        q = q.view(b, -1, heads, dim_head).transpose(1, 2)
-        k = k.view(b, -1, heads, dim_head).transpose(1, 2)
-        v = v.view(b, -1, heads, dim_head).transpose(1, 2)
+            return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                                 transformer_options=extra_options)
+        b, dim_head = q.shape[0], extra_options["dim_head"]
+        q, k, v = (x.view(b, -1, heads, dim_head).transpose(1, 2) for x in (q, k, v))
         out, probs = explicit_attention(q, k, v, dim_head ** -0.5)
         probe.record_attention(name, probs)
-        out = out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)
-        return attn.to_out(out)
+        return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)
 
-    return forward
+    return attn2

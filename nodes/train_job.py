@@ -16,6 +16,7 @@ Stopping:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import re
@@ -32,7 +33,7 @@ from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
 from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompts, load_or_draw_class_latents
 
-from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, make_plain_parameters
+from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, training_patcher
 from .dataset import AptDataset
 from .encoding import cache_dataset, class_conditionings, pixel_encoder
 from .runs import RUNS, RunState, send
@@ -122,6 +123,22 @@ def _step_files_text(names: list[str], every: int) -> str:
         return ""
     shown = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]} (every {every} steps)"
     return f"; also saved {len(names)} step LoRA{'s' if len(names) > 1 else ''}: {shown}"
+
+
+@contextlib.contextmanager
+def _in_training():
+    """ComfyUI's `in_training` flag (v0.33+; its ops pick autograd-safe paths while it is set)."""
+    import comfy.model_management as mm
+
+    had = hasattr(mm, "in_training")
+    before = getattr(mm, "in_training", False)
+    if had:
+        mm.in_training = True
+    try:
+        yield
+    finally:
+        if had:
+            mm.in_training = before
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -302,16 +319,15 @@ class TrainJob:
             class_draw = class_conditionings(self.clip, self.model.model, [r.caption for r in self.dataset.records],
                                              regs.trigger_words, regs.class_images, self.dataset.resolution)
 
-        patcher = self.model.clone()
-        # Pixel-space augmentation at every step re-encodes with the VAE during training: load it
-        # together with the UNet now, so that no later load can push the UNet being trained out of GPU
-        # memory. Pre-encoded variants need no VAE from here on.
-        mm.load_models_gpu([patcher, self.vae.patcher] if pixel_aug else [patcher],
-                           memory_required=1e20, force_full_load=True)
-        backbone = ComfySDXLBackbone(patcher)
+        # A clone (or, under dynamic VRAM, the host's non-dynamic delegate) carries the LoRA adapters
+        # and attention patches; the shared MODEL is never changed. Pixel-space augmentation at every
+        # step re-encodes with the VAE during training: load it together with the UNet, so that no
+        # later load can push the UNet being trained out of GPU memory.
+        patcher = training_patcher(self.model)
+        backbone = ComfySDXLBackbone(patcher, also_load=(self.vae.patcher,) if pixel_aug else ())
+        backbone.load()
         if class_draw is not None:
             cached.class_examples = self._class_examples(run, backbone, *class_draw)
-        make_plain_parameters(backbone.unet)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)
         log_every = max(1, cfg.train.steps // 20)
@@ -355,7 +371,8 @@ class TrainJob:
             log.info("APT: training %s for %d steps%s on %s", self.lora_file, cfg.train.steps,
                      f" (resumed at {resumed})" if resumed else "", trainer.device)
             try:
-                result = trainer.run()
+                with _in_training():
+                    result = trainer.run()
                 stopped, ckpt = result.stopped, result.checkpoint
             except mm.InterruptProcessingException:
                 # Cancel landed inside a step: nothing of that step was applied; keep the state before it.
@@ -393,5 +410,7 @@ class TrainJob:
             RUNS.set_stop_callback(run, None)
             trainer.close()
             del trainer
+            if patcher.model is not self.model.model:  # a dynamic MODEL's delegate: free its memory now
+                mm.unload_model_and_clones(patcher)
 
 
