@@ -406,3 +406,40 @@ def test_peft_input_cast_is_off_under_autocast_and_changes_nothing():
     assert any(p.abs().sum() > 0 for p in runs[0])
     for p, q in zip(*runs):
         assert torch.equal(p, q)
+
+
+class _OffloadedBackbone(DiffusersSDXLBackbone):
+    """A host that keeps weights elsewhere than where it computes (offloaded, memory-mapped, streamed
+    per operation): the UNet's first parameter lives on `meta`, the compute device is the CPU."""
+
+    def __init__(self, components):
+        super().__init__(components.unet, components.scheduler.alphas_cumprod)
+        params = dict(self.unet._parameters)
+        self.unet._parameters.clear()
+        self.unet.register_parameter("offloaded", torch.nn.Parameter(torch.empty(3, device="meta"),
+                                                                     requires_grad=False))
+        self.unet._parameters.update(params)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+
+def test_training_computes_on_the_backbones_device_not_where_a_weight_rests():
+    components, dataset = tiny_model_and_data(0)
+    offloaded = _OffloadedBackbone(components)
+    assert next(offloaded.unet.parameters()).device.type == "meta"
+    trainer = AptTrainer(offloaded, dataset, config(3, learning_rate=1e-2))
+    assert trainer.device == torch.device("cpu")
+    trainer.run()
+    got = trainer.lora.state_dict()
+    trainer.close()
+    del offloaded.unet._parameters["offloaded"]
+    plain, _, _ = make_trainer(steps=3, learning_rate=1e-2)
+    plain.run()
+    want = plain.lora.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
