@@ -143,7 +143,9 @@ class ComfySDXLBackbone:
 
     def transformer_options(self) -> dict:
         """The patcher's transformer options (attention patches, override) with its wrappers, as
-        ComfyUI's sampler passes them: a fresh dict per call, the UNet writes into it."""
+        ComfyUI's sampler passes them: a fresh dict per call, the UNet writes into it. When the host
+        runs an attention kernel that has no backward (sage, flash: chosen on ComfyUI's command line)
+        and nothing else overrides it, training uses the host's PyTorch SDPA attention instead."""
         import comfy.patcher_extension
 
         options = dict(self.patcher.model_options.get("transformer_options", {}))
@@ -151,6 +153,8 @@ class ComfySDXLBackbone:
         if wrappers:
             options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
                 options.get("wrappers", {}), wrappers, copy_dict1=True)
+        if "optimized_attention_override" not in options and _forward_only_attention():
+            options["optimized_attention_override"] = _sdpa_attention
         return options
 
     # ---- Backbone protocol -------------------------------------------------------------------
@@ -246,6 +250,24 @@ class ComfySDXLBackbone:
     @property
     def is_gradient_checkpointing(self) -> bool:
         return bool(self._checkpointed)
+
+
+# ComfyUI attention kernels without a backward pass (sage, flash, the quantized int8 kernel).
+FORWARD_ONLY_ATTENTION = ("attention_sage", "attention3_sage", "attention_flash", "attention_comfy_kitchen_int8")
+
+
+def _forward_only_attention() -> bool:
+    """Whether ComfyUI's selected attention kernel is one that cannot be trained through."""
+    from comfy.ldm.modules import attention
+
+    return getattr(attention.optimized_attention, "__name__", "") in FORWARD_ONLY_ATTENTION
+
+
+def _sdpa_attention(func, *args, **kwargs):
+    """`optimized_attention_override`: the host's PyTorch SDPA attention in place of `func`."""
+    from comfy.ldm.modules import attention
+
+    return attention.attention_pytorch(*args, **kwargs)
 
 
 def _recording_attn2(name: str, probe: AptProbe) -> Callable:

@@ -168,7 +168,7 @@ def test_close_leaves_the_comfy_model_exactly_as_it_was(cb, pair):
     assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
     assert not any("forward" in vars(m) for m in unet.modules())
     assert not any(m._forward_hooks for m in unet.modules())
-    assert not any(vars(m).get("weight_function") for m in unet.modules())
+    assert not any(vars(m).get("weight_function") or vars(m).get("bias_function") for m in unet.modules())
     assert not patcher.weight_wrapper_patches
     assert not patcher.model_options["transformer_options"].get("patches_replace", {}).get("attn2")
 
@@ -193,7 +193,30 @@ def test_inference_mode_weights_train_without_touching_the_parameters(cb, pair):
     after = dict(unet.named_parameters())
     assert after.keys() == params.keys() and all(after[n] is p for n, p in params.items())
     assert all(p.is_inference() for p in after.values())
-    assert not any(vars(m).get("weight_function") for m in unet.modules())
+    assert not any(vars(m).get("weight_function") or vars(m).get("bias_function") for m in unet.modules())
+
+
+def test_training_replaces_a_forward_only_attention_kernel_by_the_hosts_sdpa(cb, pair, monkeypatch):
+    """With sage/flash attention chosen on ComfyUI's command line (no backward), training must go
+    through the host's PyTorch attention via `optimized_attention_override`; sampling is unaffected."""
+    from comfy.ldm.modules import attention
+
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    calls = []
+
+    def attention_sage(q, k, v, heads, **kwargs):  # a stand-in with the real kernel's name
+        calls.append(heads)
+        raise RuntimeError("sage attention has no backward")
+
+    monkeypatch.setattr(attention, "optimized_attention", attention.wrap_attn(attention_sage))
+    _, _, patcher, cdataset = pair
+    trainer = AptTrainer(cb.ComfySDXLBackbone(patcher), cdataset, config(2, learning_rate=1e-2))
+    trainer.run()
+    trainer.close()
+    assert calls == []
+    assert "optimized_attention_override" not in patcher.model_options["transformer_options"]
 
 
 def test_non_sdxl_models_are_rejected_with_a_clear_message(cb, fixture_pack):
