@@ -109,8 +109,10 @@ def _map_lora_state(state, key_map):
     return out
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_training_matches_the_diffusers_backbone(cb, pair, checkpointing):
+@pytest.mark.parametrize("checkpointing,wide", [(False, False), (True, False), (False, True)])
+def test_training_matches_the_diffusers_backbone(cb, pair, checkpointing, wide):
+    """peft on diffusers and the host's weight adapters on ComfyUI train the same LoRA (wide: also
+    the feed-forward layers and the resnet convolutions, LoCon)."""
     from apt_core.trainer import AptTrainer
     from tiny import config
 
@@ -118,10 +120,13 @@ def test_training_matches_the_diffusers_backbone(cb, pair, checkpointing):
     dif, com = _backbones(cb, components, patcher)
     cfg_d = config(3, learning_rate=1e-2, gradient_checkpointing=checkpointing)
     cfg_c = config(3, learning_rate=1e-2, gradient_checkpointing=checkpointing)
+    for cfg in (cfg_d, cfg_c):
+        cfg.lora.include_feed_forward = cfg.lora.include_conv = wide
     td = AptTrainer(dif, dataset, cfg_d)
     tc = AptTrainer(com, cdataset, cfg_c)
     key_map = ch.diffusers_to_comfy_key_map(patcher)
-    tc.lora.load_state_dict(_map_lora_state(td.lora.state_dict(), key_map))  # same initial LoRA
+    init = _map_lora_state(td.lora.state_dict(), key_map)
+    tc.lora.load_state_dict(init)  # same initial LoRA
     assert len(tc._probe_handle.aa_layers) == len(td._probe_handle.aa_layers) == 9
     assert len(tc._probe_handle.rs_layers) == len(td._probe_handle.rs_layers) == 6
     rd, rc = td.run(), tc.run()
@@ -131,9 +136,14 @@ def test_training_matches_the_diffusers_backbone(cb, pair, checkpointing):
     assert rc.history[-1]["loss_rs"] > 0 and rc.history[-1]["loss_aa"] > 0
     want = _map_lora_state(td.lora.state_dict(), key_map)
     got = tc.lora.state_dict()
+    assert got.keys() == want.keys()
     for k in want:
-        # Adam normalises updates, so near-zero gradients can differ in the last bits; one step is 1e-2.
-        torch.testing.assert_close(got[k], want[k], rtol=1e-2, atol=3e-4)
+        # Adam normalises updates, so a near-zero gradient that rounds differently (a merged weight
+        # vs peft's separate matmuls) can move one element by most of a step (1e-2); the update as a
+        # whole must agree (one flipped element of the 1024 of a ff down weight: 2.7 % of its norm).
+        update, diff = want[k] - init[k], got[k] - want[k]
+        assert float(diff.norm()) <= 0.05 * float(update.norm()) + 1e-6, k
+        assert float((diff.abs() > 3e-4).float().mean()) <= 0.005, k
     td.close()
     tc.close()
 
