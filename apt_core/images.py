@@ -11,6 +11,8 @@ a header is parsed (MAX_PIXELS / MAX_DECODE_BYTES apply instead), JPEGs decode a
 
 from __future__ import annotations
 
+import os
+
 import math
 import re
 import threading
@@ -35,7 +37,7 @@ SDXL_BUCKETS_1024 = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
     (640, 1600), (640, 1536), (704, 1472), (704, 1408), (704, 1344), (768, 1344), (768, 1280),
     (832, 1216), (832, 1152), (896, 1152), (896, 1088), (960, 1088), (960, 1024), (1024, 1024))
-_REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
+REPEAT_DIR = re.compile(r"^(\d+)_(.+)$")
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
 _T = Image.Transpose  # EXIF orientation -> upright, the table of ImageOps.exif_transpose
 _EXIF_TRANSPOSE = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM,
@@ -249,11 +251,25 @@ def _visible(d: Path) -> list[Path]:
                    and p.name.lower() not in _IGNORED_FILES), key=lambda p: p.name.casefold())
 
 
-def _repeat_groups(folder: Path, report: LoadReport) -> list[tuple[Path, int]]:
+OUTSIDE = "a link that leads outside the allowed folder: not read"
+
+
+def inside(path: Path, root: Path | None) -> bool:
+    """Whether `path`, with every symlink resolved, is `root` or lies under it (True when no root)."""
+    if root is None:
+        return True
+    real = Path(os.path.realpath(path))
+    return real == root or root in real.parents
+
+
+def _repeat_groups(folder: Path, report: LoadReport, root: Path | None = None) -> list[tuple[Path, int]]:
     """[(folder, 1)] + kohya `N_name` subfolders as (subfolder, N); other subfolders are reported."""
     groups = [(folder, 1)]
     for sub in (p for p in _visible(folder) if p.is_dir()):
-        m = _REPEAT_DIR.match(sub.name)
+        if not inside(sub, root):
+            report.skipped.append((sub.name + "/", OUTSIDE))
+            continue
+        m = REPEAT_DIR.match(sub.name)
         if m and int(m.group(1)) > 0:
             groups.append((sub, int(m.group(1))))
         else:
@@ -277,9 +293,14 @@ def _caption(img: Path, texts: dict[str, Path], folder: Path, default: str | Non
 
 
 def _load_dir(d: Path, folder: Path, repeats: int, buckets: Sequence[tuple[int, int]],
-              default: str | None, report: LoadReport) -> int:
+              default: str | None, report: LoadReport, root: Path | None = None) -> int:
     """Load the images directly in `d` into `report`; returns how many image files it had."""
-    files = [p for p in _visible(d) if p.is_file()]
+    files = []
+    for p in (p for p in _visible(d) if p.is_file()):
+        if inside(p, root):
+            files.append(p)
+        else:
+            report.skipped.append((p.relative_to(folder).as_posix(), OUTSIDE))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     texts = {p.stem: p for p in files if p.suffix.lower() == ".txt"}
     texts.update({k.casefold(): v for k, v in texts.items() if k.casefold() not in texts})
@@ -308,21 +329,23 @@ def _load_dir(d: Path, folder: Path, repeats: int, buckets: Sequence[tuple[int, 
 
 
 def load_image_folder(folder: str | Path, resolution: int = 1024, default_caption: str | None = None,
-                      bucket_step: int = 64) -> LoadReport:
+                      bucket_step: int = 64, confine_to: str | Path | None = None) -> LoadReport:
     """Load the images of `folder` (repeats=1) and of kohya `N_name` subfolders (repeats=N).
 
     Raises AptDatasetError when the folder is missing or no image is usable; other bad files are
-    listed in `report.skipped` with the reason.
+    listed in `report.skipped` with the reason. confine_to: files and subfolders whose real path
+    (links resolved) leaves this folder are skipped, never opened (a server's input folder).
     """
     folder = Path(folder).expanduser()
+    root = Path(os.path.realpath(confine_to)) if confine_to is not None else None
     if not folder.exists():
         raise AptDatasetError(f"Image folder not found: {folder}. Check the path; it must be a "
                               "folder on the machine that runs ComfyUI.")
     if not folder.is_dir():
         raise AptDatasetError(f"{folder} is a file, not a folder. Give the folder that contains the images.")
     buckets, report = sdxl_buckets(resolution, bucket_step), LoadReport(resolution=resolution)
-    n_files = sum(_load_dir(d, folder, n, buckets, default_caption, report)
-                  for d, n in _repeat_groups(folder, report))
+    n_files = sum(_load_dir(d, folder, n, buckets, default_caption, report, root)
+                  for d, n in _repeat_groups(folder, report, root))
     if n_files == 0:
         raise AptDatasetError(f"No images found in {folder}. Accepted file types: "
                               f"{' '.join(IMAGE_EXTENSIONS)} (subfolders are read only when named "

@@ -42,13 +42,20 @@ class AptDataset:
 
 
 def resolve_folder(folder: str, input_dir: str) -> Path:
-    """User text -> folder path: quotes stripped, ~ expanded, relative to ComfyUI's input folder."""
+    """User text -> the real path of a folder inside ComfyUI's input folder (quotes stripped,
+    relative to the input folder, links resolved). Anything that leads outside it is refused: on a
+    shared server the folder input is a client's text, like ComfyUI's own image loaders'."""
     text = folder.strip().strip('"').strip("'").strip()
     if not text:
-        raise AptDatasetError("No image folder given. Type a folder path (relative paths are inside "
-                              "ComfyUI's input folder) or connect images.")
-    path = Path(os.path.expandvars(os.path.expanduser(text)))
-    return path if path.is_absolute() else Path(input_dir) / path
+        raise AptDatasetError("No image folder given. Type the name of a folder inside ComfyUI's input "
+                              "folder, or connect images.")
+    root = Path(os.path.realpath(input_dir))
+    path = Path(os.path.realpath(root / text))  # an absolute `text` replaces root here; checked below
+    if path != root and root not in path.parents:
+        raise AptDatasetError(f"The image folder must be inside ComfyUI's input folder ({root}); '{text}' "
+                              "leads outside it. Put the photos in a folder there (e.g. input/my_subject) "
+                              "and type its name (my_subject).")
+    return path
 
 
 def split_caption_lines(text: str | None, n_images: int) -> list[str] | str | None:
@@ -73,7 +80,7 @@ def load_dataset(folder: str, images, captions: str | None, resolution: int, def
     records, given, parts = [], set(), []
     if folder and folder.strip():
         path = resolve_folder(folder, input_dir)
-        rep = load_image_folder(path, resolution=resolution, default_caption=default)
+        rep = load_image_folder(path, resolution=resolution, default_caption=default, confine_to=input_dir)
         defaulted = set(rep.defaulted)
         records += rep.records
         given |= {r.source for r in rep.records if r.caption and r.source not in defaulted}

@@ -11,6 +11,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from apt_core.config import FILL_MODES, AugmentConfig, IndicatorConfig, RegularizerConfig, TrainConfig
+from apt_core.images import REPEAT_DIR
 
 from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
 from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRESETS,
@@ -28,7 +29,8 @@ _IND, _AUG, _REG = IndicatorConfig(), AugmentConfig(), RegularizerConfig()
 
 
 def _folder_fingerprint(folder: str) -> str:
-    """Names, sizes and times of everything under the folder, so edits re-run the loader."""
+    """Names, sizes and times of what the loader reads (the folder's files and its N_name
+    subfolders' files, one level), so edits re-run the loader."""
     import folder_paths
 
     try:
@@ -36,17 +38,16 @@ def _folder_fingerprint(folder: str) -> str:
     except Exception:  # noqa: BLE001 - the node itself reports the problem
         return f"invalid:{folder}"
     h = hashlib.sha1(str(root).encode())
-    if root.is_dir():
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames.sort()
-            for name in sorted(filenames):
-                try:
-                    st = os.stat(os.path.join(dirpath, name))
-                except OSError:
-                    continue
-                h.update(f"{os.path.relpath(os.path.join(dirpath, name), root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    else:
-        h.update(b"missing")
+    if not root.is_dir():
+        return h.hexdigest() + ":missing"
+    for d in [root, *sorted(p for p in root.iterdir() if p.is_dir() and REPEAT_DIR.match(p.name))]:
+        for entry in sorted(os.scandir(d), key=lambda e: e.name):
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            stamp = "dir" if entry.is_dir() else f"{st.st_size}|{st.st_mtime_ns}"
+            h.update(f"{d.name}/{entry.name}|{stamp}\n".encode())
     return h.hexdigest()
 
 
@@ -62,8 +63,9 @@ class AptDatasetLoader(io.ComfyNode):
             inputs=[
                 io.String.Input("folder", default="", tooltip=(
                     "Folder with the reference images (.png .jpg .webp ...). A caption can sit next to each "
-                    "image as a .txt file with the same name. Relative paths are inside ComfyUI's input "
-                    "folder. Subfolders named like '10_name' are repeated 10 times per epoch. Leave empty "
+                    "image as a .txt file with the same name. The folder must be inside ComfyUI's input "
+                    "folder: type its name there (my_subject); paths and links that lead elsewhere are "
+                    "refused. Subfolders named like '10_name' are repeated 10 times per epoch. Leave empty "
                     "when you connect images instead.")),
                 io.Int.Input("resolution", default=1024, min=64, max=2048, step=64, tooltip=(
                     "Training resolution in pixels (SDXL: 1024). Images are fitted to SDXL's aspect-ratio "

@@ -116,6 +116,54 @@ def test_loader_fingerprint_changes_when_the_folder_changes(mods, tmp_path, monk
     assert fp("s") != a
 
 
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "symlinked folder", "absolute inside"])
+def test_loader_stays_inside_the_input_folder(mods, tmp_path, how):
+    """On a shared server the folder is a client's text: nothing outside input/ is listed or read."""
+    from apt_core.errors import AptDatasetError
+
+    inp, secret = tmp_path / "input", tmp_path / "private"
+    _write_images(secret, 3, captions={"img0.txt": "SECRET caption"})
+    _write_images(inp / "mine", 3)
+    (inp / "link").symlink_to(secret, target_is_directory=True)
+    folder = {"absolute": str(secret), "dotdot": "../private", "symlinked folder": "link",
+              "absolute inside": str(inp / "mine")}[how]
+    if how == "absolute inside":
+        assert len(mods["dataset"].load_dataset(folder, None, None, 64, "", str(inp))) == 3
+        return
+    with pytest.raises(AptDatasetError, match="inside ComfyUI's input folder") as err:
+        mods["dataset"].load_dataset(folder, None, None, 64, "", str(inp))
+    assert "SECRET" not in str(err.value) and "img0" not in str(err.value)
+
+
+def test_loader_skips_files_that_link_outside_the_input_folder(mods, tmp_path):
+    inp, secret = tmp_path / "input", tmp_path / "private"
+    _write_images(secret, 1, captions={"img0.txt": "SECRET caption"})
+    _write_images(inp / "mine", 3)
+    (inp / "mine" / "stolen.png").symlink_to(secret / "img0.png")
+    (inp / "mine" / "img1.txt").symlink_to(secret / "img0.txt")  # a caption read from elsewhere
+    (inp / "mine" / "5_more").symlink_to(secret, target_is_directory=True)
+    ds = mods["dataset"].load_dataset("mine", None, None, 64, "", str(inp))
+    assert len(ds) == 3 and not any("SECRET" in r.caption for r in ds.records)
+    assert "SECRET" not in ds.report
+    for name in ("stolen.png", "img1.txt", "5_more/"):
+        assert f"{name}: a link that leads outside" in ds.report
+
+
+def test_loader_fingerprint_never_walks_outside_or_below_what_the_loader_reads(mods, tmp_path, monkeypatch):
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "get_input_directory", lambda: str(tmp_path / "input"))
+    fp = mods["node_defs"]._folder_fingerprint
+    assert fp("/").startswith("invalid:") and fp("../..").startswith("invalid:")
+    _write_images(tmp_path / "input" / "s", 2)
+    (tmp_path / "input" / "s" / "deep").mkdir()
+    a = fp("s")
+    _write_images(tmp_path / "input" / "s" / "deep" / "deeper", 2)  # not read by the loader
+    assert fp("s") == a
+    _write_images(tmp_path / "input" / "s" / "3_extra", 1)  # read (kohya repeats folder)
+    assert fp("s") != a
+
+
 # ---- captions ----------------------------------------------------------------------------------
 
 def test_caption_template_fills_missing_and_tidies(mods, tmp_path):
