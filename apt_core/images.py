@@ -11,9 +11,8 @@ a header is parsed (MAX_PIXELS / MAX_DECODE_BYTES apply instead), JPEGs decode a
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 import re
 import threading
 import warnings
@@ -30,8 +29,11 @@ from PIL import Image
 from .errors import AptConfigError, AptDatasetError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-MAX_PIXELS = 40_000 * 40_000  # header size above which a file is refused
-MAX_DECODE_BYTES = 2 * 1024**3  # decoded size (after JPEG draft) above which a file is refused
+MAX_PIXELS = 16_384 * 16_384  # header size above which a file is refused (a 200 MP phone JPEG fits)
+MAX_DECODE_BYTES = 1024**3  # decoding + RGB conversion (after JPEG draft) above this: refused
+# A decode this large must come from a file at least 1/MAX_RATIO of its size (photos and drawings
+# compress far less; a decompression bomb far more), so a bomb is refused from its header.
+BOMB_MIN_BYTES, MAX_RATIO = 64 * 1024**2, 250
 # SDXL training buckets at 1024 px as (height, width) with h <= w; transposes are added.
 SDXL_BUCKETS_1024 = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
@@ -210,29 +212,59 @@ def _shrink(im: Image.Image, need_wh: tuple[int, int]) -> Image.Image:
         return im
 
 
+class ImageTooLarge(ValueError):
+    """An image refused from its header: decoding it would cost too much memory."""
+
+
+def decode_bytes(mode: str, w: int, h: int) -> int:
+    """What PIL needs to decode a (w, h) image of `mode` and convert it to 8-bit RGB (PIL keeps
+    1/L/P at one byte a pixel, I;16 at two, every other mode at four), alpha compositing included."""
+    px = w * h
+    depth = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La", "P")
+    return px * (depth + 4 + (8 if alpha else 0))
+
+
+def check_header(src: Image.Image, file_size: int | None) -> None:
+    """Refuse, from the header alone (nothing decoded yet), an image too large to decode safely.
+    file_size: the file's size, checked against the decode (after `draft`) when given."""
+    w, h = src.size
+    if w * h > MAX_PIXELS:
+        raise ImageTooLarge(f"too large: {w}x{h} px (limit {MAX_PIXELS // 10**6} megapixels); downscale "
+                         "it in an image editor first")
+    need = decode_bytes(src.mode, src.width, src.height)  # src.size after draft
+    if need > MAX_DECODE_BYTES:
+        raise ImageTooLarge(f"too large: {w}x{h} px would need {need / 2**30:.1f} GB of memory to decode; "
+                         "downscale it or save it as JPEG first")
+    if file_size is not None and need > BOMB_MIN_BYTES and need > MAX_RATIO * max(1, file_size):
+        raise ImageTooLarge(f"too large for its file size: {w}x{h} px from {file_size} bytes would need "
+                         f"{need / 2**20:.0f} MB to decode (a decompression bomb?); re-save it from an "
+                         "image editor")
+
+
 def load_image_file(path: str | Path, buckets: Sequence[tuple[int, int]], repeats: int = 1,
                     caption: str = "") -> ImageRecord:
-    """Decode one file into an ImageRecord (bucketed). Raises OSError/ValueError if unusable."""
+    """Decode one file into an ImageRecord (bucketed). Raises OSError/ValueError if unusable.
+
+    The size checks run on the header before anything is decoded (a PNG's EXIF may sit after its
+    pixels, so even reading the orientation can decode it); only the first frame is read."""
     path = Path(path)
     with _lifted_pil_limit():
         src = Image.open(path)
     with src:
         w, h = src.size
-        if w * h > MAX_PIXELS:
-            raise ValueError(f"{w}x{h} px is too large (limit {MAX_PIXELS // 10**6} megapixels); "
-                             "downscale it in an image editor first")
+        check_header(src, None)
+        # Draft (JPEG: decode at 1/2..1/8 scale) for the smaller of the two orientations' needs,
+        # before the orientation is known; no-op for other formats.
+        rough = cover_geometry(h, w, choose_bucket(h, w, buckets))[0]
+        src.draft(None, (min(rough), min(rough)))
+        check_header(src, path.stat().st_size)
         orientation = src.getexif().get(0x0112, 1)
         swap = orientation in (5, 6, 7, 8)
         original_hw = (w, h) if swap else (h, w)
         bucket = choose_bucket(*original_hw, buckets)
         (rh, rw), _ = cover_geometry(*original_hw, bucket)
         need_wh = (rh, rw) if swap else (rw, rh)  # in the file's (unrotated) frame
-        src.draft(None, need_wh)  # JPEG: decode at 1/2, 1/4 or 1/8 scale; no-op for others
-        depth = 2 if "16" in src.mode else 4 if src.mode in ("I", "F") else 1
-        need_bytes = src.width * src.height * len(src.getbands()) * depth
-        if need_bytes > MAX_DECODE_BYTES:
-            raise ValueError(f"{w}x{h} px would need {need_bytes / 2**30:.1f} GB of memory to "
-                             "decode; downscale it or save it as JPEG first")
         src.load()
         im = _shrink(to_rgb8(_shrink(src, need_wh)), need_wh)
         if orientation in _EXIF_TRANSPOSE:
@@ -319,6 +351,9 @@ def _load_dir(d: Path, folder: Path, repeats: int, buckets: Sequence[tuple[int, 
             rec = load_image_file(p, buckets, repeats)
         except MemoryError:
             report.skipped.append((rel, "not enough memory to decode it; downscale it first"))
+            continue
+        except ImageTooLarge as e:
+            report.skipped.append((rel, str(e)))
             continue
         except Exception as e:  # noqa: BLE001 - any decoder failure means: skip this file
             report.skipped.append((rel, f"cannot be read ({type(e).__name__}: {e}); re-save it as PNG or JPEG"))

@@ -318,3 +318,54 @@ def test_records_from_images_list_mixed_and_caption_errors():
         records_from_images([], None)
     with pytest.raises(AptDatasetError, match="shape"):
         records_from_images([torch.zeros(3, 8, 8, 2)], None, 32, 8)
+
+
+def _png(path, w, h, color_type=2, bit_depth=8, pixels=True):
+    """A PNG written chunk by chunk (IHDR, one IDAT of zero rows compressed as it goes, IEND), so a
+    30000 x 30000 test file costs the test only its compressed bytes."""
+    import struct
+    import zlib
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0)))
+        if pixels:
+            bits = {0: 1, 2: 3}[color_type] * bit_depth
+            row, c = b"\0" * (1 + (w * bits + 7) // 8), zlib.compressobj(9)
+            f.write(chunk(b"IDAT", b"".join(c.compress(row) for _ in range(h)) + c.flush()))
+        f.write(chunk(b"IEND", b""))
+
+
+def test_decompression_bombs_are_refused_from_their_header_at_a_few_mb(tmp_path):
+    """The three bombs of issue 25 (a 1-bit 30000^2 PNG, a large RGB PNG of zeros, a header-only file)
+    plus one under the pixel limit that only its compression ratio gives away: each is skipped with
+    a 'too large' line and the loader's peak memory grows by a few MB at most (own process)."""
+    import subprocess
+    import sys
+
+    _png(tmp_path / "onebit.png", 30000, 30000, color_type=0, bit_depth=1)
+    _png(tmp_path / "rgb.png", 16000, 16000)
+    _png(tmp_path / "ratio.png", 8000, 8000)
+    _png(tmp_path / "header_only.png", 10000, 10000, pixels=False)
+    _rgb(96, 64).save(tmp_path / "fine.png")
+    assert (tmp_path / "header_only.png").stat().st_size < 100 and (tmp_path / "onebit.png").stat().st_size < 200_000
+    code = (
+        "import resource, sys\n"
+        "from apt_core.images import load_image_folder, load_image_file, sdxl_buckets\n"
+        "load_image_file(sys.argv[1] + '/fine.png', sdxl_buckets(64, 8))\n"  # warm up: imports, first decode
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "rep = load_image_folder(sys.argv[1], resolution=64, bucket_step=8)\n"
+        "grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(len(rep.records), grew)\n"
+        "print(rep.summary())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.returncode == 0, out.stderr
+    first, _, summary = out.stdout.partition("\n")
+    n, grew_kb = (int(v) for v in first.split())
+    assert n == 1
+    for name in ("onebit.png", "rgb.png", "ratio.png", "header_only.png"):
+        assert f"  {name}: too large" in summary, summary
+    assert grew_kb < 20 * 1024, f"peak RSS grew by {grew_kb / 1024:.0f} MB"
