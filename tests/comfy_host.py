@@ -1,4 +1,6 @@
-"""Helpers for tests that need the real ComfyUI host (0.3.75, fetched by scripts/fetch_comfyui.sh).
+"""Helpers for tests that need the real ComfyUI host: 0.3.75 (fetched by scripts/fetch_comfyui.sh into
+.cache/comfyui, the default) or v0.33.0 (scripts/env_comfy033.sh, .cache/comfyui-0.33.0); the tree is
+``$APT_COMFYUI_DIR``. scripts/test.sh runs the host-facing tests on both.
 
 Two layers:
 
@@ -56,6 +58,18 @@ def comfyui_dir() -> Path:
 
 def comfyui_available() -> bool:
     return (comfyui_dir() / "main.py").is_file()
+
+
+def comfyui_version() -> str:
+    """``__version__`` of the host tree (its comfyui_version.py), e.g. "0.3.75"; "" when unknown."""
+    import re
+
+    try:
+        text = (comfyui_dir() / "comfyui_version.py").read_text(encoding="utf-8")
+    except OSError:
+        return ""
+    m = re.search(r"""__version__\s*=\s*["']([^"']+)""", text)
+    return m.group(1) if m else ""
 
 
 def host_required() -> bool:

@@ -1,5 +1,6 @@
 """The live chart widget in a REAL browser: headless Debian Chromium driven by playwright, against the
-real ComfyUI 0.3.75 frontend served by the real host with this pack loaded (CPU, 127.0.0.1).
+real ComfyUI frontend served by the real host with this pack loaded (CPU, 127.0.0.1). Hosts:
+0.3.75 (frontend 1.32.9) and v0.33.0 (frontend 1.48.7); scripts/test.sh runs this file on both.
 
 Flow: open the page; open the template browser (Templates -> Extensions -> the pack's folder), check
 the three example cards and their thumbnails, open example 1 by clicking its card; load each shipped
@@ -11,7 +12,8 @@ exactly as the generator wrote it (its own serialisation and graphToPrompt agree
 `app.queuePrompt(0)`, wait until the chart on the APT Trainer node has drawn points for every
 timestep bin, press the widget's Stop button with a real mouse click, and check the graceful stop:
 status "stopped" on the chart and on the server, the LoRA and a resumable checkpoint kept, the rest
-of the workflow rendered. Screenshots go to test-artifacts/ (gitignored); with
+of the workflow rendered. Screenshots go to test-artifacts/ (gitignored; $APT_TEST_ARTIFACTS, which
+scripts/test.sh sets to test-artifacts/comfyui-0.33.0 for the v0.33.0 run); with
 APT_UPDATE_DOCS_SCREENSHOT=1 the chart screenshot also replaces docs/widget.png.
 
 Browser: /usr/bin/chromium (or $APT_CHROMIUM). Never downloaded by playwright. Missing browser or
@@ -30,12 +32,13 @@ from pathlib import Path
 import pytest
 
 import comfy_host as ch
-from test_workflows_integration import NAMES, bw, load, start_server, subject_images, swap_loader
+from test_workflows_integration import NAMES, bw, host_problems, load, start_server, subject_images, swap_loader
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
+# scripts/test.sh points the v0.33.0 run at test-artifacts/comfyui-0.33.0 so both hosts' screenshots stay
+ARTIFACTS = Path(os.environ.get("APT_TEST_ARTIFACTS") or REPO / "test-artifacts")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
@@ -94,7 +97,7 @@ def browser_graph(info: dict) -> tuple[dict, int]:
             set_widget(wf, info, n["id"], "height", 64)
         elif n["type"] == "KSampler":
             set_widget(wf, info, n["id"], "steps", 2)
-    assert bw.validate_workflow(wf, info) == []
+    assert host_problems(wf, info) == []
     return wf, trainer
 
 
@@ -139,7 +142,7 @@ def test_chart_fills_every_bin_and_stop_button_stops_gracefully(server, browser_
 
     info = server.object_info()
     wf, trainer = browser_graph(info)
-    ARTIFACTS.mkdir(exist_ok=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = tempfile.mkdtemp(prefix="apt-chromium-")
     console: list[str] = []
     mark = 0
