@@ -7,8 +7,10 @@ names, plus `apt_*` entries with the APT settings and the final gamma per timest
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Mapping
@@ -79,27 +81,96 @@ def kohya_metadata(rank: int, alpha: float, *, steps: int, learning_rate: float,
     return meta
 
 
+TEMP_SUFFIX = ".apt-tmp"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Disk full, whichever writer hit it: OSError 28, safetensors' 'os error 28', or torch.save's
+    C++ writer ('[enforce fail at inline_container.cc...]', no errno) on a folder with next to no
+    room left."""
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    if "os error 28" in str(exc) or "No space left" in str(exc):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 64 * 1024**2
+    except OSError:
+        return False
+
+
+def save_error(target: Path, exc: BaseException) -> AptOutputError:
+    """A failed save as a message that names the folder and what to do."""
+    folder = target.parent
+    if _out_of_space(exc, folder):
+        try:
+            free = f" ({shutil.disk_usage(folder).free / 2**20:.0f} MB free)"
+        except OSError:
+            free = ""
+        return AptOutputError(f"could not save {target.name}: the disk holding {folder} is full{free}. Free "
+                              "some space there (old LoRAs, or old runs in output/apt_lora_trainer) and queue "
+                              "again.")
+    if isinstance(exc, PermissionError):
+        return AptOutputError(f"could not save {target.name}: no permission to write in {folder}. Let the "
+                              "user running ComfyUI write there, or choose another folder.")
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:200]
+    return AptOutputError(f"could not save {target}: {reason}.")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path) in the target folder, then rename over `path` (never half a file)."""
+    """Call write(tmp_path) in the target folder, then rename over `path` (never half a file).
+
+    The file gets the mode a plain `open()` would give it (0666 less the umask; the temp file is
+    created 0600), so a ComfyUI running as another user can read it. Any failure (disk full,
+    permissions, the writer's own errors) leaves no temp file and raises AptOutputError naming the
+    folder; an existing `path` is never touched by a failed write."""
     target = Path(path)
     folder = target.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=folder)
         os.close(fd)
     except OSError as exc:
-        raise AptOutputError(f"cannot write to {folder}: {exc.strerror or exc}. "
-                             "Choose a folder you can write to.") from exc
+        raise save_error(target, exc) from exc
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
-    except OSError as exc:
-        hint = " The disk is full: free some space and save again." if exc.errno == 28 else ""
-        raise AptOutputError(f"could not save {target}: {exc.strerror or exc}.{hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - safetensors / torch.save report disk full without OSError
+        raise save_error(target, exc) from exc
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temp files an interrupted `atomic_write` left in `folder` (only those of files named
+    `name`, or starting with `name`, when given); returns what was removed."""
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if p.name.startswith(f".{name or ''}") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def save_kohya_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],

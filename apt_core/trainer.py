@@ -335,8 +335,9 @@ class AptTrainer:
             eta_s=remaining * sec, timesteps=t.tolist(), loss_preserve=loss_preserve)
 
     # ---- the loop ------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        """Train until config.train.steps, a stop request, or an error; checkpoint on the way."""
+    def run(self, final_checkpoint: bool = True) -> TrainResult:
+        """Train until config.train.steps, a stop request, or an error; checkpoint on the way (and at
+        the end unless `final_checkpoint` is off: a caller that saves the LoRA first does it after)."""
         every = self.config.train.checkpoint_every
         last_ckpt: Path | None = None
         stopped = False
@@ -353,7 +354,8 @@ class AptTrainer:
                 if self.on_checkpoint_step:
                     self.on_checkpoint_step(self.step_idx)
                 last_ckpt = self.save_checkpoint()
-        if self.checkpoint_dir is not None and (stopped or self.step_idx == self.config.train.steps):
+        if final_checkpoint and self.checkpoint_dir is not None and (
+                stopped or self.step_idx == self.config.train.steps):
             last_ckpt = self.save_checkpoint()
         return TrainResult(self.step_idx, stopped, last_ckpt, self.indicator.gammas(), self.history)
 

@@ -121,7 +121,9 @@ def sanitize_lora_name(name: str) -> str:
     if stem.lower().endswith(".safetensors"):
         stem = stem[: -len(".safetensors")]
     stem = re.sub(r"[^\w.\-]+", "_", stem)  # path separators, spaces, ':' ... -> _
-    stem = re.sub(r"_+", "_", stem).strip("._-")[:100]
+    # File names are limited in bytes (255 on most file systems) and the step files and the temp file
+    # of an atomic save add ~30: keep the stem to 100 bytes of UTF-8, cut on a character boundary.
+    stem = re.sub(r"_+", "_", stem).strip("._-").encode("utf-8")[:100].decode("utf-8", "ignore").rstrip("._-")
     if not stem:
         raise AptConfigError(f"LoRA name {name!r} has no usable characters; use letters, digits, '-' or '_'.")
     if stem.split(".")[0].lower() in _RESERVED:

@@ -31,6 +31,7 @@ from apt_core.augment import variant_grid
 from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
+from apt_core.export import remove_stale_temps
 from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompts, load_or_draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, training_patcher
@@ -188,8 +189,11 @@ class TrainJob:
             class_prompts([r.caption for r in self.dataset.records], regs.trigger_words)
         latest = latest_checkpoint(self.checkpoint_dir)
         step = checkpoint_step(latest) if latest is not None else 0
-        if latest is not None and self.resume and step < self.config.train.steps:
-            self.resume_from = latest
+        total = self.config.train.steps
+        if latest is not None and self.resume and (step < total or (step == total and not self.target.exists())):
+            self.resume_from = latest  # unfinished, or finished but its LoRA was never written (disk full)
+        remove_stale_temps(self.loras_dir, self.lora_file[: -len(".safetensors")])  # of a killed save
+        remove_stale_temps(self.checkpoint_dir)
         if self.target.exists() and not self.overwrite and self.resume_from is None:
             raise AptOutputError(f"A LoRA named {self.lora_file} already exists in {self.loras_dir}. "
                                  "Choose another LoRA name, or turn on 'overwrite'.")
@@ -292,6 +296,33 @@ class TrainJob:
             log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
 
+    def _save_lora_then_checkpoint(self, run: RunState, trainer, steps_text: str) -> tuple[Path, str | None, str]:
+        """The finished training, saved so that no failure loses it: the LoRA first, then the final
+        checkpoint, each tried whatever happened to the other. A LoRA that cannot be written leaves
+        the checkpoint, from which the next queue writes it without training again."""
+        lora_error = ckpt_error = None
+        path = ckpt = None
+        try:
+            path = trainer.save_lora(self.target, output_name=Path(self.lora_file).stem)
+        except AptOutputError as exc:
+            lora_error = exc
+        try:
+            ckpt = trainer.save_checkpoint()
+        except AptOutputError as exc:
+            ckpt_error = exc
+        if lora_error is not None:
+            kept = (f" The training is kept in {ckpt}: once there is room, queue again with the same LoRA name "
+                    "and 'resume' on, and the LoRA is written from it without training again."
+                    if ckpt is not None else f" The final checkpoint could not be saved either: {ckpt_error}")
+            RUNS.update(run, status="error", message=f"{lora_error}{kept}{steps_text}")
+            send("apt.status", run.summary())
+            raise AptOutputError(f"{lora_error}{kept}") from lora_error
+        note = ""
+        if ckpt_error is not None:
+            log.warning("APT: the LoRA is saved, but the final checkpoint is not: %s", ckpt_error)
+            note = f" (the final checkpoint could not be saved: {ckpt_error})"
+        return path, str(ckpt) if ckpt else None, note
+
     def _run(self, run: RunState) -> JobResult:
         import comfy.model_management as mm
         import comfy.utils
@@ -370,13 +401,14 @@ class TrainJob:
             send("apt.status", run.summary())
             log.info("APT: training %s for %d steps%s on %s", self.lora_file, cfg.train.steps,
                      f" (resumed at {resumed})" if resumed else "", trainer.device)
+            mid_step = False
             try:
                 with _in_training():
-                    result = trainer.run()
+                    result = trainer.run(final_checkpoint=False)  # the LoRA is saved first, below
                 stopped, ckpt = result.stopped, result.checkpoint
             except mm.InterruptProcessingException:
                 # Cancel landed inside a step: nothing of that step was applied; keep the state before it.
-                self._cancel_seen, stopped = True, True
+                self._cancel_seen, stopped, mid_step = True, True, True
                 ckpt = trainer.save_last_good()  # the state before that step; resume replays it
             except Exception as exc:
                 if _is_oom(exc):
@@ -384,10 +416,12 @@ class TrainJob:
                     self._oom_checkpoint = _save_quietly(trainer)
                     self._oom_step = trainer.step_idx
                 raise
-            ckpt_str = str(ckpt) if ckpt else None
             steps_text = _step_files_text(self.step_files, cfg.train.checkpoint_every)
             if self.save_step_loras and not cfg.train.checkpoint_every:
                 steps_text = "; no step LoRAs saved: 'checkpoint_every' is 0"
+            if self._cancel_seen and not mid_step:
+                ckpt = trainer.save_checkpoint()
+            ckpt_str = str(ckpt) if ckpt else None
             if self._cancel_seen:
                 RUNS.update(run, status="cancelled", checkpoint=ckpt_str,
                             message=f"cancelled at step {trainer.step_idx}; resumable checkpoint: {ckpt_str}"
@@ -397,10 +431,10 @@ class TrainJob:
                 raise mm.InterruptProcessingException()
             if trainer.step_idx == 0:
                 raise AptError("Training was stopped before the first step; nothing to save.")
-            path = trainer.save_lora(self.target, output_name=Path(self.lora_file).stem)
+            path, ckpt_str, ckpt_note = self._save_lora_then_checkpoint(run, trainer, steps_text)
             status = "stopped" if stopped else "finished"
             RUNS.update(run, status=status, checkpoint=ckpt_str,
-                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}" + steps_text)
+                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}" + steps_text + ckpt_note)
             send("apt.status", run.summary())
             log.info("APT: saved %s (%d steps) to %s%s", self.lora_file, trainer.step_idx, path, steps_text)
             return JobResult(self.lora_file, Path(path), trainer.step_idx, cfg.train.steps, resumed, stopped,

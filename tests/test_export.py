@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from apt_core.errors import AptOutputError
 from apt_core.export import atomic_write, read_kohya_lora, tag_frequency
@@ -73,7 +74,7 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
             f.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(AptOutputError, match="disk is full"):
+    with pytest.raises(AptOutputError, match=f"the disk holding {tmp_path} is full"):
         atomic_write(target, broken)
     assert target.read_bytes() == b"previous good file"
     assert os.listdir(tmp_path) == ["out.safetensors"]
@@ -84,11 +85,58 @@ def test_unwritable_output_folder_is_a_clear_error(tmp_path):
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
-    with pytest.raises(AptOutputError, match="cannot write"):
+    with pytest.raises(AptOutputError, match="no permission to write in"):
         atomic_write(folder / "x.safetensors", lambda tmp: None)
 
 
 def test_output_path_under_a_file_is_a_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(AptOutputError, match="cannot write"):
+    with pytest.raises(AptOutputError, match="could not save"):
         atomic_write(tmp_path / "file" / "x.safetensors", lambda tmp: None)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_saved_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Not mkstemp's 0600: a ComfyUI running as another user must be able to read the LoRA."""
+    old = os.umask(umask)
+    try:
+        atomic_write(tmp_path / "x.safetensors", lambda tmp: save_file({"a": torch.zeros(2)}, tmp))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.safetensors").stat().st_mode & 0o777 == mode
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """A 256 KB tmpfs (root only; CI runs as root): the real 'disk full' of each writer."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: a failed writer may still hold a file
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_disk_full_names_the_folder_and_leaves_nothing_behind(tiny_disk, writer):
+    big = {"w": torch.zeros(512, 1024)}  # 2 MB: does not fit
+    write = (lambda tmp: save_file(big, tmp)) if writer == "safetensors" else (lambda tmp: torch.save(big, tmp))
+    (tiny_disk / "old.safetensors").write_bytes(b"kept")
+    with pytest.raises(AptOutputError, match=f"the disk holding {tiny_disk} is full") as err:
+        atomic_write(tiny_disk / "new.safetensors", write)
+    assert "Free some space there" in str(err.value)
+    assert sorted(os.listdir(tiny_disk)) == ["old.safetensors"]
+
+
+def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
+    from apt_core.export import TEMP_SUFFIX, remove_stale_temps
+
+    stale = [tmp_path / f".lora.safetensors.abc{TEMP_SUFFIX}", tmp_path / f".lora_step00100.safetensors.x{TEMP_SUFFIX}"]
+    other = [tmp_path / f".other.safetensors.abc{TEMP_SUFFIX}", tmp_path / "lora.safetensors", tmp_path / ".lora.tmp"]
+    for p in stale + other:
+        p.write_bytes(b"x")
+    assert sorted(remove_stale_temps(tmp_path, "lora")) == sorted(stale)
+    assert all(p.exists() for p in other)

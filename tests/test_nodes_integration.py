@@ -207,7 +207,7 @@ def test_train_then_sample_with_the_lora_and_the_untouched_model(server):
     ui = entry["outputs"][TRAINER]["apt_run"][0]
     assert ui["lora_name"] == "apt_it.safetensors" and ui["steps_done"] == 3 and len(ui["final_gamma"]) == 10
     assert (server.loras_dir / "apt_it.safetensors").is_file()
-    assert not list(server.loras_dir.glob("*.tmp"))
+    assert not list(server.loras_dir.glob(".*tmp"))
     assert "apt_it.safetensors" in server.object_info("LoraLoader")["LoraLoader"]["input"]["required"]["lora_name"][0]
     state = server.get_json(f"/apt/runs/{TRAINER}")
     assert state["status"] == "finished" and state["step"] == 3 and len(state["history"]) == 3

@@ -7,7 +7,9 @@ and a real comfy.sd.VAE, inside torch.inference_mode() like ComfyUI's loaders do
 from __future__ import annotations
 
 import math
+import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -124,7 +126,7 @@ def test_job_trains_saves_a_loadable_lora_and_leaves_the_model_unchanged(m, tmp_
     res = job.run()
     assert res.steps_done == STEPS and not res.stopped and not res.cancelled
     assert res.lora_path == tmp_path / "loras" / "full.safetensors" and res.lora_path.exists()
-    assert not list((tmp_path / "loras").glob("*.tmp"))
+    assert not list((tmp_path / "loras").glob(".*tmp"))
     assert len(res.history) == STEPS and len(res.gammas) == 10
     keys = list(_lora_tensors(res.lora_path))
     assert all(k.startswith("lora_unet_") for k in keys) and any("output_blocks" in k for k in keys)
@@ -246,11 +248,15 @@ def test_step_loras_are_never_replaced_silently_but_a_resumed_run_may_redo_its_o
     kept_ckpts = sorted(p.name for p in ckpts.iterdir())
     with pytest.raises(AptOutputError, match=r"Step LoRAs .*own_step00001\.safetensors.*overwrite"):
         _job(m, tmp_path, "own", steps=2, checkpoint_every=1, save_step_loras=True, node_id="own").prepare()
-    with pytest.raises(AptOutputError, match="overwrite"):  # resume on, but the run already reached its steps
-        _job(m, tmp_path, "own", steps=3, checkpoint_every=1, save_step_loras=True, resume=True,
-             node_id="own").prepare()
     assert {p.name: p.stat().st_mtime_ns for p in loras.iterdir()} == before
     assert sorted(p.name for p in ckpts.iterdir()) == kept_ckpts
+    # ... while with resume on, the finished run writes its final LoRA again from its last checkpoint,
+    # without training and without touching its step files
+    res = _job(m, tmp_path, "own", steps=3, checkpoint_every=1, save_step_loras=True, resume=True,
+               node_id="own").prepare().run()
+    assert res.resumed_from == 3 and res.steps_done == 3 and res.step_files == []
+    assert {p.name: p.stat().st_mtime_ns for p in loras.iterdir() if p.name != "own.safetensors"} == before
+    (loras / "own.safetensors").unlink()
     # ... while a run that writes no step files (option off, or checkpoint_every 0) leaves them alone
     _job(m, tmp_path, "own", steps=2, checkpoint_every=1, node_id="own").prepare()
     _job(m, tmp_path, "own", steps=2, checkpoint_every=0, save_step_loras=True, node_id="own").prepare()
@@ -666,3 +672,57 @@ def test_class_preservation_settings_need_a_trigger_word_and_images(m):
     with pytest.raises(AptDatasetError, match="does not contain the trigger word"):  # before any work
         job.prepare()
     assert (off["lambda_preserve"], off["class_images"], off["trigger_words"]) == (0.0, 0, ())
+
+
+@pytest.fixture()
+def full_disk(tmp_path):
+    """A small tmpfs filled up by one file (root only; CI runs as root): `free()` makes room again."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    filler = mnt / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    yield types.SimpleNamespace(path=mnt, free=lambda: filler.unlink())
+    subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: a failed writer may still hold a file
+
+
+def test_a_full_loras_disk_loses_nothing_and_the_next_queue_writes_the_lora_without_training(
+        m, tmp_path, full_disk, monkeypatch):
+    from apt_core.errors import AptOutputError
+    from apt_core.trainer import AptTrainer
+
+    job = _job(m, tmp_path, "full", learning_rate=1e-2)
+    job.loras_dir = full_disk.path / "loras"
+    with pytest.raises(AptOutputError, match="is full") as err:
+        job.prepare().run()
+    kept = tmp_path / "runs" / "full" / f"step_{STEPS:06d}.pt"
+    assert kept.exists() and str(kept) in str(err.value) and "without training again" in str(err.value)
+    assert not list(full_disk.path.rglob("*.safetensors*"))
+    full_disk.free()
+    steps = []
+    real = AptTrainer.train_step
+    monkeypatch.setattr(AptTrainer, "train_step", lambda self: steps.append(1) or real(self))
+    again = _job(m, tmp_path, "full", learning_rate=1e-2, resume=True)
+    again.loras_dir = full_disk.path / "loras"
+    res = again.prepare().run()
+    assert steps == [] and res.resumed_from == STEPS and res.lora_path.exists()
+    want = _job(m, tmp_path / "ref", "full", learning_rate=1e-2).prepare().run()
+    got, ref = _lora_tensors(res.lora_path), _lora_tensors(want.lora_path)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_a_full_output_disk_still_saves_the_lora(m, tmp_path, full_disk):
+    job = _job(m, tmp_path, "ck", learning_rate=1e-2)
+    job.checkpoint_dir = full_disk.path / "runs" / "ck"
+    res = job.prepare().run()
+    assert res.lora_path.exists() and res.checkpoint is None
+    assert "final checkpoint could not be saved" in m["runs"].RUNS.get("n1").message

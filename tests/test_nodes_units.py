@@ -234,6 +234,17 @@ def test_lora_names_are_sanitised(mods, raw, want):
     assert mods["settings"].sanitize_lora_name(raw) == want
 
 
+def test_lora_names_are_limited_in_bytes_so_every_file_of_the_run_can_be_written(mods, tmp_path):
+    from apt_core.export import atomic_write
+
+    s = mods["settings"]
+    name = s.sanitize_lora_name("名" * 100)  # 300 bytes of UTF-8: over the 255-byte file name limit
+    assert len(name[: -len(".safetensors")].encode("utf-8")) <= 100 and name.startswith("名" * 33)
+    for file in (name, s.step_lora_name(name, 123456)):
+        atomic_write(tmp_path / file, lambda tmp: open(tmp, "wb").write(b"x"))  # temp name is longer still
+        assert (tmp_path / file).read_bytes() == b"x"
+
+
 def test_step_lora_names(mods):
     s = mods["settings"]
     assert s.step_lora_name("apt_lora.safetensors", 300) == "apt_lora_step00300.safetensors"
