@@ -257,8 +257,9 @@ def train(args: argparse.Namespace) -> int:
         encode_pixels=lambda px: encode_pixels(components, px))
     if args.resume:
         print(f"resuming at step {trainer.resume()} from {checkpoints}")
+    interrupted = []
     previous = signal.signal(signal.SIGINT, lambda *_: (print("\nstopping after this step..."),
-                                                        trainer.request_stop()))
+                                                        interrupted.append(1), trainer.request_stop()))
     try:
         result = trainer.run()
     finally:
@@ -276,7 +277,7 @@ def train(args: argparse.Namespace) -> int:
         title = (f"{components.name}: {method} rank {args.rank}, {result.steps_done} steps, lr {args.lr:g}; "
                  f"DDIM {args.sample_steps}, cfg {args.cfg:g}")
         print(f"before/after grid written to {samples.write(after, grid, title, report.records)}")
-    return 0
+    return 130 if interrupted else 0  # the shell's code for Ctrl-C, after everything was saved
 
 
 if __name__ == "__main__":

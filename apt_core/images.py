@@ -15,6 +15,7 @@ import math
 import os
 import re
 import threading
+import unicodedata
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -73,6 +74,7 @@ class LoadReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
     resolution: int = 1024
     defaulted: list[str] = field(default_factory=list)  # sources given the default caption
+    notes: list[str] = field(default_factory=list)  # warnings about files that were used
 
     def __len__(self) -> int:
         return len(self.records)
@@ -114,6 +116,7 @@ class LoadReport:
                        + ". Add name.txt files or set a default caption.")
         if self.defaulted:
             out.append(f"{len(self.defaulted)} image(s) without a caption use the default caption.")
+        out += [f"Warning: {n}" for n in self.notes]
         if self.skipped:
             out += [f"Skipped {len(self.skipped)} file(s):"] + [f"  {n}: {why}" for n, why in self.skipped]
         return "\n".join(out)
@@ -273,9 +276,36 @@ def load_image_file(path: str | Path, buckets: Sequence[tuple[int, int]], repeat
         return ImageRecord(str(path), pil_to_tensor(out), caption, original_hw, crop, bucket, repeats)
 
 
+MAX_CAPTION_CHARS = 1000  # SDXL reads 77 tokens per chunk; ComfyUI chains chunks, so some room
+_CAPTION_READ_BYTES = 64 * 1024
+
+
+def clean_caption(text: str) -> tuple[str, bool]:
+    """Caption text -> (one line without control characters, at most MAX_CAPTION_CHARS long cut at
+    a word, whether it was cut). Control and format characters (NUL, escape codes, zero-width and
+    direction marks) become spaces; whitespace runs become one space."""
+    text = "".join(" " if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    text = " ".join(text.split())
+    if len(text) <= MAX_CAPTION_CHARS:
+        return text, False
+    cut = text[:MAX_CAPTION_CHARS + 1].rsplit(" ", 1)[0] if " " in text[:MAX_CAPTION_CHARS] else text[:MAX_CAPTION_CHARS]
+    return cut[:MAX_CAPTION_CHARS].rstrip(), True
+
+
 def read_caption(path: str | Path) -> str:
-    """Caption text: UTF-8 (BOM allowed), stripped, newlines/whitespace runs -> one space."""
-    return " ".join(Path(path).read_text(encoding="utf-8-sig").split())
+    """Caption text of a .txt file (UTF-8, BOM allowed; only its first 64 KB are read), cleaned by
+    `clean_caption`; raises ValueError for a caption that had to be cut (the loader reports it)."""
+    with open(path, "rb") as f:
+        raw = f.read(_CAPTION_READ_BYTES + 1)
+    text, cut = clean_caption(raw[:_CAPTION_READ_BYTES].decode("utf-8-sig", errors="strict"
+                                                                if len(raw) <= _CAPTION_READ_BYTES else "ignore"))
+    if cut or len(raw) > _CAPTION_READ_BYTES:
+        raise CaptionCut(text)
+    return text
+
+
+class CaptionCut(ValueError):
+    """A caption longer than MAX_CAPTION_CHARS: `args[0]` is the cut text."""
 
 
 def _visible(d: Path) -> list[Path]:
@@ -315,12 +345,16 @@ def _caption(img: Path, texts: dict[str, Path], folder: Path, default: str | Non
     if txt is not None:
         try:
             text = read_caption(txt)
+        except CaptionCut as cut:
+            text = cut.args[0]
+            report.notes.append(f"the caption {txt.relative_to(folder).as_posix()} is longer than "
+                                f"{MAX_CAPTION_CHARS} characters: only its first {len(text)} are used")
         except (UnicodeDecodeError, OSError) as e:
             report.skipped.append((txt.relative_to(folder).as_posix(), f"caption cannot be read "
                                    f"({type(e).__name__}); re-save it as UTF-8 text"))
     if not text and default:
         report.defaulted.append(str(img))
-        return " ".join(default.split())
+        return clean_caption(default)[0]
     return text
 
 

@@ -76,7 +76,9 @@ def load_dataset(folder: str, images, captions: str | None, resolution: int, def
     """Folder and/or IMAGE batch -> AptDataset with a readable report."""
     from apt_core.images import load_image_folder, records_from_images
 
-    default = " ".join((default_caption or "").split()) or None
+    from apt_core.images import clean_caption
+
+    default = clean_caption(default_caption or "")[0] or None
     records, given, parts = [], set(), []
     if folder and folder.strip():
         path = resolve_folder(folder, input_dir)
@@ -88,6 +90,8 @@ def load_dataset(folder: str, images, captions: str | None, resolution: int, def
     if images is not None:
         n = int(images.shape[0]) if hasattr(images, "shape") and images.ndim == 4 else len(images)
         caps = split_caption_lines(captions, n)
+        caps = [clean_caption(c)[0] for c in caps] if isinstance(caps, list) else \
+            clean_caption(caps)[0] if caps is not None else None
         rep = records_from_images(images, caps, resolution=resolution, default_caption=default)
         defaulted = set(rep.defaulted)
         records += rep.records
@@ -173,6 +177,13 @@ def caption_dataset(ds: AptDataset, trigger: str, class_word: str, contexts_text
             final.append(render_caption("{trigger} {class}, {context}", trigger, class_word, r.caption))
         else:
             final.append(r.caption)
+    from apt_core.images import MAX_CAPTION_CHARS, clean_caption
+
+    cleaned = [clean_caption(c) for c in final]
+    if any(cut for _, cut in cleaned):
+        warnings.append(f"captions longer than {MAX_CAPTION_CHARS} characters were cut: "
+                        + ", ".join(Path(s).name for s, (_, cut) in zip(sources, cleaned) if cut))
+    final = [c for c, _ in cleaned]
     out = ds.with_captions(final)
     lines = [CAPTION_ADVICE, ""] + [f"{i + 1}. {Path(s).name}: {c}" for i, (s, c) in enumerate(zip(sources, final))]
     missing = [Path(s).name for s, c in zip(sources, final) if not contains_word(c, trigger)]

@@ -146,3 +146,23 @@ def test_before_after_samples_on_the_tiny_model(tmp_path, capsys):
     assert "rendered 4 sample(s)" in capsys.readouterr().out and (tmp_path / "g.png").exists()
     assert main(["--sample-prompts", str(tmp_path / "none.txt"), "--out", str(out)]) == 2
     assert "sample prompt file not found" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_the_state_and_exits_130(tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from apt_core.trainer import AptTrainer
+
+    real = AptTrainer.train_step
+
+    def step(self):
+        if self.step_idx == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the CLI's handler stops after this step
+        return real(self)
+
+    monkeypatch.setattr(AptTrainer, "train_step", step)
+    out = tmp_path / "x.safetensors"
+    assert main(["--steps", "6", "--rank", "2", "--checkpoint-every", "0", "--out", str(out)]) == 130
+    assert out.exists() and list((tmp_path / "x.checkpoints").glob("step_000003.pt"))
+    assert "stopped early at step 3" in capsys.readouterr().out

@@ -369,3 +369,15 @@ def test_decompression_bombs_are_refused_from_their_header_at_a_few_mb(tmp_path)
     for name in ("onebit.png", "rgb.png", "ratio.png", "header_only.png"):
         assert f"  {name}: too large" in summary, summary
     assert grew_kb < 20 * 1024, f"peak RSS grew by {grew_kb / 1024:.0f} MB"
+
+
+def test_captions_lose_control_characters_and_very_long_ones_are_cut_with_a_warning(tmp_path):
+    _rgb(64, 64).save(tmp_path / "a.png")
+    _rgb(64, 64).save(tmp_path / "b.png")
+    (tmp_path / "a.txt").write_bytes("a photo\x00 of sks\u200b dog\x1b[31m\r\non grass".encode())
+    (tmp_path / "b.txt").write_text("word " * 200_000, encoding="utf-8")  # 1 MB
+    rep = load_image_folder(tmp_path, resolution=64, bucket_step=8)
+    a, b = rep.records
+    assert a.caption == "a photo of sks dog [31m on grass"
+    assert len(b.caption) <= I.MAX_CAPTION_CHARS and b.caption.startswith("word word") and b.caption.endswith("word")
+    assert "Warning: the caption b.txt is longer than 1000 characters" in rep.summary()

@@ -261,6 +261,16 @@ def test_empty_lora_name_is_an_error(mods):
         mods["settings"].sanitize_lora_name(" /// ")
 
 
+def test_caption_inputs_lose_control_characters_and_long_ones_are_cut(mods, tmp_path):
+    d = mods["dataset"]
+    _write_images(tmp_path / "c", 2)
+    ds = d.load_dataset("c", None, None, 64, "a\x00 photo\x07", str(tmp_path))
+    assert [r.caption for r in ds.records] == ["a photo", "a photo"]
+    out, text = d.caption_dataset(ds, "sks", "dog", "x " * 2000, "{trigger} {class}, {context}",
+                                  "replace all captions")
+    assert all(len(r.caption) <= 1000 for r in out.records) and "were cut: img0.png\n" in text + "\n"
+
+
 # ---- run registry ------------------------------------------------------------------------------
 
 def test_run_registry_stop_and_snapshot(mods):
