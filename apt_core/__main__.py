@@ -20,7 +20,7 @@ from .backbone import DiffusersSDXLBackbone
 from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, IndicatorConfig, LoraConfig, \
     RegularizerConfig, TrainConfig
 from .errors import AptError
-from .images import load_image_folder
+from .images import load_image_folder, records_fingerprint
 from .models import cache_dataset, encode_pixels, load_sdxl
 from .tiny_model import build_tiny_sdxl
 from .preservation import CLASS_CACHE_NAME, class_prompts, load_or_sample_class_examples
@@ -254,7 +254,7 @@ def train(args: argparse.Namespace) -> int:
         DiffusersSDXLBackbone.from_components(components), dataset, config, checkpoint_dir=checkpoints,
         on_event=lambda e: print(format_event(e), flush=True)
         if e.step % args.print_every == 0 or e.step == e.total_steps else None,
-        encode_pixels=lambda px: encode_pixels(components, px))
+        encode_pixels=lambda px: encode_pixels(components, px), data_fingerprint=records_fingerprint(report.records))
     if args.resume:
         print(f"resuming at step {trainer.resume()} from {checkpoints}")
     interrupted = []

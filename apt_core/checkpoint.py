@@ -1,8 +1,9 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-One file per checkpoint (`step_000200.pt`) holding the LoRA weights, optimizer and LR-scheduler
-state, the indicator's EMAs, the sampling RNG state, the settings and the event history.
-Written atomically; `latest_checkpoint` finds the newest complete one.
+One file per checkpoint (`step_000200.pt`) holding the LoRA weights, optimizer state (the learning
+rate follows from the step), the indicator's EMAs, the sampling RNG state, the settings, a
+fingerprint of the training data and the event history. Written atomically; `latest_checkpoint`
+finds the newest complete one; `resume_mismatch` says why a checkpoint cannot continue a run.
 """
 
 from __future__ import annotations
@@ -53,8 +54,46 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError as exc:
         raise AptOutputError(f"checkpoint {path} does not exist.") from exc
     except Exception as exc:  # a truncated or foreign file
-        raise AptOutputError(f"checkpoint {path} cannot be read ({exc}); delete it to resume from an "
-                             "earlier one.") from exc
+        why = str(exc).splitlines()[0][:200] if str(exc).strip() else "empty or cut-off file"
+        if os.path.exists(path) and os.path.getsize(path) == 0:
+            why = "the file is empty: its save was cut off"
+        raise AptOutputError(f"checkpoint {path} cannot be read ({why}); delete it to resume from an "
+                             "earlier one, or turn 'resume' off to start over.") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise AptOutputError(f"{path} is not an APT training checkpoint.")
     return state
+
+
+# Settings a resumed run may change: how long it runs, how often it saves and logs, how it fits in
+# memory. Everything else changes what is trained, so a checkpoint made with other values is refused.
+RESUMABLE_CHANGES = frozenset({("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every"),
+                               ("train", "gradient_checkpointing"), ("train", "mixed_precision")})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def resume_mismatch(state: dict[str, Any], config: dict[str, Any], data: str | None) -> list[str]:
+    """What differs between a checkpoint and this run ([] when it may resume): the training data
+    (fingerprints compared when both exist) and every training-relevant setting, as 'part.name:
+    saved -> now' lines."""
+    diffs = []
+    saved_data = state.get("data")
+    if saved_data is not None and data is not None and saved_data != data:
+        diffs.append("images or captions")
+    saved = _plain(state.get("config", {}))
+    for part, values in _plain(config).items():
+        if not isinstance(values, dict):
+            if saved.get(part) != values:
+                diffs.append(f"{part}: {saved.get(part)!r} -> {values!r}")
+            continue
+        for name, value in values.items():
+            before = saved.get(part, {}).get(name)
+            if (part, name) not in RESUMABLE_CHANGES and before != value:
+                diffs.append(f"{part}.{name}: {before!r} -> {value!r}")
+    return diffs

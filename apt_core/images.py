@@ -11,6 +11,7 @@ a header is parsed (MAX_PIXELS / MAX_DECODE_BYTES apply instead), JPEGs decode a
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -306,6 +307,15 @@ def read_caption(path: str | Path) -> str:
 
 class CaptionCut(ValueError):
     """A caption longer than MAX_CAPTION_CHARS: `args[0]` is the cut text."""
+
+
+def records_fingerprint(records: Sequence[ImageRecord]) -> str:
+    """A short hash of what training sees of each image: its pixels as loaded, caption, repeats."""
+    digest = hashlib.sha256()
+    for r in records:
+        digest.update(f"{r.caption}\0{r.repeats}\0{tuple(r.pixels.shape)}\0".encode())
+        digest.update(r.pixels.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _visible(d: Path) -> list[Path]:

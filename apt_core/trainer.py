@@ -22,7 +22,7 @@ import torch
 
 from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, resume_mismatch, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
 from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
@@ -101,7 +101,8 @@ class AptTrainer:
                  on_event: Callable[[ProgressEvent], None] | None = None,
                  should_stop: Callable[[], bool] | None = None,
                  encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 on_checkpoint_step: Callable[[int], None] | None = None):
+                 on_checkpoint_step: Callable[[int], None] | None = None,
+                 data_fingerprint: str | None = None):
         self.config = config.validate()
         if len(dataset) == 0:
             raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
@@ -125,6 +126,9 @@ class AptTrainer:
         # just before that checkpoint is written, e.g. to save the LoRA of that step too. Before, so
         # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
         self.on_checkpoint_step = on_checkpoint_step
+        # What the training images and captions were (images.records_fingerprint): a checkpoint made
+        # from other data is not resumed.
+        self.data_fingerprint = data_fingerprint
         regs = config.regularizers
         if regs.preserves_on_class_images:
             if not dataset.class_examples or len({ex.bucket for ex in dataset.class_examples}) > 1:
@@ -364,7 +368,7 @@ class AptTrainer:
         return {"step": self.step_idx, "lora": self.lora.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "indicator": self.indicator.state_dict(), "rng": rng_state,
-                "augmented": list(self._augmented), "config": self.config.to_dict(),
+                "augmented": list(self._augmented), "config": self.config.to_dict(), "data": self.data_fingerprint,
                 "history": self.history}
 
     def save_checkpoint(self) -> Path | None:
@@ -398,10 +402,13 @@ class AptTrainer:
             if path is None:
                 return 0
         state = load_checkpoint(path)
-        saved = state["config"]["lora"]
-        if int(saved["rank"]) != self.config.lora.rank:
-            raise AptConfigError(f"checkpoint {path} was trained with rank {saved['rank']}, "
-                                 f"settings say {self.config.lora.rank}; use the same rank to resume.")
+        if diffs := resume_mismatch(state, self.config.to_dict(), self.data_fingerprint):
+            data, settings = [d for d in diffs if ":" not in d], [d for d in diffs if ":" in d]
+            what = data + ([f"settings ({'; '.join(settings[:6])}{' ...' if len(settings) > 6 else ''})"]
+                           if settings else [])
+            raise AptConfigError(f"checkpoint {path} was made with other {' and '.join(what)}. To continue it, "
+                                 "use the same images and settings; otherwise turn 'resume' off (starts over) "
+                                 "or use another LoRA name.")
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -32,6 +32,7 @@ from apt_core.checkpoint import latest_checkpoint, list_checkpoints
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
 from apt_core.export import remove_stale_temps
+from apt_core.images import records_fingerprint
 from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompts, load_or_draw_class_latents
 
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, training_patcher
@@ -389,7 +390,8 @@ class TrainJob:
         trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
                              should_stop=lambda: self._should_stop(run),
                              encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
-                             on_checkpoint_step=save_step_lora if self.save_step_loras else None)
+                             on_checkpoint_step=save_step_lora if self.save_step_loras else None,
+                             data_fingerprint=records_fingerprint(self.dataset.records))
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
             if resumed:

@@ -726,3 +726,19 @@ def test_a_full_output_disk_still_saves_the_lora(m, tmp_path, full_disk):
     res = job.prepare().run()
     assert res.lora_path.exists() and res.checkpoint is None
     assert "final checkpoint could not be saved" in m["runs"].RUNS.get("n1").message
+
+
+def test_resume_refuses_a_checkpoint_made_from_other_images(m, tmp_path, monkeypatch):
+    from apt_core.errors import AptConfigError
+
+    _stop_at(m, monkeypatch, "rs", 2)
+    res = _job(m, tmp_path, "rs", node_id="rs").prepare().run()
+    monkeypatch.undo()
+    assert res.stopped and res.steps_done == 2
+    (tmp_path / "loras" / "rs.safetensors").unlink()
+    other = m["dataset"].AptDataset(tuple(__import__("tiny").generated_records(3, 64, seed=7)), 64)
+    with pytest.raises(AptConfigError, match="other images or captions.*turn 'resume' off"):
+        _job(m, tmp_path, "rs", node_id="rs", resume=True, dataset=other).prepare().run()
+    assert (tmp_path / "runs" / "rs" / "step_000002.pt").exists()  # nothing deleted
+    res = _job(m, tmp_path, "rs", node_id="rs", resume=True).prepare().run()  # the same images: continues
+    assert res.resumed_from == 2 and res.steps_done == STEPS

@@ -443,3 +443,36 @@ def test_training_computes_on_the_backbones_device_not_where_a_weight_rests():
     plain.run()
     want = plain.lora.state_dict()
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_or_training_settings(tmp_path):
+    first, _, _ = make_trainer(steps=2, checkpoint_dir=tmp_path, data_fingerprint="imagesA")
+    first.run()
+    first.close()
+
+    def resume(data="imagesA", **changes):
+        trainer, _, _ = make_trainer(steps=changes.pop("steps", 2), checkpoint_dir=tmp_path,
+                                     data_fingerprint=data, **changes)
+        try:
+            return trainer.resume()
+        finally:
+            trainer.close()
+
+    assert resume() == 2
+    assert resume(steps=4, overrides={"train.checkpoint_every": 7}) == 2  # longer, other interval: fine
+    with pytest.raises(AptConfigError, match="other images or captions"):
+        resume(data="imagesB")
+    with pytest.raises(AptConfigError, match=r"other settings \(train\.learning_rate: 0\.001 -> 0\.002\).*turn 'resume' off"):
+        resume(learning_rate=2e-3)
+    for key, value in (("lora.alpha", 2.0), ("train.seed", 5), ("indicator.scale", 3.0)):
+        with pytest.raises(AptConfigError, match=key.replace(".", r"\.")):
+            resume(overrides={key: value})
+
+
+def test_an_empty_checkpoint_file_says_so(tmp_path):
+    from apt_core.checkpoint import load_checkpoint
+    from apt_core.errors import AptOutputError
+
+    (tmp_path / "step_000002.pt").write_bytes(b"")
+    with pytest.raises(AptOutputError, match=r"the file is empty: its save was cut off\); delete it"):
+        load_checkpoint(tmp_path / "step_000002.pt")
