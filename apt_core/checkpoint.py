@@ -65,7 +65,8 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 # Settings a resumed run may change: how long it runs, how often it saves and logs, how it fits in
-# memory. Everything else changes what is trained, so a checkpoint made with other values is refused.
+# memory, and a lower learning rate (the way out of a NaN). Everything else changes what is trained,
+# so a checkpoint made with other values is refused.
 RESUMABLE_CHANGES = frozenset({("train", "steps"), ("train", "checkpoint_every"), ("train", "log_every"),
                                ("train", "gradient_checkpointing"), ("train", "mixed_precision")})
 
@@ -94,6 +95,7 @@ def resume_mismatch(state: dict[str, Any], config: dict[str, Any], data: str | N
             continue
         for name, value in values.items():
             before = saved.get(part, {}).get(name)
-            if (part, name) not in RESUMABLE_CHANGES and before != value:
+            lowered_rate = (part, name) == ("train", "learning_rate") and before is not None and value < before
+            if (part, name) not in RESUMABLE_CHANGES and before != value and not lowered_rate:
                 diffs.append(f"{part}.{name}: {before!r} -> {value!r}")
     return diffs

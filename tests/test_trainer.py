@@ -460,6 +460,7 @@ def test_resume_refuses_a_checkpoint_of_other_data_or_training_settings(tmp_path
 
     assert resume() == 2
     assert resume(steps=4, overrides={"train.checkpoint_every": 7}) == 2  # longer, other interval: fine
+    assert resume(learning_rate=5e-4) == 2  # a lower rate: how a NaN run is continued
     with pytest.raises(AptConfigError, match="other images or captions"):
         resume(data="imagesB")
     with pytest.raises(AptConfigError, match=r"other settings \(train\.learning_rate: 0\.001 -> 0\.002\).*turn 'resume' off"):
