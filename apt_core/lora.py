@@ -35,7 +35,31 @@ def resnet_conv_targets(model: nn.Module) -> list[str]:
             and tuple(m.kernel_size) == (3, 3)]
 
 
-class LoraAdapter:
+class SwitchableLora:
+    """What every backbone's LoRA shares: `layers` by module name, the prior switch, the state check."""
+
+    layers: dict
+
+    def set_enabled(self, enabled: bool) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The pretrained prior: every LoRA layer switched off for the duration."""
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_enabled(True)
+
+    def check_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Raise unless `state` holds exactly this LoRA's '<module>.down' / '<module>.up' tensors."""
+        expected = {f"{n}.{part}" for n in self.layers for part in ("down", "up")}
+        if set(state) != expected:
+            raise ValueError("the checkpoint's LoRA layers do not match this model/rank settings")
+
+
+class LoraAdapter(SwitchableLora):
     """Injects trainable LoRA layers into `model` at the named nn.Linear modules (plus the resnet
     convolutions when `cfg.include_conv`)."""
 
@@ -96,15 +120,6 @@ class LoraAdapter:
             # every LoRA weight twice per step, which costs time and buys nothing under no_grad.
             layer._disable_adapters = not enabled
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The pretrained prior: every LoRA layer switched off for the duration."""
-        self.set_enabled(False)
-        try:
-            yield
-        finally:
-            self.set_enabled(True)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{"<module>.down": (r, in), "<module>.up": (out, r)} detached fp32 copies
         (convolutions: (r, in, k, k) and (out, r, 1, 1))."""
@@ -115,9 +130,7 @@ class LoraAdapter:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {f"{n}.{part}" for n in self.layers for part in ("down", "up")}
-        if set(state) != expected:
-            raise ValueError("the checkpoint's LoRA layers do not match this model/rank settings")
+        self.check_state(state)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 layer.lora_A[ADAPTER].weight.copy_(state[f"{name}.down"])

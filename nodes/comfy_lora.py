@@ -16,14 +16,12 @@ non-dynamic delegate of a dynamic-VRAM patcher, see comfy_backbone.training_patc
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from apt_core.config import LoraConfig
-from apt_core.lora import resnet_conv_targets
+from apt_core.lora import SwitchableLora, resnet_conv_targets
 
 PREFIX = "diffusion_model."  # module names in the patcher's keys are relative to the BaseModel
 
@@ -66,7 +64,7 @@ def _lora_diff_class():
     return _DIFF_CLASS
 
 
-class ComfyLora:
+class ComfyLora(SwitchableLora):
     """`apt_core.backbone.TrainableLora` on a ModelPatcher: one host LoRA adapter per target module.
 
     The adapters are registered on `patcher`; they act once the patcher is loaded (the backbone does
@@ -124,15 +122,6 @@ class ComfyLora:
         for diff in self.layers.values():
             diff.enabled = enabled
 
-    @contextmanager
-    def disabled(self) -> Iterator[None]:
-        """The pretrained prior: every adapter switched off for the duration."""
-        self.set_enabled(False)
-        try:
-            yield
-        finally:
-            self.set_enabled(True)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{"<module>.down": (r, in), "<module>.up": (out, r)} detached fp32 CPU copies
         (convolutions: (r, in, k, k) and (out, r, 1, 1), as peft's LoCon layers)."""
@@ -147,9 +136,7 @@ class ComfyLora:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {f"{n}.{part}" for n in self.layers for part in ("down", "up")}
-        if set(state) != expected:
-            raise ValueError("the checkpoint's LoRA layers do not match this model/rank settings")
+        self.check_state(state)
         with torch.no_grad():
             for name, diff in self.layers.items():
                 diff.lora_down.weight.copy_(state[f"{name}.down"].reshape(diff.lora_down.weight.shape))
