@@ -16,7 +16,7 @@ _truthy() { case "$(printf %s "${1:-}" | tr '[:upper:]' '[:lower:]')" in ""|0|fa
 
 echo "[test] === run 1: ComfyUI 0.3.75 ($APT_COMFYUI_DIR), all tests ==="
 t0=$SECONDS
-python -m pytest -q "$@"
+python -m pytest -q -rfEs "$@"
 rc1=$?
 s1="($((SECONDS - t0)) s) $( [ $rc1 = 0 ] && echo passed || echo "FAILED (pytest exit $rc1)" )"
 
@@ -27,7 +27,7 @@ t0=$SECONDS
     cd "$ROOT" || exit 1
     echo "[test] python $(command -v python), APT_COMFYUI_DIR=$APT_COMFYUI_DIR"
     APT_TEST_ARTIFACTS="${APT_TEST_ARTIFACTS:-$ROOT/test-artifacts/comfyui-0.33.0}" \
-        python -m pytest -q --host-only "$@"
+        python -m pytest -q -rfEs --host-only "$@"
 )
 rc2=$?
 case $rc2 in
