@@ -521,8 +521,13 @@ def run_comfy(w: Workload, spec: Spec, opts: Options, source_unet) -> dict[str, 
         comfy.utils.PROGRESS_BAR_ENABLED = False
         mem.reset()
         t0 = time.perf_counter()
-        mp = comfy_host.comfy_sdxl_model_from_diffusers_config(w.unet_config, dtype=w.dtype, device=w.device)
-        comfy_host.load_diffusers_unet_into_comfy(source_unet, mp)
+        def load(disable_dynamic=False):  # what ComfyUI's checkpoint loader registers (cached_patcher_init)
+            patcher = comfy_host.comfy_sdxl_model_from_diffusers_config(w.unet_config, dtype=w.dtype, device=w.device)
+            comfy_host.load_diffusers_unet_into_comfy(source_unet, patcher)
+            return patcher
+
+        mp = load()
+        mp.cached_patcher_init = (load, ())  # v0.33's node trains on a fresh load of the model (force_deepcopy)
         sync(w.device)
         row["setup_s"] = time.perf_counter() - t0
 
@@ -551,12 +556,13 @@ def run_comfy(w: Workload, spec: Spec, opts: Options, source_unet) -> dict[str, 
         try:
             with warnings.catch_warnings():  # "In CPU autocast, but the target dtype is not supported"
                 warnings.filterwarnings("ignore", message="In CPU autocast")
-                out = nodes_train.TrainLoraNode.execute(
+                args = dict(
                     model=[mp], latents=latents, positive=[positive], batch_size=[w.batch_size],
                     grad_accumulation_steps=[1], steps=[total], learning_rate=[1e-4], rank=[w.rank],
                     optimizer=["AdamW"], loss_function=["MSE"], seed=[w.seed],
                     training_dtype=["bf16" if gpu else "fp32"], lora_dtype=["bf16" if gpu else "fp32"],
                     algorithm=["LoRA"], gradient_checkpointing=[bool(spec.gc)], existing_lora=["[None]"])
+                out = nodes_train.TrainLoraNode.execute(**_with_schema_defaults(nodes_train.TrainLoraNode, args))
         finally:
             nodes_train.TrainSampler = base_sampler
         sync(w.device)
@@ -565,7 +571,8 @@ def run_comfy(w: Workload, spec: Spec, opts: Options, source_unet) -> dict[str, 
             raise RuntimeError(f"expected {total - 1} step intervals, got {len(intervals)}")
         _finish_row(row, intervals[opts.warmup:], intervals[:opts.warmup], opts)
         row["memory"] = mem.read()
-        lora = out.args[1] if hasattr(out, "args") else out[1]
+        outputs = out.args if hasattr(out, "args") else out  # 0.3.75: (model, lora, ...); v0.33: (lora, ...)
+        lora = next(o for o in outputs if isinstance(o, dict) and o and all(torch.is_tensor(v) for v in o.values()))
         row["notes"].update(trained_tensors=len(lora),
                             trained_params=int(sum(p.numel() for p in lora.values())),
                             settings="AdamW, MSE, LoRA on every >=2-D weight + bias/norm diffs, "
@@ -584,6 +591,17 @@ def run_comfy(w: Workload, spec: Spec, opts: Options, source_unet) -> dict[str, 
         del mp
         free_memory(w.device)
     return row
+
+
+def _with_schema_defaults(node, args: dict) -> dict:
+    """`args` plus every other input of the node at its schema default (as a list: the node takes
+    input lists), so newer hosts' extra inputs (v0.33: offloading, bypass_mode, ...) keep their
+    default behaviour."""
+    import inspect
+
+    defaults = {i.id: getattr(i, "default", None) for i in node.GET_SCHEMA().inputs}
+    params = [n for n in inspect.signature(node.execute).parameters if n != "cls"]
+    return {**{n: [defaults.get(n)] for n in params if n not in args}, **args}
 
 
 # ------------------------------------------------------------------------------ report
