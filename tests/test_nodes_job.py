@@ -7,9 +7,7 @@ and a real comfy.sd.VAE, inside torch.inference_mode() like ComfyUI's loaders do
 from __future__ import annotations
 
 import math
-import os
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -672,27 +670,6 @@ def test_class_preservation_settings_need_a_trigger_word_and_images(m):
     with pytest.raises(AptDatasetError, match="does not contain the trigger word"):  # before any work
         job.prepare()
     assert (off["lambda_preserve"], off["class_images"], off["trigger_words"]) == (0.0, 0, ())
-
-
-@pytest.fixture()
-def full_disk(tmp_path):
-    """A small tmpfs filled up by one file (root only; CI runs as root): `free()` makes room again."""
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    filler = mnt / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    yield types.SimpleNamespace(path=mnt, free=lambda: filler.unlink())
-    subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: a failed writer may still hold a file
 
 
 def test_a_full_loras_disk_loses_nothing_and_the_next_queue_writes_the_lora_without_training(
