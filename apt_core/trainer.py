@@ -22,7 +22,7 @@ import torch
 
 from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
-from .checkpoint import latest_checkpoint, load_checkpoint, resume_mismatch, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resume_mismatch, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
 from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
@@ -30,6 +30,7 @@ from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
 from .preservation import draw_class_batch
 from .probes import AptProbe
+from .recovery import HealthyState
 
 
 @dataclass
@@ -167,6 +168,8 @@ class AptTrainer:
         self._augmented: deque[bool] = deque(maxlen=50)
         self._step_times: deque[float] = deque(maxlen=20)
         self._weights = torch.tensor([float(getattr(ex, "repeats", 1)) for ex in dataset.examples])
+        self.healthy = HealthyState()
+        self.kept_earlier_step: int | None = None
 
     # ---- control -------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -290,7 +293,7 @@ class AptTrainer:
         try:
             terms = self.batch_losses(latents, cond, t, noise, gamma)
             if not torch.isfinite(terms.total):
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
             lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
                        cfg.train.steps, cfg.train.lr_schedule)
             for group in self.optimizer.param_groups:
@@ -305,13 +308,13 @@ class AptTrainer:
             preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(p_lat, p_cond, p_t, p_noise)
             if not torch.isfinite(preserve):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
             self.scaler.scale(preserve).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
         if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good())
+            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
         self._updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -321,6 +324,7 @@ class AptTrainer:
             self.indicator.update(bins.tolist(), terms.loss_pre.tolist(), terms.loss_ft.detach().tolist())
         self.step_idx += 1
         self._rng_at_step_start, self._updating = None, False  # the step is complete
+        self.healthy.after_step(self.step_idx, self.lora.parameters(), lambda: self._state(self.generator.get_state()))
         self._augmented.extend(applied.tolist())
         self._step_times.append(time.perf_counter() - started)
         return self._event(*(float(x.detach()) for x in (terms.total + preserve.to(terms.total.device),
@@ -385,10 +389,18 @@ class AptTrainer:
         replays that step exactly. Between steps it is the same as `save_checkpoint`.
         Returns the file, or None when there is no checkpoint_dir, or when the failure happened
         while the optimizer was already updating the weights (the state is half-updated and is not
-        saved; earlier checkpoints are kept).
+        saved; earlier checkpoints are kept). When the weights had already diverged (recovery.py),
+        the last healthy state is written instead and `kept_earlier_step` says its step.
         """
         if self.checkpoint_dir is None:
             return None
+        if self.healthy.state is not None and not self.healthy.healthy(self.lora.parameters()):
+            self.kept_earlier_step = self.healthy.step  # the weights had diverged before the failure
+            path = save_checkpoint(self.checkpoint_dir, self.healthy.step, self.healthy.state, keep=0)
+            for later in list_checkpoints(self.checkpoint_dir):  # a resume must not pick a diverged one
+                if later != path and int(later.stem.split("_")[1]) > self.healthy.step:
+                    later.unlink(missing_ok=True)
+            return path
         if self._rng_at_step_start is None:
             return self.save_checkpoint()
         if self._updating:

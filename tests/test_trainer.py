@@ -477,3 +477,39 @@ def test_an_empty_checkpoint_file_says_so(tmp_path):
     (tmp_path / "step_000002.pt").write_bytes(b"")
     with pytest.raises(AptOutputError, match=r"the file is empty: its save was cut off\); delete it"):
         load_checkpoint(tmp_path / "step_000002.pt")
+
+
+def test_nan_after_the_weights_diverged_keeps_the_last_healthy_state_not_the_exploded_one(tmp_path):
+    """The loss turns NaN only after the weights exploded: the state before the failing step is
+    finite but useless, so the last healthy state (kept every 10 steps) is saved instead."""
+    from apt_core.checkpoint import list_checkpoints, load_checkpoint
+
+    trainer, _, dataset = make_trainer(steps=30, checkpoint_dir=tmp_path, learning_rate=1e-2,
+                                       overrides={"train.checkpoint_every": 12})
+    for _ in range(12):
+        trainer.train_step()
+    trainer.save_checkpoint()  # a periodic checkpoint at 12 (healthy, but after the kept copy at 10)
+    healthy = trainer.healthy.state["lora"]
+    with torch.no_grad():
+        for p in trainer.lora.parameters():
+            p.mul_(1e4)  # diverged: finite, but 10^4 times larger
+    for ex in dataset.examples:
+        ex.latent[:] = float("nan")
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train_step()
+    assert err.value.kept_step == 10 and err.value.checkpoint.name == "step_000010.pt"
+    assert "already diverged" in str(err.value) and "of step 10" in str(err.value)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000010.pt"]  # resume picks it
+    saved = load_checkpoint(err.value.checkpoint)
+    assert saved["step"] == 10 and all(torch.equal(saved["lora"][k], healthy[k]) for k in healthy)
+
+
+def test_nan_with_healthy_weights_keeps_the_state_before_the_failing_step(tmp_path):
+    trainer, _, dataset = make_trainer(steps=30, checkpoint_dir=tmp_path)
+    for _ in range(12):
+        trainer.train_step()
+    for ex in dataset.examples:
+        ex.latent[:] = float("nan")
+    with pytest.raises(NonFiniteLossError) as err:
+        trainer.train_step()
+    assert err.value.kept_step is None and err.value.checkpoint.name == "step_000012.pt"
