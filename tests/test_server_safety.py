@@ -105,32 +105,57 @@ def test_resume_refuses_a_checkpoint_made_from_other_images(server):
     assert "other images or captions" in _error(entry)["exception_message"]
 
 
-@pytest.fixture()
-def full_loras(server, tmp_path):
-    """The server's loras folder on a 1 MB tmpfs filled to the brim (root only: CI runs as root)."""
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
-                                            str(server.loras_dir)], capture_output=True).returncode != 0:
+def _fill(folder: Path) -> Path:
+    """Mount a 1 MB tmpfs on `folder` and fill it; returns the filler (delete it to free the space)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
         pytest.skip("needs root to mount a small tmpfs")
-    filler = server.loras_dir / "filler.bin"
+    filler = folder / "filler.bin"
     with open(filler, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 4096)
         except OSError:
             pass
-    yield filler
-    subprocess.run(["umount", "-l", str(server.loras_dir)], check=False)
+    return filler
 
 
-def test_full_loras_disk_keeps_the_training_and_the_next_queue_writes_the_lora_without_training(server, full_loras):
+@pytest.fixture()
+def full(server):
+    """full(folder) -> filler: that server folder on a full tmpfs (root only: CI runs as root)."""
+    mounted = []
+
+    def fill(folder: Path) -> Path:
+        filler = _fill(folder)
+        mounted.append(folder)
+        return filler
+
+    yield fill
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)  # lazy: a failed writer may hold a file
+
+
+def test_full_loras_disk_keeps_the_training_and_the_next_queue_writes_the_lora_without_training(server, full):
+    filler = full(server.loras_dir)
     entry = _train(server, "apt_full", steps=3)
     assert ch.history_status(entry) == "error"
     msg = _error(entry)["exception_message"]
     assert f"the disk holding {server.loras_dir} is full" in msg and "without training again" in msg, msg
     assert not [p for p in server.loras_dir.iterdir() if p.name != "filler.bin"]
-    full_loras.unlink()  # space freed
+    filler.unlink()  # space freed
     entry = _train(server, "apt_full", steps=3)
     assert ch.history_status(entry) == "success", _error(entry)
     assert (server.loras_dir / "apt_full.safetensors").is_file()
     run = server.get_json(f"/apt/runs/{TRAINER}")
     assert run["resumed_from"] == 3 and run["status"] == "finished"  # written from the checkpoint: no step run
+
+
+def test_full_output_disk_still_writes_the_lora(server, full):
+    full(server.output_dir / "apt_lora_trainer")
+    entry = _train(server, "apt_full_out", steps=2)
+    assert ch.history_status(entry) == "success", _error(entry)
+    assert (server.loras_dir / "apt_full_out.safetensors").is_file()
+    run = server.get_json(f"/apt/runs/{TRAINER}")
+    assert run["status"] == "finished" and "final checkpoint could not be saved" in run["message"]
+    assert "is full" in run["message"]
