@@ -719,3 +719,17 @@ def test_resume_refuses_a_checkpoint_made_from_other_images(m, tmp_path, monkeyp
     assert (tmp_path / "runs" / "rs" / "step_000002.pt").exists()  # nothing deleted
     res = _job(m, tmp_path, "rs", node_id="rs", resume=True).prepare().run()  # the same images: continues
     assert res.resumed_from == 2 and res.steps_done == STEPS
+
+
+def test_prepare_removes_the_temp_files_a_killed_save_left(m, tmp_path):
+    from apt_core.export import TEMP_SUFFIX
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "runs" / "tmpd").mkdir(parents=True)
+    stale = [tmp_path / "loras" / f".tmpd.safetensors.x1{TEMP_SUFFIX}",
+             tmp_path / "runs" / "tmpd" / f".step_000002.pt.x2{TEMP_SUFFIX}"]
+    kept = tmp_path / "loras" / f".other.safetensors.x3{TEMP_SUFFIX}"  # another LoRA's: not ours to delete
+    for p in [*stale, kept]:
+        p.write_bytes(b"half a file")
+    _job(m, tmp_path, "tmpd").prepare()
+    assert not any(p.exists() for p in stale) and kept.exists()
