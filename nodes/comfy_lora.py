@@ -80,6 +80,10 @@ class ComfyLora(SwitchableLora):
         if not target_names:
             raise ValueError("no LoRA target modules found in the UNet")
         self.patcher, self.unet, self.config = patcher, unet, cfg
+        # Only the adapters train. ComfyUI 0.3.75 leaves the UNet's weights requiring grad (v0.33
+        # freezes them): autograd would fill a UNet-sized gradient buffer every step. Restored by remove().
+        self._requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
+        unet.requires_grad_(False)
         diff_class = _lora_diff_class()
         generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, nn.Module] = {}
@@ -159,4 +163,6 @@ class ComfyLora(SwitchableLora):
                 functions[:] = [f for f in functions if id(f) not in mine]
         for diff in self.layers.values():
             diff.requires_grad_(False)
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
         self.layers, self.fresh = {}, []
