@@ -51,16 +51,6 @@ RUN_COMMAND = ("APT_SLOW=1 python -m pytest tests/test_sdxl_layout.py (for Comfy
 SLOW = ch._truthy(os.environ.get("APT_SLOW"))
 
 
-def _register_slow_marker() -> None:
-    """Register the `slow` marker (a pytest_configure hook in a test module is never called; the
-    place for this line is tests/conftest.py or pyproject's markers list)."""
-    config = getattr(pytest.mark, "_config", None)
-    if config is not None and not any(str(m).startswith("slow:") for m in config.getini("markers")):
-        config.addinivalue_line("markers", "slow: needs APT_SLOW=1 (minutes, GBs of RAM/disk); "
-                                           "tests/test_sdxl_layout.py")
-
-
-_register_slow_marker()
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
