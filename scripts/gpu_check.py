@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -102,7 +104,10 @@ class Server(ch.ComfyServer):
 
     def command(self) -> list[str]:
         cmd = super().command()
-        return [c for c in cmd if c != "--cpu"] if self.gpu else cmd
+        # APT_GPU_HOST_ARGS=--disable-dynamic-vram measures the non-dynamic path (the clone with
+        # fresh-copy adapters, as on ComfyUI 0.3.75) instead of the dynamic model's delegate.
+        extra = shlex.split(os.environ.get("APT_GPU_HOST_ARGS", ""))
+        return [c for c in cmd if c != "--cpu"] + extra if self.gpu else cmd
 
 
 def write_images(folder: Path, size: int, n: int = 3) -> None:
