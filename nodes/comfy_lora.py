@@ -164,5 +164,8 @@ class ComfyLora(SwitchableLora):
         for diff in self.layers.values():
             diff.requires_grad_(False)
         for name, p in self.unet.named_parameters():
-            p.requires_grad_(self._requires_grad.get(name, p.requires_grad))
+            flag = self._requires_grad.get(name, p.requires_grad)
+            if p.requires_grad != flag:  # an inference tensor's flag can be set back only in inference mode
+                with torch.inference_mode(p.is_inference()):
+                    p.requires_grad_(flag)
         self.layers, self.fresh = {}, []

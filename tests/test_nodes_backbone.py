@@ -192,17 +192,18 @@ def test_inference_mode_weights_train_without_touching_the_parameters(cb, pair):
     components, _, _, _ = pair
     with torch.inference_mode():  # how ComfyUI creates every model (nodes run in inference mode)
         patcher = _comfy_from_diffusers(components.unet)
+        patcher.model.diffusion_model.requires_grad_(True)  # as ComfyUI 0.3.75's loader leaves them
     cdataset = _to_comfy_dataset(pair[1], patcher.model)
     unet = patcher.model.diffusion_model
     params = dict(unet.named_parameters())
-    assert all(p.is_inference() for p in params.values())
+    assert all(p.is_inference() and p.requires_grad for p in params.values())
     trainer = AptTrainer(cb.ComfySDXLBackbone(patcher), cdataset, config(2, learning_rate=1e-2))
     trainer.run()
     assert any(p.abs().sum() > 0 for n, p in trainer.lora.state_dict().items() if n.endswith(".up"))
     trainer.close()
     after = dict(unet.named_parameters())
     assert after.keys() == params.keys() and all(after[n] is p for n, p in params.items())
-    assert all(p.is_inference() for p in after.values())
+    assert all(p.is_inference() and p.requires_grad for p in after.values())
     assert not any(vars(m).get("weight_function") or vars(m).get("bias_function") for m in unet.modules())
 
 
