@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import AptOutputError
+from .errors import AptConfigError, AptOutputError
 from .export import atomic_write
 
 FORMAT = "apt-checkpoint-1"
@@ -99,3 +99,16 @@ def resume_mismatch(state: dict[str, Any], config: dict[str, Any], data: str | N
             if (part, name) not in RESUMABLE_CHANGES and before != value and not lowered_rate:
                 diffs.append(f"{part}.{name}: {before!r} -> {value!r}")
     return diffs
+
+
+def check_resumable(path: str | os.PathLike, state: dict[str, Any], config: dict[str, Any], data: str | None) -> None:
+    """Raise AptConfigError, saying what differs and what to do, unless `state` may continue this run."""
+    diffs = resume_mismatch(state, config, data)
+    if not diffs:
+        return
+    settings = [d for d in diffs if ":" in d]
+    what = [d for d in diffs if ":" not in d] + (
+        [f"settings ({'; '.join(settings[:6])}{' ...' if len(settings) > 6 else ''})"] if settings else [])
+    raise AptConfigError(f"checkpoint {path} was made with other {' and '.join(what)}. To continue it, use the "
+                         "same images and settings; otherwise turn 'resume' off (starts over) or use another "
+                         "LoRA name.")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -82,6 +84,7 @@ def kohya_metadata(rank: int, alpha: float, *, steps: int, learning_rate: float,
 
 
 TEMP_SUFFIX = ".apt-tmp"
+_TEMP_NAME = re.compile(r"^\.(.+)\.[^.]+" + re.escape(TEMP_SUFFIX) + "$")  # .<target>.<random>.apt-tmp
 
 
 def current_umask() -> int:
@@ -157,19 +160,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return target
 
 
-def remove_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
-    """Delete temp files an interrupted `atomic_write` left in `folder` (only those of files named
-    `name`, or starting with `name`, when given); returns what was removed."""
+def remove_stale_temps(folder: str | os.PathLike, names: Callable[[str], bool] | None = None,
+                       min_age_s: float = 60.0) -> list[Path]:
+    """Delete temp files an interrupted `atomic_write` left in `folder`: those of targets for which
+    `names(target_name)` is true (all when None), older than `min_age_s` (so a save in progress in
+    another ComfyUI sharing the folder is left alone); returns what was removed."""
     folder, removed = Path(folder), []
     if not folder.is_dir():
         return removed
+    now = time.time()
     for p in folder.iterdir():
-        if p.name.startswith(f".{name or ''}") and p.name.endswith(TEMP_SUFFIX) and p.is_file():
-            try:
+        m = _TEMP_NAME.match(p.name)
+        if not m or (names is not None and not names(m.group(1))):
+            continue
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= min_age_s:
                 p.unlink()
                 removed.append(p)
-            except OSError:
-                pass
+        except OSError:
+            pass
     return removed
 
 

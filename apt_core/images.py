@@ -35,7 +35,7 @@ MAX_PIXELS = 16_384 * 16_384  # header size above which a file is refused (a 200
 MAX_DECODE_BYTES = 1024**3  # decoding + RGB conversion (after JPEG draft) above this: refused
 # A decode this large must come from a file at least 1/MAX_RATIO of its size (photos and drawings
 # compress far less; a decompression bomb far more), so a bomb is refused from its header.
-BOMB_MIN_BYTES, MAX_RATIO = 64 * 1024**2, 250
+BOMB_MIN_BYTES, MAX_RATIO = 256 * 1024**2, 250  # a flat 4096^2 logo PNG (134 MB) is never suspect
 # SDXL training buckets at 1024 px as (height, width) with h <= w; transposes are added.
 SDXL_BUCKETS_1024 = (
     (512, 2048), (512, 1984), (512, 1920), (512, 1856), (576, 1792), (576, 1728), (576, 1664),
@@ -231,16 +231,19 @@ def decode_bytes(mode: str, w: int, h: int) -> int:
 
 def check_header(src: Image.Image, file_size: int | None) -> None:
     """Refuse, from the header alone (nothing decoded yet), an image too large to decode safely.
-    file_size: the file's size, checked against the decode (after `draft`) when given."""
+    Without file_size only the pixel count is checked (before a JPEG's draft); with it (after the
+    draft), the memory the decode needs, also against the file's size."""
     w, h = src.size
     if w * h > MAX_PIXELS:
         raise ImageTooLarge(f"too large: {w}x{h} px (limit {MAX_PIXELS // 10**6} megapixels); downscale "
                          "it in an image editor first")
+    if file_size is None:
+        return
     need = decode_bytes(src.mode, src.width, src.height)  # src.size after draft
     if need > MAX_DECODE_BYTES:
         raise ImageTooLarge(f"too large: {w}x{h} px would need {need / 2**30:.1f} GB of memory to decode; "
                          "downscale it or save it as JPEG first")
-    if file_size is not None and need > BOMB_MIN_BYTES and need > MAX_RATIO * max(1, file_size):
+    if need > BOMB_MIN_BYTES and need > MAX_RATIO * max(1, file_size):
         raise ImageTooLarge(f"too large for its file size: {w}x{h} px from {file_size} bytes would need "
                          f"{need / 2**20:.0f} MB to decode (a decompression bomb?); re-save it from an "
                          "image editor")

@@ -22,7 +22,7 @@ import torch
 
 from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, resume_mismatch, save_checkpoint
+from .checkpoint import check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning
 from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
@@ -145,15 +145,19 @@ class AptTrainer:
         sw = config.switches
         self.probe = AptProbe(sw.representation_stabilization, sw.attention_alignment,
                               config.regularizers.aa_distance, config.regularizers.aa_head_average)
+        self._probe_handle, self._restore_checkpointing = None, None
         self.lora = backbone.attach_lora(config.lora, config.train.seed)
-        self.lora.set_input_cast(self.amp_dtype is None)
-        self._alphas_cumprod = backbone.alphas_cumprod.to(self.device)
-        self._probe_handle = backbone.attach_probe(self.probe, config.regularizers.up_block_factors) \
-            if self.probe.active else None
-        self._restore_checkpointing = None
-        if config.train.gradient_checkpointing:
-            self._restore_checkpointing = bool(getattr(backbone.unet, "is_gradient_checkpointing", False))
-            backbone.set_gradient_checkpointing(True)
+        try:  # whatever is installed is taken out again if a later part fails
+            self.lora.set_input_cast(self.amp_dtype is None)
+            self._alphas_cumprod = backbone.alphas_cumprod.to(self.device)
+            self._probe_handle = backbone.attach_probe(self.probe, config.regularizers.up_block_factors) \
+                if self.probe.active else None
+            if config.train.gradient_checkpointing:
+                self._restore_checkpointing = bool(getattr(backbone.unet, "is_gradient_checkpointing", False))
+                backbone.set_gradient_checkpointing(True)
+        except BaseException:
+            self.close()
+            raise
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=config.train.learning_rate,
                                            weight_decay=config.train.weight_decay, fused=fused or None)
@@ -293,7 +297,7 @@ class AptTrainer:
         try:
             terms = self.batch_losses(latents, cond, t, noise, gamma)
             if not torch.isfinite(terms.total):
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
             lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
                        cfg.train.steps, cfg.train.lr_schedule)
             for group in self.optimizer.param_groups:
@@ -308,13 +312,13 @@ class AptTrainer:
             preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(p_lat, p_cond, p_t, p_noise)
             if not torch.isfinite(preserve):
                 self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
+                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
             self.scaler.scale(preserve).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
         if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(), self.kept_earlier_step)
+            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
         self._updating = True
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -324,7 +328,8 @@ class AptTrainer:
             self.indicator.update(bins.tolist(), terms.loss_pre.tolist(), terms.loss_ft.detach().tolist())
         self.step_idx += 1
         self._rng_at_step_start, self._updating = None, False  # the step is complete
-        self.healthy.after_step(self.step_idx, self.lora.parameters(), lambda: self._state(self.generator.get_state()))
+        self.healthy.after_step(self.step_idx, self.lora.parameters(),
+                                lambda: {**self._state(self.generator.get_state()), "history": []})
         self._augmented.extend(applied.tolist())
         self._step_times.append(time.perf_counter() - started)
         return self._event(*(float(x.detach()) for x in (terms.total + preserve.to(terms.total.device),
@@ -380,7 +385,7 @@ class AptTrainer:
             return None
         return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self.generator.get_state()))
 
-    def save_last_good(self) -> Path | None:
+    def save_last_good(self, diverged: bool = False) -> Path | None:
         """Checkpoint the last consistent state after a step failed or was interrupted mid-way.
 
         Call it after `train_step` raised (NaN/inf loss, out of memory, a host's Cancel inside the
@@ -389,14 +394,16 @@ class AptTrainer:
         replays that step exactly. Between steps it is the same as `save_checkpoint`.
         Returns the file, or None when there is no checkpoint_dir, or when the failure happened
         while the optimizer was already updating the weights (the state is half-updated and is not
-        saved; earlier checkpoints are kept). When the weights had already diverged (recovery.py),
-        the last healthy state is written instead and `kept_earlier_step` says its step.
+        saved; earlier checkpoints are kept). After a NaN/inf (`diverged`), when the weights had
+        already diverged before it (recovery.py), the last healthy state is written instead, later
+        checkpoints are removed, and `kept_earlier_step` says its step.
         """
         if self.checkpoint_dir is None:
             return None
-        if self.healthy.state is not None and not self.healthy.healthy(self.lora.parameters()):
+        if diverged and self.healthy.state is not None and not self.healthy.healthy(self.lora.parameters()):
             self.kept_earlier_step = self.healthy.step  # the weights had diverged before the failure
-            path = save_checkpoint(self.checkpoint_dir, self.healthy.step, self.healthy.state, keep=0)
+            state = {**self.healthy.state, "history": [h for h in self.history if h["step"] <= self.healthy.step]}
+            path = save_checkpoint(self.checkpoint_dir, self.healthy.step, state, keep=0)
             for later in list_checkpoints(self.checkpoint_dir):  # a resume must not pick a diverged one
                 if later != path and int(later.stem.split("_")[1]) > self.healthy.step:
                     later.unlink(missing_ok=True)
@@ -414,16 +421,11 @@ class AptTrainer:
             if path is None:
                 return 0
         state = load_checkpoint(path)
-        if diffs := resume_mismatch(state, self.config.to_dict(), self.data_fingerprint):
-            data, settings = [d for d in diffs if ":" not in d], [d for d in diffs if ":" in d]
-            what = data + ([f"settings ({'; '.join(settings[:6])}{' ...' if len(settings) > 6 else ''})"]
-                           if settings else [])
-            raise AptConfigError(f"checkpoint {path} was made with other {' and '.join(what)}. To continue it, "
-                                 "use the same images and settings; otherwise turn 'resume' off (starts over) "
-                                 "or use another LoRA name.")
+        check_resumable(path, state, self.config.to_dict(), self.data_fingerprint)
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"] and self.scaler.is_enabled():  # empty when the saved run used no loss scaling
+            self.scaler.load_state_dict(state["scaler"])
         self.indicator.load_state_dict(state["indicator"])
         self.generator.set_state(state["rng"])
         self._augmented.extend(state["augmented"])

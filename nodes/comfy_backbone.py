@@ -81,25 +81,40 @@ def training_patcher(model):
     return model.clone()
 
 
+def release_patcher(patcher) -> None:
+    """Unload exactly this patcher (a delegate) from ComfyUI's loaded models. Not the host's
+    unload_model_and_clones: the delegate shares its clone id with the user's MODEL, which would go too."""
+    import comfy.model_management as mm
+
+    for i in reversed(range(len(mm.current_loaded_models))):
+        loaded = mm.current_loaded_models[i]
+        if loaded.model is patcher:
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+
+
 class ComfySDXLBackbone:
     """`apt_core.backbone.Backbone` for a ComfyUI SDXL MODEL (ModelPatcher)."""
 
     def __init__(self, patcher, also_load: tuple = ()):
         """patcher: the one to train on (`training_patcher`); also_load: patchers to keep loaded
         beside it (the VAE when pixel-space augmentation encodes during training)."""
-        import comfy.model_base
+        import comfy.model_sampling
 
         check_comfy_sdxl(patcher)
         self.patcher = patcher
         self.also_load = tuple(also_load)
         self.base_model = patcher.model
         self.unet: nn.Module = self.base_model.diffusion_model
-        sigmas = self.base_model.model_sampling.sigmas.detach().float().cpu()
+        # The schedule as the MODEL has it, a ModelSamplingDiscrete node's object patch included
+        # (it only reaches the module when the patcher loads; a delegate never has it there).
+        sampling = patcher.get_model_object("model_sampling")
+        sigmas = sampling.sigmas.detach().float().cpu()
         # ComfyUI stores the discrete schedule as sigmas; alpha_bar = 1 / (1 + sigma^2).
         self.alphas_cumprod = 1.0 / (1.0 + sigmas.pow(2))
-        self.prediction_type = ("v_prediction" if self.base_model.model_type
-                                == comfy.model_base.ModelType.V_PREDICTION else "epsilon")
+        self.prediction_type = "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
         self._checkpointed: list[nn.Module] = []
+        self._attn2_keys: set[tuple[str, int, int]] = set()
 
     # ---- shapes the cache must match ---------------------------------------------------------
     @property
@@ -120,7 +135,8 @@ class ComfySDXLBackbone:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.base_model.get_dtype()
+        """What x_t and the conditioning are cast to: the compute dtype (never an fp8 storage dtype)."""
+        return self.compute_dtype
 
     def load(self) -> None:
         """Load the patcher (and `also_load`) fully on the load device, the host's way: this is
@@ -131,29 +147,28 @@ class ComfySDXLBackbone:
 
     def attach_lora(self, cfg: LoraConfig, seed: int) -> ComfyLora:
         lora = ComfyLora(self.patcher, self.lora_target_names(cfg.include_feed_forward), cfg, seed, self.device)
-        self.load()
-        if not lora.installed():  # loaded before the adapters existed: the host re-patches on a fresh load
-            self.patcher.unpatch_model()
+        try:
             self.load()
-        if not lora.installed():
-            lora.remove()
-            raise AptModelError("ComfyUI did not apply the LoRA adapters to the model; "
-                                "please report this with your ComfyUI version.")
+            if not lora.installed():  # loaded before the adapters existed: the host re-patches on a fresh load
+                self.patcher.unpatch_model()
+                self.load()
+            if not lora.installed():
+                raise AptModelError("ComfyUI did not apply the LoRA adapters to the model; "
+                                    "please report this with your ComfyUI version.")
+        except BaseException:
+            lora.remove()  # out of memory, Cancel, ...: leave the shared modules as they were
+            raise
         return lora
 
     def transformer_options(self) -> dict:
-        """The patcher's transformer options (attention patches, override) with its wrappers, as
-        ComfyUI's sampler passes them: a fresh dict per call, the UNet writes into it. When the host
-        runs an attention kernel that has no backward (sage, flash: chosen on ComfyUI's command line)
-        and nothing else overrides it, training uses the host's PyTorch SDPA attention instead."""
-        import comfy.patcher_extension
-
-        options = dict(self.patcher.model_options.get("transformer_options", {}))
-        wrappers = getattr(self.patcher, "wrappers", None)
-        if wrappers:
-            options["wrappers"] = comfy.patcher_extension.merge_nested_dicts(
-                options.get("wrappers", {}), wrappers, copy_dict1=True)
-        if "optimized_attention_override" not in options and _forward_only_attention():
+        """What the UNet gets while training: the attn2 patches APT installed on the patcher, and
+        the host's PyTorch SDPA attention when ComfyUI runs a kernel without a backward pass (sage,
+        flash: chosen on its command line). Sampling-time patches and wrappers on the MODEL (FreeU,
+        Deep Shrink, caches, attention overrides) need a sampler's state and would become part of
+        what the LoRA learns: they are left out. A fresh dict per call: the UNet writes into it."""
+        table = self.patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+        options: dict = {"patches_replace": {"attn2": {k: table[k] for k in self._attn2_keys if k in table}}}
+        if _forward_only_attention():
             options["optimized_attention_override"] = _sdpa_attention
         return options
 
@@ -211,8 +226,10 @@ class ComfySDXLBackbone:
         replace = self.patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
         previous = replace.get("attn2", {}).get(key)
         self.patcher.set_model_attn2_replace(patch, *key)
+        self._attn2_keys.add(key)
 
         def undo() -> None:
+            self._attn2_keys.discard(key)
             table = self.patcher.model_options["transformer_options"]["patches_replace"]["attn2"]
             if previous is None:
                 table.pop(key, None)

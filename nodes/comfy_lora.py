@@ -84,10 +84,19 @@ class ComfyLora(SwitchableLora):
         # freezes them): autograd would fill a UNet-sized gradient buffer every step. Restored by remove().
         self._requires_grad = {name: p.requires_grad for name, p in unet.named_parameters()}
         unet.requires_grad_(False)
-        diff_class = _lora_diff_class()
-        generator = torch.Generator().manual_seed(seed)
         self.layers: dict[str, nn.Module] = {}
         self._shapes: dict[str, torch.Size] = {}
+        self.fresh: list[str] = []  # "<module>.weight" / "<module>.bias" given a fresh copy per op
+        try:
+            self._register(target_names, cfg, seed, device)
+        except BaseException:
+            self.remove()  # nothing half-registered stays on the patcher or the shared UNet
+            raise
+
+    def _register(self, target_names: list[str], cfg: LoraConfig, seed: int, device: torch.device) -> None:
+        unet, patcher = self.unet, self.patcher
+        diff_class = _lora_diff_class()
+        generator = torch.Generator().manual_seed(seed)
         for name in target_names:
             module = unet.get_submodule(name)
             shape = module.weight.shape
@@ -99,7 +108,6 @@ class ComfyLora(SwitchableLora):
             self.layers[name] = diff
             self._shapes[name] = shape
             patcher.add_weight_wrapper(f"{PREFIX}{name}.weight", diff)
-        self.fresh: list[str] = []  # "<module>.weight" / "<module>.bias" given a fresh copy per op
         for name, module in unet.named_modules():
             if not hasattr(module, "weight_function"):
                 continue

@@ -49,6 +49,8 @@ def resolve_folder(folder: str, input_dir: str) -> Path:
     if not text:
         raise AptDatasetError("No image folder given. Type the name of a folder inside ComfyUI's input "
                               "folder, or connect images.")
+    if "\0" in text:
+        raise AptDatasetError("The folder name contains a NUL character; type the folder's name as it is.")
     root = Path(os.path.realpath(input_dir))
     path = Path(os.path.realpath(root / text))  # an absolute `text` replaces root here; checked below
     if path != root and root not in path.parents:

@@ -28,14 +28,14 @@ from typing import Any, Callable
 import torch
 
 from apt_core.augment import variant_grid
-from apt_core.checkpoint import latest_checkpoint, list_checkpoints
+from apt_core.checkpoint import check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint
 from apt_core.config import AptConfig
 from apt_core.errors import AptDatasetError, AptError, AptOutputError
 from apt_core.export import remove_stale_temps
 from apt_core.images import records_fingerprint
 from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompts, load_or_draw_class_latents
 
-from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, training_patcher
+from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, release_patcher, training_patcher
 from .dataset import AptDataset
 from .encoding import cache_dataset, class_conditionings, pixel_encoder
 from .runs import RUNS, RunState, send
@@ -193,7 +193,11 @@ class TrainJob:
         total = self.config.train.steps
         if latest is not None and self.resume and (step < total or (step == total and not self.target.exists())):
             self.resume_from = latest  # unfinished, or finished but its LoRA was never written (disk full)
-        remove_stale_temps(self.loras_dir, self.lora_file[: -len(".safetensors")])  # of a killed save
+            # A checkpoint of other images or settings is refused now, before anything is encoded.
+            check_resumable(latest, load_checkpoint(latest), self.config.to_dict(),
+                            records_fingerprint(self.dataset.records))
+        # temp files of a killed save: this LoRA's and its step files', and the run's checkpoints'
+        remove_stale_temps(self.loras_dir, lambda n: n == self.lora_file or is_step_lora_name(self.lora_file, n))
         remove_stale_temps(self.checkpoint_dir)
         if self.target.exists() and not self.overwrite and self.resume_from is None:
             raise AptOutputError(f"A LoRA named {self.lora_file} already exists in {self.loras_dir}. "
@@ -249,9 +253,9 @@ class TrainJob:
         where = (f"at step {self._oom_step + 1} of {cfg.train.steps}" if self._oom_step is not None
                  else "while preparing the training")
         if self._oom_checkpoint is not None:
-            kept = (f" The {self._oom_step} finished step(s) are saved in {self._oom_checkpoint}: with "
-                    "'resume' on and the same rank, the next run continues from there (for another rank "
-                    "turn 'resume' off or use a new LoRA name).")
+            kept = (f" The {self._oom_step} finished step(s) are saved in {self._oom_checkpoint}: with 'resume' "
+                    "on, the Low VRAM preset continues from there; the other changes below alter what is "
+                    "trained, so they start over (turn 'resume' off or use a new LoRA name).")
         else:
             kept = " Checkpoints saved before the failure are kept."
         tips = [] if cfg.train.gradient_checkpointing else [
@@ -312,8 +316,12 @@ class TrainJob:
         except AptOutputError as exc:
             ckpt_error = exc
         if lora_error is not None:
+            total, done = self.config.train.steps, trainer.step_idx
+            again = ("the LoRA is written from it without training again" if done == total else
+                     f"with 'steps' set to {done} the LoRA of step {done} is written from it without training "
+                     f"(with {total}, training continues to step {total})")
             kept = (f" The training is kept in {ckpt}: once there is room, queue again with the same LoRA name "
-                    "and 'resume' on, and the LoRA is written from it without training again."
+                    f"and 'resume' on, and {again}."
                     if ckpt is not None else f" The final checkpoint could not be saved either: {ckpt_error}")
             RUNS.update(run, status="error", message=f"{lora_error}{kept}{steps_text}")
             send("apt.status", run.summary())
@@ -326,9 +334,6 @@ class TrainJob:
 
     def _run(self, run: RunState) -> JobResult:
         import comfy.model_management as mm
-        import comfy.utils
-
-        from apt_core.trainer import AptTrainer
 
         cfg = self.config
         aug = cfg.augmentation
@@ -356,9 +361,22 @@ class TrainJob:
         # step re-encodes with the VAE during training: load it together with the UNet, so that no
         # later load can push the UNet being trained out of GPU memory.
         patcher = training_patcher(self.model)
+        try:
+            return self._train(run, patcher, cached, class_draw, pixel_aug)
+        finally:
+            if patcher.model is not self.model.model:  # a dynamic MODEL's delegate: free its memory now
+                release_patcher(patcher)
+
+    def _train(self, run: RunState, patcher, cached, class_draw, pixel_aug: bool) -> JobResult:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from apt_core.trainer import AptTrainer
+
+        cfg = self.config
         backbone = ComfySDXLBackbone(patcher, also_load=(self.vae.patcher,) if pixel_aug else ())
-        backbone.load()
-        if class_draw is not None:
+        if class_draw is not None:  # drawn by the model as it is, before the adapters exist
+            backbone.load()
             cached.class_examples = self._class_examples(run, backbone, *class_draw)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)
@@ -446,7 +464,5 @@ class TrainJob:
             RUNS.set_stop_callback(run, None)
             trainer.close()
             del trainer
-            if patcher.model is not self.model.model:  # a dynamic MODEL's delegate: free its memory now
-                mm.unload_model_and_clones(patcher)
 
 

@@ -123,8 +123,12 @@ def test_stale_temp_files_of_a_killed_write_are_removed(tmp_path):
     from apt_core.export import TEMP_SUFFIX, remove_stale_temps
 
     stale = [tmp_path / f".lora.safetensors.abc{TEMP_SUFFIX}", tmp_path / f".lora_step00100.safetensors.x{TEMP_SUFFIX}"]
-    other = [tmp_path / f".other.safetensors.abc{TEMP_SUFFIX}", tmp_path / "lora.safetensors", tmp_path / ".lora.tmp"]
-    for p in stale + other:
+    other = [tmp_path / f".lora_v2.safetensors.abc{TEMP_SUFFIX}", tmp_path / "lora.safetensors", tmp_path / ".lora.tmp"]
+    fresh = tmp_path / f".lora.safetensors.new{TEMP_SUFFIX}"  # a save in progress (another ComfyUI)
+    for p in stale + other + [fresh]:
         p.write_bytes(b"x")
-    assert sorted(remove_stale_temps(tmp_path, "lora")) == sorted(stale)
-    assert all(p.exists() for p in other)
+    for p in stale + other:
+        os.utime(p, (0, 0))
+    mine = {"lora.safetensors", "lora_step00100.safetensors"}
+    assert sorted(remove_stale_temps(tmp_path, mine.__contains__)) == sorted(stale)
+    assert all(p.exists() for p in other) and fresh.exists()

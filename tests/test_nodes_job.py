@@ -728,8 +728,9 @@ def test_prepare_removes_the_temp_files_a_killed_save_left(m, tmp_path):
     (tmp_path / "runs" / "tmpd").mkdir(parents=True)
     stale = [tmp_path / "loras" / f".tmpd.safetensors.x1{TEMP_SUFFIX}",
              tmp_path / "runs" / "tmpd" / f".step_000002.pt.x2{TEMP_SUFFIX}"]
-    kept = tmp_path / "loras" / f".other.safetensors.x3{TEMP_SUFFIX}"  # another LoRA's: not ours to delete
+    kept = tmp_path / "loras" / f".tmpd_v2.safetensors.x3{TEMP_SUFFIX}"  # another LoRA's: not ours to delete
     for p in [*stale, kept]:
         p.write_bytes(b"half a file")
+        __import__("os").utime(p, (0, 0))  # left by a run killed long ago
     _job(m, tmp_path, "tmpd").prepare()
     assert not any(p.exists() for p in stale) and kept.exists()
