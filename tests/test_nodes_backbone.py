@@ -254,3 +254,48 @@ def test_only_the_adapters_get_gradients_and_the_unet_flags_are_restored(cb, pai
     assert all(p.grad is None for p in unet.parameters())
     trainer.close()
     assert all(p.requires_grad for p in unet.parameters())
+
+
+def test_sampling_time_patches_stay_out_of_training_but_a_schedule_patch_counts(cb, pair):
+    """A FreeU-like block patch (needs a sampler's state) is not run while training; a
+    ModelSamplingDiscrete-like object patch (another noise schedule) is what training uses."""
+    import comfy.model_sampling
+
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    _, _, patcher, cdataset = pair
+    clone = patcher.clone()
+
+    def freeu(h, hsp, transformer_options):
+        raise KeyError("sigmas")  # what a sampling-time patch does without a sampler
+
+    clone.set_model_output_block_patch(freeu)
+    sampling = type("ZSNR", (comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION), {})(
+        clone.model.model_config)
+    clone.add_object_patch("model_sampling", sampling)
+    backbone = cb.ComfySDXLBackbone(clone)
+    assert backbone.prediction_type == "v_prediction"
+    torch.testing.assert_close(backbone.alphas_cumprod, 1.0 / (1.0 + sampling.sigmas.float() ** 2))
+    trainer = AptTrainer(backbone, cdataset, config(2, learning_rate=1e-2))
+    trainer.run()
+    trainer.close()
+
+
+def test_a_failure_while_attaching_leaves_the_shared_unet_clean(cb, pair, monkeypatch):
+    from apt_core.trainer import AptTrainer
+    from tiny import config
+
+    _, _, patcher, cdataset = pair
+    unet = patcher.model.diffusion_model
+    flags = {n: p.requires_grad for n, p in unet.named_parameters()}
+
+    def out_of_memory(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cb.ComfySDXLBackbone, "load", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        AptTrainer(cb.ComfySDXLBackbone(patcher), cdataset, config(2))
+    assert not patcher.weight_wrapper_patches
+    assert not any(vars(m).get("weight_function") or vars(m).get("bias_function") for m in unet.modules())
+    assert {n: p.requires_grad for n, p in unet.named_parameters()} == flags
