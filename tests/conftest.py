@@ -92,23 +92,12 @@ def pytest_report_header(config):
 
 @pytest.fixture()
 def full_disk(tmp_path):
-    """A 1 MB tmpfs filled up by one file: the real 'disk full' of every writer. `free()` deletes the
-    filler. Needs root to mount (CI runs as root); skips elsewhere."""
-    import os
-    import subprocess
+    """A folder on a full 1 MB tmpfs (tests/full_disk.py): `.path`, and `.free()` deletes the filler."""
     import types
 
+    import full_disk as disk
+
     mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    filler = mnt / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
+    filler = disk.fill(mnt)
     yield types.SimpleNamespace(path=mnt, free=filler.unlink)
-    subprocess.run(["umount", "-l", str(mnt)], check=False)  # lazy: a failed writer may still hold a file
+    disk.unmount(mnt)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 import comfy_host as ch
+import full_disk as disk
 from test_images import _png
 from test_nodes_integration import TRAINER, _error, _graph, _run, _trainer
 
@@ -105,35 +105,19 @@ def test_resume_refuses_a_checkpoint_made_from_other_images(server):
     assert "other images or captions" in _error(entry)["exception_message"]
 
 
-def _fill(folder: Path) -> Path:
-    """Mount a 1 MB tmpfs on `folder` and fill it; returns the filler (delete it to free the space)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs root to mount a small tmpfs")
-    filler = folder / "filler.bin"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError:
-            pass
-    return filler
-
-
 @pytest.fixture()
 def full(server):
     """full(folder) -> filler: that server folder on a full tmpfs (root only: CI runs as root)."""
     mounted = []
 
     def fill(folder: Path) -> Path:
-        filler = _fill(folder)
+        filler = disk.fill(folder)
         mounted.append(folder)
         return filler
 
     yield fill
     for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False)  # lazy: a failed writer may hold a file
+        disk.unmount(folder)
 
 
 def test_full_loras_disk_keeps_the_training_and_the_next_queue_writes_the_lora_without_training(server, full):
