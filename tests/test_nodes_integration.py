@@ -118,8 +118,6 @@ def _wait_for_step(server, step, timeout=180):
         st = _run_state(server)
         if st and st.get("step", 0) >= step and st.get("status") == "training":
             return st
-        if st and st.get("status") in ("error", "finished", "cancelled"):  # will never get there
-            break
         time.sleep(0.2)
     raise TimeoutError(f"training never reached step {step}; state {_run_state(server)}\n{server.log_tail()}")
 
