@@ -62,16 +62,22 @@ class OverfittingIndicator:
         return table[bins.cpu()]
 
     def update(self, bins: Sequence[int], loss_pre: Sequence[float], loss_ft: Sequence[float]) -> None:
-        """Fold one step's per-sample losses into the EMAs of their bins, in sample order."""
+        """One EMA update per bin per step, with the mean losses of that step's samples in the bin
+        (the paper's EMA is per step: 4 samples of one bin in one step move it by alpha, not by
+        1 - (1 - alpha)^4). bins, loss_pre, loss_ft: one entry per sample."""
         a = self.config.ema_alpha
+        per_bin: dict[int, list[tuple[float, float]]] = {}
         for b, lp, lf in zip(bins, loss_pre, loss_ft):
-            b = int(b)
+            per_bin.setdefault(int(b), []).append((float(lp), float(lf)))
+        for b, pairs in per_bin.items():
+            lp = sum(p for p, _ in pairs) / len(pairs)
+            lf = sum(f for _, f in pairs) / len(pairs)
             if self.ema_pre[b] is None:
-                self.ema_pre[b], self.ema_ft[b] = float(lp), float(lf)
+                self.ema_pre[b], self.ema_ft[b] = lp, lf
             else:
-                self.ema_pre[b] = (1.0 - a) * self.ema_pre[b] + a * float(lp)
-                self.ema_ft[b] = (1.0 - a) * self.ema_ft[b] + a * float(lf)
-            self.counts[b] += 1
+                self.ema_pre[b] = (1.0 - a) * self.ema_pre[b] + a * lp
+                self.ema_ft[b] = (1.0 - a) * self.ema_ft[b] + a * lf
+            self.counts[b] += len(pairs)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema_pre": list(self.ema_pre), "ema_ft": list(self.ema_ft), "counts": list(self.counts)}

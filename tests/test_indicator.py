@@ -40,8 +40,21 @@ def test_ema_sequence_matches_hand_computation():
 
 def test_indicator_scale_is_a_setting():
     ind = OverfittingIndicator(IndicatorConfig(scale=100.0))
-    ind.update([5, 5], [0.010, 0.012], [0.010, 0.008])  # same EMAs as above, in one batch
+    ind.update([5], [0.010], [0.010])
+    ind.update([5], [0.012], [0.008])  # EMA_pre 0.0102, EMA_ft 0.0098
     assert ind.gamma(5) == pytest.approx(0.03921056084767682)  # 1 - e^-(100 * 0.0004)
+
+
+def test_a_batch_moves_each_bins_ema_once_per_step_with_its_mean_losses():
+    """The paper's EMA is per step: a batch of 4 samples in one bin moves the EMA by alpha = 0.1
+    towards their mean (sample by sample it would move by 1 - 0.9^4 = 0.344)."""
+    ind = OverfittingIndicator()  # alpha 0.1
+    ind.update([3], [1.0], [1.0])
+    ind.update([3, 3, 3, 3, 7], [2.0, 2.0, 3.0, 1.0, 5.0], [0.0, 0.0, 0.0, 0.0, 4.0])
+    assert ind.ema_pre[3] == pytest.approx(0.9 * 1.0 + 0.1 * 2.0)  # mean of 2, 2, 3, 1 is 2
+    assert ind.ema_ft[3] == pytest.approx(0.9 * 1.0 + 0.1 * 0.0)
+    assert (ind.ema_pre[7], ind.ema_ft[7]) == (5.0, 4.0)  # first value seen in a bin
+    assert ind.counts[3] == 5 and ind.counts[7] == 1
 
 
 def test_gamma_is_clamped_to_unit_interval_and_never_overflows():

@@ -513,3 +513,33 @@ def test_nan_with_healthy_weights_keeps_the_state_before_the_failing_step(tmp_pa
     with pytest.raises(NonFiniteLossError) as err:
         trainer.train_step()
     assert err.value.kept_step is None and err.value.checkpoint.name == "step_000012.pt"
+
+
+def test_each_sample_is_weighted_by_its_own_bins_gamma():
+    """Distinct gamma per bin: the loss weight must be 1 - gamma of the sample's bin (a lookup read
+    from the other end, bin b as B-1-b, would give another weight)."""
+    trainer, _, _ = make_trainer(steps=20, switches=AptSwitches(adaptive_augmentation=False))
+    n, scale = trainer.config.indicator.num_bins, trainer.config.indicator.scale
+    gammas = [0.05 * (b + 1) for b in range(n)]  # 0.05 .. 0.5
+    gaps = [-math.log(1.0 - g) / scale for g in gammas]
+    trainer.indicator.load_state_dict({"ema_pre": [0.01 + d for d in gaps], "ema_ft": [0.01] * n, "counts": [1] * n})
+    seen = set()
+    for _ in range(6):
+        before = trainer.indicator.gammas()
+        event = trainer.train_step()
+        b = int(trainer.indicator.bin_of(torch.tensor(event.timesteps))[0])
+        assert event.loss_weight == pytest.approx(1.0 - before[b], abs=1e-6)
+        seen.add(b)
+    assert len(seen) >= 3 and any(b != n - 1 - b for b in seen)
+
+
+def test_an_error_inside_the_prior_pass_switches_the_lora_back_on():
+    trainer, _, dataset = make_trainer(steps=3, learning_rate=1e-2)
+    trainer.run()
+    ft_before, pre = predict_pair(trainer, dataset)
+    assert not torch.equal(ft_before, pre)
+    with pytest.raises(RuntimeError):
+        with trainer.lora.disabled():
+            raise RuntimeError("out of memory in the prior forward")
+    ft_after, _ = predict_pair(trainer, dataset)
+    assert torch.equal(ft_after, ft_before)
