@@ -10,15 +10,15 @@ clone of the MODEL (`training_patcher`):
   inference mode, so training holds its weights like any fully loaded model.
 - LoRA: the host's own weight adapters (nodes/comfy_lora.py), registered on the patcher and put in
   place when `load()` loads it; the prior pass is the same model with the adapters switched off.
-- `predict` calls `diffusion_model(x, timesteps, context, y=adm, transformer_options=...)` with the
-  patcher's transformer options (attention patches, wrappers, attention override). The cached
-  conditioning stores ComfyUI's full `y` vector (pooled CLIP-G output + the embedded size/crop ids,
-  built once by the model's own `encode_adm`) in `SDXLConditioning.pooled`.
+- `predict` calls `diffusion_model(x, timesteps, context, y=adm, transformer_options=...)` with
+  APT's own attention patches only (`transformer_options`: no sampling-time patches of the MODEL).
+  The cached conditioning stores ComfyUI's full `y` vector (pooled CLIP-G output + the embedded
+  size/crop ids, built once by the model's own `encode_adm`) in `SDXLConditioning.pooled`.
 - RS: forward hooks on the `SpatialTransformer` of every decoder (`output_blocks`) stage at the
   hooked resolutions (diffusers `up_blocks.i.attentions.j` <-> SGM `output_blocks.3i+j.1`).
-- AA: those stages' cross-attention goes through an attn2 replace patch in the patcher's
-  transformer options (`set_model_attn2_replace`): explicit probabilities while the probe asks for
-  them, the host's optimized attention otherwise.
+- AA: those stages' cross-attention goes through ComfyUI's attn2 replace patches
+  (`transformer_options["patches_replace"]["attn2"]`, keyed by block): explicit probabilities
+  while the probe asks for them, the host's optimized attention otherwise.
 - Gradient checkpointing wraps the `forward` of each ResBlock / SpatialTransformer (ComfyUI calls
   the layers of a `TimestepEmbedSequential` one by one, so wrapping the sequential would do nothing).
 
@@ -114,7 +114,7 @@ class ComfySDXLBackbone:
         self.alphas_cumprod = 1.0 / (1.0 + sigmas.pow(2))
         self.prediction_type = "v_prediction" if isinstance(sampling, comfy.model_sampling.V_PREDICTION) else "epsilon"
         self._checkpointed: list[nn.Module] = []
-        self._attn2_keys: set[tuple[str, int, int]] = set()
+        self._attn2: dict[tuple[str, int, int], Callable] = {}  # APT's attn2 replace patches, by block
 
     # ---- shapes the cache must match ---------------------------------------------------------
     @property
@@ -161,13 +161,12 @@ class ComfySDXLBackbone:
         return lora
 
     def transformer_options(self) -> dict:
-        """What the UNet gets while training: the attn2 patches APT installed on the patcher, and
-        the host's PyTorch SDPA attention when ComfyUI runs a kernel without a backward pass (sage,
-        flash: chosen on its command line). Sampling-time patches and wrappers on the MODEL (FreeU,
-        Deep Shrink, caches, attention overrides) need a sampler's state and would become part of
-        what the LoRA learns: they are left out. A fresh dict per call: the UNet writes into it."""
-        table = self.patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-        options: dict = {"patches_replace": {"attn2": {k: table[k] for k in self._attn2_keys if k in table}}}
+        """What the UNet gets while training: APT's attn2 replace patches, and the host's PyTorch
+        SDPA attention when ComfyUI runs a kernel without a backward pass (sage, flash: chosen on its
+        command line). Sampling-time patches and wrappers on the MODEL (FreeU, Deep Shrink, caches,
+        attention overrides) need a sampler's state and would become part of what the LoRA learns:
+        they are left out. A fresh dict per call: the UNet writes into it."""
+        options: dict = {"patches_replace": {"attn2": dict(self._attn2)}}
         if _forward_only_attention():
             options["optimized_attention_override"] = _sdpa_attention
         return options
@@ -222,21 +221,9 @@ class ComfySDXLBackbone:
         return handle
 
     def _replace_attn2(self, key: tuple[str, int, int], patch: Callable) -> Callable[[], None]:
-        """Install an attn2 replace patch on the patcher (the host's mechanism); returns its undo."""
-        replace = self.patcher.model_options.get("transformer_options", {}).get("patches_replace", {})
-        previous = replace.get("attn2", {}).get(key)
-        self.patcher.set_model_attn2_replace(patch, *key)
-        self._attn2_keys.add(key)
-
-        def undo() -> None:
-            self._attn2_keys.discard(key)
-            table = self.patcher.model_options["transformer_options"]["patches_replace"]["attn2"]
-            if previous is None:
-                table.pop(key, None)
-            else:
-                table[key] = previous
-
-        return undo
+        """Use `patch` for the attn2 of block `key` while training; returns its undo."""
+        self._attn2[key] = patch
+        return lambda: self._attn2.pop(key, None)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         if enabled and not self._checkpointed:

@@ -164,6 +164,7 @@ class TrainJob:
         self.step_files: list[str] = []
         self.node_id, self.prompt_id = str(node_id), prompt_id
         self.resume_from: Path | None = None
+        self.data_fingerprint: str | None = None  # set by prepare()
         self.run_state: RunState | None = None
         self._cancel_seen = False
         self._oom_checkpoint: Path | None = None
@@ -190,12 +191,12 @@ class TrainJob:
             class_prompts([r.caption for r in self.dataset.records], regs.trigger_words)
         latest = latest_checkpoint(self.checkpoint_dir)
         step = checkpoint_step(latest) if latest is not None else 0
+        self.data_fingerprint = records_fingerprint(self.dataset.records)  # what a checkpoint must match
         total = self.config.train.steps
         if latest is not None and self.resume and (step < total or (step == total and not self.target.exists())):
             self.resume_from = latest  # unfinished, or finished but its LoRA was never written (disk full)
             # A checkpoint of other images or settings is refused now, before anything is encoded.
-            check_resumable(latest, load_checkpoint(latest), self.config.to_dict(),
-                            records_fingerprint(self.dataset.records))
+            check_resumable(latest, load_checkpoint(latest), self.config.to_dict(), self.data_fingerprint)
         # temp files of a killed save: this LoRA's and its step files', and the run's checkpoints'
         remove_stale_temps(self.loras_dir, lambda n: n == self.lora_file or is_step_lora_name(self.lora_file, n))
         remove_stale_temps(self.checkpoint_dir)
@@ -409,7 +410,7 @@ class TrainJob:
                              should_stop=lambda: self._should_stop(run),
                              encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
                              on_checkpoint_step=save_step_lora if self.save_step_loras else None,
-                             data_fingerprint=records_fingerprint(self.dataset.records))
+                             data_fingerprint=self.data_fingerprint)
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
             if resumed:

@@ -783,3 +783,14 @@ def comfy_server_fixture(scope: str = "session", **server_kwargs):
             yield server
 
     return _fixture
+
+
+FIXTURE_PACKS = Path(__file__).resolve().parent / "pack_fixtures"
+
+
+def server_with_test_models(root: str | os.PathLike) -> ComfyServer:
+    """A ComfyServer in `root`/comfy that also loads the test-only pack of tests/pack_fixtures (tiny
+    SDXL-shaped MODEL/CLIP/VAE nodes), through an extra-model-paths file written into `root`."""
+    extra = Path(root) / "fixtures.yaml"
+    extra.write_text(f"apt_test_fixtures:\n    custom_nodes: {json.dumps(str(FIXTURE_PACKS))}\n", encoding="utf-8")
+    return ComfyServer(Path(root) / "comfy", extra_args=["--extra-model-paths-config", str(extra)])

@@ -20,7 +20,6 @@ import comfy_host as ch
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parent / "pack_fixtures"
 APT_NODES = {"APTDatasetLoader", "APTCaption", "APTAtaSettings", "APTRegSettings", "APTTrainer"}
 TRAINER = "10"
 FAST = "Fastest (24 GB+ VRAM)"
@@ -30,9 +29,7 @@ FAST = "Fastest (24 GB+ VRAM)"
 def server(tmp_path_factory):
     ch.require_comfyui()
     root = tmp_path_factory.mktemp("apt_nodes")
-    extra = root / "fixtures.yaml"
-    extra.write_text(f"apt_test_fixtures:\n    custom_nodes: {json.dumps(str(FIXTURES))}\n", encoding="utf-8")
-    srv = ch.ComfyServer(root / "comfy", extra_args=["--extra-model-paths-config", str(extra)])
+    srv = ch.server_with_test_models(root)
     with srv:
         subject = srv.input_dir / "subject"
         subject.mkdir()

@@ -21,7 +21,6 @@ from test_nodes_integration import TRAINER, _error, _graph, _run, _trainer
 
 pytestmark = pytest.mark.integration
 
-FIXTURES = Path(__file__).resolve().parent / "pack_fixtures"
 
 
 def _images(folder: Path, n: int = 3, caption: str | None = None) -> None:
@@ -38,9 +37,7 @@ def _images(folder: Path, n: int = 3, caption: str | None = None) -> None:
 def server(tmp_path_factory):
     ch.require_comfyui()
     root = tmp_path_factory.mktemp("apt_safety")
-    extra = root / "fixtures.yaml"
-    extra.write_text(f"apt_test_fixtures:\n    custom_nodes: {json.dumps(str(FIXTURES))}\n", encoding="utf-8")
-    srv = ch.ComfyServer(root / "comfy", extra_args=["--extra-model-paths-config", str(extra)])
+    srv = ch.server_with_test_models(root)
     with srv:
         _images(srv.input_dir / "subject", caption="a photo of sks dog")
         _images(root / "private", caption="SECRET caption of another user")

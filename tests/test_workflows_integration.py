@@ -42,7 +42,6 @@ import comfy_host as ch
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parent / "pack_fixtures"
 WORKFLOWS = REPO / "workflows"
 NAMES = ["apt-1-train-lora-and-render", "apt-2-dreambooth-vs-apt", "apt-3-advanced-resume-validation"]
 # The host the committed workflows/ are generated against (scripts/env.sh's; see the docstring).
@@ -67,10 +66,7 @@ def subject_images(folder: Path, n: int = 3) -> None:
         im.save(folder / f"ref{i}.png")
 
 
-def start_server(root: Path) -> ch.ComfyServer:
-    extra = root / "fixtures.yaml"
-    extra.write_text(f"apt_test_fixtures:\n    custom_nodes: {json.dumps(str(FIXTURES))}\n", encoding="utf-8")
-    return ch.ComfyServer(root / "comfy", extra_args=["--extra-model-paths-config", str(extra)])
+start_server = ch.server_with_test_models
 
 
 @pytest.fixture(scope="module")
