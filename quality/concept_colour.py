@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from .bench import load_prior
 from .task import concept_prompts, load_config
 from .models import world_image_size
 from .sampling import sample
-from .textio import print_and_save
+from .textio import print_and_save, read_results
 from .world import detect
 
 PRIOR_SHAPES = ("square", "circle", "triangle")
@@ -91,7 +90,7 @@ def report(cfg: dict, runs: list[Path], prior_check: bool = True) -> str:
     totals: dict[str, dict[str, collections.Counter]] = collections.defaultdict(
         lambda: collections.defaultdict(collections.Counter))
     for run in runs:
-        run_cfg = json.loads((run / "results.json").read_text())["config"]
+        run_cfg = read_results(run)["config"]
         run_reqs, run_k = concept_prompts(run_cfg)[1], int(run_cfg["eval"]["samples_per_prompt"])
         with np.load(run / "images.npz") as z:
             methods = [m for m in z.files if m not in ("references", "prior") and not m.endswith("_drift")]

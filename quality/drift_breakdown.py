@@ -28,7 +28,7 @@ from .task import drift_prompts, drift_seeds, load_config
 from .metrics import ALL_ATTRS, drift_px
 from .models import world_image_size
 from .sampling import sample
-from .textio import print_and_save
+from .textio import print_and_save, read_results
 from .world import Detection, detect
 
 
@@ -69,7 +69,7 @@ def report(cfg: dict, runs: list[Path], reseed: bool = True) -> str:
     changes: dict[str, list[collections.Counter]] = {}
     prior_reads: list[collections.Counter] = []
     for run in runs:
-        run_prompts = json.loads((run / "results.json").read_text())["drift_prompts"]
+        run_prompts = read_results(run)["drift_prompts"]
         if prompts and run_prompts != prompts:
             raise SystemExit(f"{run} has other drift prompts than {runs[0]}")
         prompts = run_prompts

@@ -23,7 +23,7 @@ from . import plot
 from .bench import DETAIL, KEYS, fill_description, run_benchmark, summary
 from .task import LABELS, METHODS, load_config
 from .metrics import mean_std
-from .textio import save_text
+from .textio import read_results, save_text
 
 DESCRIPTIONS = {
     "identity": "concept generated with the references' shape and colour (higher = better)",
@@ -199,7 +199,7 @@ def merge(dirs: list[Path]) -> dict:
     """One {"results", "images"} from runs of the same config that differ only in their seeds and
     methods (e.g. one process per method and seed). Runs are ordered by seed; each method's
     images come from its lowest seed, as in a single-process run."""
-    parts = [json.loads((d / "results.json").read_text()) for d in dirs]
+    parts = [read_results(d) for d in dirs]
     strip = lambda cfg: {k: v for k, v in cfg.items() if k not in ("seeds", "methods")}  # noqa: E731
     for d, p in zip(dirs[1:], parts[1:]):
         if strip(p["config"]) != strip(parts[0]["config"]):
@@ -257,7 +257,7 @@ def main(argv=None) -> int:
         return 0
     if args.replot:
         dest = Path(args.out)
-        res = json.loads((dest / "results.json").read_text())
+        res = read_results(dest)
         with np.load(dest / "images.npz") as z:
             ims = {k: z[k] for k in z.files}
         out = {"results": res, "images": ims}

@@ -19,13 +19,12 @@ setting and a column per metric: the value at the last step, and the mean over e
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .textio import print_and_save
+from .textio import print_and_save, read_results
 
 
 @dataclass
@@ -53,7 +52,7 @@ def parse_row(spec: str) -> tuple[str, list[Path], str]:
 def load_setting(label: str, dirs: list[Path], method: str) -> Setting:
     evals, steps, prior = {}, None, None
     for d in dirs:
-        results = json.loads((d / "results.json").read_text())
+        results = read_results(d)
         prior = prior or results.get("prior")
         runs = results["runs"].get(method)
         if not runs:

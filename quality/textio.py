@@ -15,3 +15,20 @@ def print_and_save(text: str, out: str | Path | None) -> None:
     print(text, end="")
     if out:
         save_text(out, text)
+
+
+def read_results(folder: str | Path) -> dict:
+    """A report folder's results: results.json as `quality.run` writes it, or results.json.xz, the
+    compressed copy the repository keeps of the reports its docs cite."""
+    import json
+    import lzma
+
+    folder = Path(folder)
+    plain = folder / "results.json"
+    if plain.exists():
+        return json.loads(plain.read_text(encoding="utf-8"))
+    packed = folder / "results.json.xz"
+    if packed.exists():
+        with lzma.open(packed, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    raise FileNotFoundError(f"no results.json (or results.json.xz) in {folder}")

@@ -17,7 +17,6 @@ a baseline evaluated at other steps or with more seeds); the output names both f
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from . import plot
 from .task import LABELS
-from .textio import save_text
+from .textio import read_results, save_text
 
 METRICS = ("context", "style", "layout", "pos_spread", "id_shape", "drift_px", "drift_attr", "eps_dev")
 HIGHER_IS_BETTER = {"context": True, "style": True, "layout": True, "pos_spread": True, "id_shape": True,
@@ -162,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-from", type=Path, help="another report folder to take the base method's runs from")
     p.add_argument("--name", default="tradeoff", help="output file names: NAME.md, NAME.png")
     args = p.parse_args(argv)
-    res = json.loads((args.report / "results.json").read_text())
+    res = read_results(args.report)
     source = f"`{args.report}`"
     if args.base_from:
-        res = with_base_from(res, json.loads((args.base_from / "results.json").read_text()), args.base)
+        res = with_base_from(res, read_results(args.base_from), args.base)
         source = f"{args.other} from `{args.report}`, {args.base} from `{args.base_from}`"
     text = markdown(res, args.base, args.other, args.x, args.bootstrap, f"{args.name}.png")
     text = text.replace("\n\n", f"\n\nRuns: {source}.\n\n", 1)

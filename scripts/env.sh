@@ -27,6 +27,7 @@ if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
     echo "$WANT" > "$STAMP"
 fi
 bash "$ROOT/scripts/fetch_comfyui.sh" >&2
+bash "$ROOT/scripts/fetch_comfy_cli.sh" >&2
 # Headless Chromium for tests/test_widget_browser.py: Debian's package (playwright never downloads a
 # browser). Under CI (CI=true) or APT_INSTALL_CHROMIUM=1 a missing one is installed with apt-get, as
 # root or with passwordless sudo; elsewhere the browser test skips without it (and fails under CI).

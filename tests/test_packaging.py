@@ -7,8 +7,12 @@ parses pyproject.toml with ComfyUI's own comfy_config parser (skipped when the h
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -139,3 +143,86 @@ def test_comfyui_parses_the_pyproject(pyproject):
     assert cfg.tool_comfy.web is None
     assert cfg.project.supported_comfyui_version == pyproject["tool"]["comfy"]["requires-comfyui"]
     assert "OS Independent" in cfg.project.supported_os
+
+
+# ---- what a user downloads ---------------------------------------------------------------------
+# ComfyUI-Manager `git clone`s the repository (every tracked file lands in custom_nodes); the Comfy
+# Registry ships the zip that comfy-cli's `comfy node pack` / `publish` builds: the tracked files
+# minus what .comfyignore matches (plus pyproject's `includes`).
+MAX_TRACKED_BYTES = 25_000_000
+MAX_ZIP_BYTES = 20_000_000
+DEVELOPER_ONLY = ("tests/", "js/tests/", "benchmarks/", "quality/", "scripts/", ".ci/", "requirements-dev.txt")
+
+
+def tracked_files() -> list[str]:
+    out = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True).stdout
+    return [f for f in out.decode().split("\0") if f and (REPO / f).is_file()]
+
+
+def test_tracked_files_stay_a_slim_pack():
+    sizes = {f: (REPO / f).stat().st_size for f in tracked_files()}
+    total = sum(sizes.values())
+    biggest = sorted(sizes.items(), key=lambda kv: -kv[1])[:8]
+    assert total <= MAX_TRACKED_BYTES, f"tracked files: {total / 1e6:.1f} MB > 25 MB; biggest: {biggest}"
+
+
+def comfy_cli() -> str | None:
+    exe = os.environ.get("APT_COMFY_CLI") or str(REPO / ".cache" / "comfy-cli" / "bin" / "comfy")
+    return exe if Path(exe).is_file() else None
+
+
+@pytest.fixture(scope="module")
+def registry_zip(tmp_path_factory) -> Path:
+    """The zip the registry tooling builds from the tracked files as they are in the working tree."""
+    exe = comfy_cli()
+    if exe is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes", "on"):
+            pytest.fail("comfy-cli is missing (scripts/fetch_comfy_cli.sh installs it into .cache/comfy-cli)")
+        pytest.skip("comfy-cli not installed (bash scripts/fetch_comfy_cli.sh)")
+    src = tmp_path_factory.mktemp("registry") / "apt-lora-trainer"
+    for f in tracked_files():
+        (src / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / f, src / f)
+    subprocess.run(["git", "init", "-q"], cwd=src, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=src, check=True)
+    env = {**os.environ, "HOME": str(src.parent / "home")}
+    r = subprocess.run([exe, "--skip-prompt", "--no-enable-telemetry", "node", "pack"], cwd=src, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (src / "node.zip").is_file(), r.stdout + r.stderr
+    return src / "node.zip"
+
+
+def test_registry_zip_holds_what_a_user_needs_and_no_developer_files(registry_zip):
+    with zipfile.ZipFile(registry_zip) as z:
+        names = [n for n in z.namelist() if not n.endswith("/")]
+    size = registry_zip.stat().st_size
+    print(f"registry zip: {size / 1e6:.2f} MB, {len(names)} files")
+    assert size <= MAX_ZIP_BYTES, f"{size / 1e6:.1f} MB"
+    assert not [n for n in names if n.startswith(DEVELOPER_ONLY) or n.startswith(".")]
+    shipped = set(names)
+    needed = {"__init__.py", "pyproject.toml", "requirements.txt", "LICENSE", "README.md", "node_list.json"}
+    needed |= {f for f in tracked_files() if f.startswith(("nodes/", "apt_core/", "js/", "workflows/"))
+               and not f.startswith("js/tests/")}  # the widget's node tests stay in git
+    # the pictures and pages the README links to (relative links), e.g. docs/*.png
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    needed |= {m for m in re.findall(r"\]\(([^)#\s]+)\)", readme)
+               if not re.match(r"[a-z]+:", m) and not m.startswith(DEVELOPER_ONLY)}
+    assert not needed - shipped, sorted(needed - shipped)
+
+
+@pytest.mark.integration
+def test_registry_zip_loads_in_comfyui(registry_zip, tmp_path):
+    """Unpacked as ComfyUI-Manager unpacks a registry download: the nodes load and the example
+    workflows are listed, with nothing the zip left out."""
+    import comfy_host as ch
+
+    ch.require_comfyui()
+    pack = tmp_path / "pack"
+    with zipfile.ZipFile(registry_zip) as z:
+        z.extractall(pack)
+    with ch.ComfyServer(tmp_path / "comfy", pack_dir=pack) as server:
+        info = server.get_json("/object_info")
+        assert {"APTDatasetLoader", "APTCaption", "APTAtaSettings", "APTRegSettings", "APTTrainer"} <= set(info)
+        assert not server.import_failed_lines()
+        listed = server.get_json("/workflow_templates").get(ch.DEFAULT_PACK_LINK_NAME, [])
+        assert sorted(listed) == sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
