@@ -163,18 +163,20 @@ def variants_match(dataset: CachedDataset, cfg: AugmentConfig) -> bool:
 def encode_variants(dataset: CachedDataset, cfg: AugmentConfig,
                     encode: Callable[[torch.Tensor], torch.Tensor], *, fill_value: float = -1.0,
                     batch_size: int = 1, check_interrupt: Callable[[], None] | None = None,
-                    keep_pixels: bool = True) -> None:
+                    keep_pixels: bool = True, progress: Callable[[int, int], None] | None = None) -> None:
     """Encode every example's pixel-space variants once: `ex.variants` (K, 4, h, w), stored like
     `ex.latent` (device, dtype), and `dataset.variant_params` = `variant_grid(cfg)`.
 
     encode: (n, 3, H, W) pixels in [-1, 1] -> (n, 4, H/8, W/8) scaled latents, as `ex.latent`.
     batch_size images go through the encoder at once (1 keeps the VAE's memory lowest).
     keep_pixels=False drops each `ex.pixels` afterwards (training from variants does not need them).
+    progress(done, total): called after each encoder call with the variants encoded so far.
     """
     params = variant_grid(cfg)
     for ex in dataset.examples:
         if ex.pixels is None:
             raise ValueError("encode_variants needs the cached pixels: cache with keep_pixels=True")
+    total, done = len(params) * len(dataset.examples), 0
     for ex in dataset.examples:
         chunks = []
         for start in range(0, len(params), batch_size):
@@ -185,6 +187,9 @@ def encode_variants(dataset: CachedDataset, cfg: AugmentConfig,
                 x = ex.pixels[None].expand(len(p), -1, -1, -1)
                 x = zoom_rotate(x, p[:, 0], p[:, 1], cfg.fill, fill_value)
                 chunks.append(encode(x).to(ex.latent.device, ex.latent.dtype))
+            done += len(p)
+            if progress is not None:
+                progress(done, total)
         ex.variants = torch.cat(chunks)
     dataset.variant_params = params
     if not keep_pixels:

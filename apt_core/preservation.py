@@ -68,12 +68,14 @@ def ddim_for(backbone: Backbone) -> DDIMScheduler:
 def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], uncond: SDXLConditioning,
                        seeds: Sequence[int], latent_hw: tuple[int, int], *, steps: int = CLASS_DRAW_STEPS,
                        guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
-                       check_interrupt: Callable[[], None] = lambda: None) -> torch.Tensor:
+                       check_interrupt: Callable[[], None] = lambda: None,
+                       progress: Callable[[float, int], None] = lambda done, total: None) -> torch.Tensor:
     """Clean latents (N, 4, h, w) float32 on the CPU that the backbone's UNet, as it is, draws for
     conds[i] (batch 1 each) from the noise of seeds[i] (one generator each): DDIM with classifier-free
     guidance against `uncond` (batch 1), both branches in one batch. Works for any Backbone (the
     diffusers one here, ComfyUI's in the node pack). batch: images per UNet call (x 2 for CFG); 2
-    keeps SDXL at 1024 px within the memory of training."""
+    keeps SDXL at 1024 px within the memory of training. progress(done, total): after each UNet call,
+    in images (each of the `steps` calls counts its batch's share)."""
     sched = ddim_for(backbone)
     sched.set_timesteps(steps)
     device, dtype = backbone.device, backbone.dtype
@@ -83,11 +85,12 @@ def draw_class_latents(backbone: Backbone, conds: Sequence[SDXLConditioning], un
         b = len(part)
         both = SDXLConditioning.cat([expand(uncond, b), *conds[lo:lo + b]]).to(device, dtype)
         x = initial_noise(part, latent_hw).to(device) * sched.init_noise_sigma
-        for t in sched.timesteps:
+        for k, t in enumerate(sched.timesteps):
             check_interrupt()
             tt = torch.full((2 * b,), int(t), device=device)
             u, v = backbone.predict(torch.cat([x, x]).to(dtype), tt, both).float().chunk(2)
             x = sched.step(u + guidance * (v - u), t, x).prev_sample
+            progress(lo + b * (k + 1) / len(sched.timesteps), len(seeds))
         out.append(x.cpu())
     return torch.cat(out)
 
@@ -181,11 +184,14 @@ def load_or_draw_class_latents(backbone: Backbone, prompts: Sequence[str], conds
                                *, seed: int = CLASS_SEED, steps: int = CLASS_DRAW_STEPS,
                                guidance: float = CLASS_DRAW_GUIDANCE, batch: int = 2,
                                check_interrupt: Callable[[], None] = lambda: None,
-                               on_draw: Callable[[], None] = lambda: None) -> tuple[torch.Tensor, bool]:
+                               on_draw: Callable[[], None] = lambda: None,
+                               progress: Callable[[float, int], None] = lambda done, total: None
+                               ) -> tuple[torch.Tensor, bool]:
     """`draw_class_latents` for prompts[i] / conds[i] from the noise of seed + i, or the set kept in
     the file `cache` for the same backbone weights (`unet_fingerprint`), prompts, seeds, size, steps
     and guidance (`cached_class_latents`; None: always draw, keep nothing). on_draw: called just
-    before drawing (not when the set is reused). Returns (latents (N, 4, h, w), whether reused)."""
+    before drawing (not when the set is reused); progress: `draw_class_latents`'. Returns (latents
+    (N, 4, h, w), whether reused)."""
     seeds = [seed + i for i in range(len(prompts))]
     key = class_draw_key(prompts, seeds, latent_hw, steps, guidance, unet_fingerprint(backbone.unet)) \
         if cache is not None else ""
@@ -193,7 +199,7 @@ def load_or_draw_class_latents(backbone: Backbone, prompts: Sequence[str], conds
     def draw() -> torch.Tensor:
         on_draw()
         return draw_class_latents(backbone, conds, uncond, seeds, latent_hw, steps=steps, guidance=guidance,
-                                  batch=batch, check_interrupt=check_interrupt)
+                                  batch=batch, check_interrupt=check_interrupt, progress=progress)
 
     return cached_class_latents(cache, key, draw)
 

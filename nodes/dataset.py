@@ -130,10 +130,18 @@ def contains_word(text: str, word: str) -> bool:
     return bool(word) and re.search(rf"(?<!\w){re.escape(word)}(?!\w)", text) is not None
 
 
-def context_for_images(sources: Sequence[str], text: str | None) -> tuple[list[str], list[str]]:
+def context_for_images(sources: Sequence[str], text: str | Sequence[str] | None) -> tuple[list[str], list[str]]:
     """Per-image context from lines: 'name.png: context' lines go to that file (name or stem);
-    the other lines are handed out in order to the remaining images. Returns (contexts, warnings)."""
+    the other lines are handed out in order to the remaining images. A list (a captioner's one text
+    per image) is taken one entry per image, in order, empty entries included. Returns (contexts,
+    warnings)."""
     n = len(sources)
+    if isinstance(text, (list, tuple)):
+        texts = [" ".join(str(t).split()) for t in text]
+        warnings = [f"{len(texts) - n} caption text(s) more than images were ignored."] if len(texts) > n else []
+        if len(texts) < n:
+            warnings.append(f"{n - len(texts)} image(s) got no caption text: {len(texts)} text(s) for {n} images.")
+        return (texts + [""] * n)[:n], warnings
     contexts: list[str | None] = [None] * n
     warnings: list[str] = []
     names = {}
@@ -160,8 +168,8 @@ def context_for_images(sources: Sequence[str], text: str | None) -> tuple[list[s
     return [c or "" for c in contexts], warnings
 
 
-def caption_dataset(ds: AptDataset, trigger: str, class_word: str, contexts_text: str, template: str,
-                    mode: str) -> tuple[AptDataset, str]:
+def caption_dataset(ds: AptDataset, trigger: str, class_word: str, contexts_text: str | Sequence[str],
+                    template: str, mode: str) -> tuple[AptDataset, str]:
     """Apply the caption node's settings; returns (new dataset, text listing the final captions)."""
     if mode not in CAPTION_MODES:
         raise AptDatasetError(f"unknown caption mode {mode!r}; choose one of {CAPTION_MODES}.")

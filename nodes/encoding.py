@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from apt_core.augment import encode_variants, wants_variants
+from apt_core.augment import encode_variants, variant_grid, wants_variants
 from apt_core.conditioning import (CachedDataset, CachedExample, SDXLConditioning, sdxl_time_ids,
                                    word_token_mask)
 from apt_core.config import AugmentConfig
@@ -141,13 +141,15 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
     keep_pixels: also keep each image (3, H, W) in [-1, 1] for pixel-space augmentation at every step;
     aa_free_words: mark those words' tokens in `free_tokens` (RegularizerConfig.aa_free_words);
     variants_for: with pre-encoded pixel-space augmentation (`AugmentConfig.precomputed`), also
-    encode each image's augmentation variants."""
+    encode each image's augmentation variants. on_item(done, total): after each image or variant
+    encoded (total = images + variants)."""
     if clip is None:
         raise AptModelError("No CLIP connected: the checkpoint has no text encoder. Connect the CLIP "
                             "output of 'Load Checkpoint' (an SDXL checkpoint).")
     if vae is None:
         raise AptModelError("No VAE connected. Connect the VAE output of 'Load Checkpoint'.")
     variants = wants_variants(variants_for)
+    total = len(records) * (1 + (len(variant_grid(variants_for)) if variants else 0))
     examples = []
     text_cache: dict[tuple, SDXLConditioning] = {}
     with torch.no_grad():
@@ -168,13 +170,14 @@ def cache_dataset(records: Sequence, base_model, clip, vae, *, context_dim: int,
             pixels = r.pixels.detach().float().cpu().clone() if keep_pixels or variants else None
             examples.append(CachedExample(latent, cond, r.caption, str(getattr(r, "source", "")),
                                           pixels, int(getattr(r, "repeats", 1))))
-            on_item(i + 1, len(records))
+            on_item(i + 1, total)
         black = -torch.ones_like(records[0].pixels)
         fill = encode_latent(vae, base_model, black).mean(dim=(1, 2))
         dataset = CachedDataset(examples, fill)
         if variants:
             encode_variants(dataset, variants_for, lambda px: encode_latents(vae, base_model, px),
-                            check_interrupt=check_interrupt, keep_pixels=keep_pixels)
+                            check_interrupt=check_interrupt, keep_pixels=keep_pixels,
+                            progress=lambda done, _n: on_item(len(records) + done, total))
     return dataset
 
 

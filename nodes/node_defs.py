@@ -28,6 +28,17 @@ RegSettingsIO = io.Custom("APT_REG_SETTINGS")
 _IND, _AUG, _REG = IndicatorConfig(), AugmentConfig(), RegularizerConfig()
 
 
+def _advanced() -> dict:
+    """Inputs an artist rarely needs: ComfyUI's schema marks them advanced (frontends that know the flag
+    fold them under the node's "advanced inputs"); hosts without the flag (0.3.75) show them as usual."""
+    import inspect
+
+    return {"advanced": True} if "advanced" in inspect.signature(io.Int.Input.__init__).parameters else {}
+
+
+ADVANCED = _advanced()
+
+
 def _folder_fingerprint(folder: str) -> str:
     """Names, sizes and times of what the loader reads (the folder's files and its N_name
     subfolders' files, one level), so edits re-run the loader."""
@@ -121,7 +132,8 @@ class AptCaption(io.ComfyNode):
                 io.String.Input("context_captions", multiline=True, default="", tooltip=(
                     "One line per image, in the dataset's order, describing the background / context "
                     "(not the subject): 'on green grass next to a road'. A line 'name.png: ...' goes to "
-                    "that file. Images without a line get no context.")),
+                    "that file. Images without a line get no context. Can also come from a captioning "
+                    "node: link its text output here (a list of texts, one per image, works too).")),
                 io.String.Input("template", default=DEFAULT_TEMPLATE, tooltip=(
                     "How a caption is built; placeholders {trigger}, {class}, {context}. Empty pieces "
                     "and dangling commas are removed.")),
@@ -134,13 +146,27 @@ class AptCaption(io.ComfyNode):
                 AptDatasetIO.Output(display_name="dataset", tooltip="The dataset with the final captions."),
                 io.String.Output(display_name="captions", tooltip="The final caption of every image, and warnings."),
             ],
+            # a captioning node run over a list of images sends one text per image: take them all at once
+            is_input_list=True,
         )
 
     @classmethod
-    def execute(cls, dataset, trigger_word: str, class_word: str, context_captions: str, template: str,
-                mode: str) -> io.NodeOutput:
-        ds, text = caption_dataset(dataset, trigger_word, class_word, context_captions, template, mode)
+    def execute(cls, dataset, trigger_word, class_word, context_captions, template, mode) -> io.NodeOutput:
+        ds, text = caption_dataset(_first(dataset), _first(trigger_word), _first(class_word),
+                                   context_lines(context_captions), _first(template), _first(mode))
         return io.NodeOutput(ds, text)
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def context_lines(value) -> str | list[str]:
+    """APT Caption's context input: one text (the widget, or one linked string) is used as written;
+    several (a captioner's list output) are kept as a list, one per image."""
+    if isinstance(value, list):
+        return [str(v or "") for v in value] if len(value) > 1 else str(value[0] or "") if value else ""
+    return str(value or "")
 
 
 class AptAtaSettings(io.ComfyNode):
@@ -151,67 +177,67 @@ class AptAtaSettings(io.ComfyNode):
             display_name="APT Indicator & Augmentation settings",
             category=CATEGORY,
             description="Adaptive Training Adjustment: the overfitting indicator (gamma per noise level) "
-                        "and what it drives - zoom-out/rotation augmentation and loss down-weighting.",
+                        "and what it drives - zoom-out/rotation augmentation and loss down-weighting. "
+                        "Leave it out to train with the defaults.",
             inputs=[
-                io.Int.Input("bins", default=_IND.num_bins, min=1, max=100, tooltip=(
-                    "Number of equal timestep bins the indicator tracks (paper: 10).")),
-                io.Float.Input("ema_alpha", default=_IND.ema_alpha, min=0.001, max=1.0, step=0.001, tooltip=(
-                    "Smoothing of the per-bin loss averages: new = (1 - alpha) * old + alpha * value "
-                    "(paper: 0.1).")),
-                io.Float.Input("indicator_scale", default=_IND.scale, min=0.001, max=100000.0, step=1.0, tooltip=(
-                    "S in gamma = 1 - exp(-S * (prior loss - fine-tuned loss)). SDXL: 1000 (= T); "
-                    "SD 2.1 in the paper: 100.")),
-                io.Float.Input("p_max", default=_AUG.p_max, min=0.0, max=1.0, step=0.01, tooltip=(
-                    "Highest probability of augmenting an image (augmentation probability = "
-                    "min(gamma, p_max)).")),
-                io.Float.Input("zoom_min", default=_AUG.zoom_min, min=1.0, max=10.0, step=0.05, tooltip=(
-                    "Smallest zoom-out factor (1 = full size).")),
-                io.Float.Input("zoom_max", default=_AUG.zoom_max, min=1.0, max=10.0, step=0.05, tooltip=(
-                    "Largest zoom-out factor: the image shrinks to 1/zoom of the canvas (paper: 3).")),
-                io.Float.Input("rotation", default=_AUG.rotation_deg, min=0.0, max=180.0, step=0.5, tooltip=(
-                    "Random rotation range in degrees, +/- (paper: 15).")),
-                io.Combo.Input("fill_mode", options=list(FILL_MODES), default=_AUG.fill, tooltip=(
-                    "What fills the space around a zoomed-out image. border (default): the edge pixels "
-                    "stretched outward, no frame for the LoRA to learn; constant: black, as in the "
-                    "paper (the benchmark's LoRAs learned the black frame); reflect: a mirror image "
-                    "(can repeat the subject).")),
-                io.Float.Input("loss_weight_floor", default=0.0, min=0.0, max=1.0, step=0.01, tooltip=(
-                    "Lowest loss weight: each sample's loss is multiplied by max(1 - gamma, floor). "
-                    "0 follows the paper. A floor of 0.5 did not make the concept learn faster in the "
-                    "quality benchmark; train longer instead.")),
                 io.Boolean.Input("adaptive_augmentation", default=True, tooltip=(
-                    "Zoom-out/rotate images more often as the model starts to memorise them.")),
+                    "Zoom out / rotate images more often as the model starts to memorise them. Turn off "
+                    "(with the next switch and both weights on APT Regularization weights at 0) to train "
+                    "plain DreamBooth-LoRA for comparison.")),
                 io.Boolean.Input("adaptive_loss_weight", default=True, tooltip=(
-                    "Down-weight the loss at noise levels where the model already memorises.")),
-                io.Boolean.Input("track_indicator", default=False, tooltip=(
-                    "Compute gamma even when nothing above uses it (costs one extra forward per step; "
-                    "useful for comparison runs).")),
-                io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default="pixel", optional=True,
+                    "Learn less at the noise levels where the model already memorises.")),
+                io.Float.Input("zoom_max", default=_AUG.zoom_max, min=1.0, max=10.0, step=0.05, tooltip=(
+                    "Largest zoom-out: the image shrinks to 1/zoom of the frame (paper: 3). Lower it (2) "
+                    "if your LoRA draws the subject too small.")),
+                io.Float.Input("rotation", default=_AUG.rotation_deg, min=0.0, max=180.0, step=0.5, tooltip=(
+                    "Random rotation in degrees, +/- (paper: 15). 0 for subjects that must stay upright "
+                    "(text, logos).")),
+                io.Combo.Input("fill_mode", options=list(FILL_MODES), default=_AUG.fill, tooltip=(
+                    "What fills the space around a zoomed-out image. border (default): its edge pixels "
+                    "stretched outward, no frame to learn; constant: black, as in the paper (in the "
+                    "benchmark the LoRA learned the black frame); reflect: a mirror image (can repeat "
+                    "the subject).")),
+                io.Float.Input("p_max", default=_AUG.p_max, min=0.0, max=1.0, step=0.01, optional=True, **ADVANCED, tooltip=(
+                    "Highest chance of augmenting an image (chance = min(gamma, p_max)). Research knob: "
+                    "0.5 bought no likeness in the benchmark.")),
+                io.Float.Input("zoom_min", default=_AUG.zoom_min, min=1.0, max=10.0, step=0.05, optional=True, **ADVANCED,
+                               tooltip="Smallest zoom-out (1 = full size). Research knob."),
+                io.Int.Input("bins", default=_IND.num_bins, min=1, max=100, optional=True, **ADVANCED, tooltip=(
+                    "Noise-level bins the indicator tracks (paper: 10). Research knob.")),
+                io.Float.Input("ema_alpha", default=_IND.ema_alpha, min=0.001, max=1.0, step=0.001, optional=True, **ADVANCED,
                                tooltip=(
-                    "Where the zoom-out/rotation happens. pixel (default, the paper's order): the picture "
-                    "itself is transformed, then encoded with the VAE; each image's "
-                    f"{_AUG.variant_grid[0] * _AUG.variant_grid[1]} variants ({_AUG.variant_grid[0]} zooms x "
-                    f"{_AUG.variant_grid[1]} angles) are encoded once before training, so training needs no "
-                    "VAE and no more memory. "
-                    "pixel_every_step: the exact drawn zoom/angle is encoded at every augmented step - the "
-                    "VAE stays loaded (more GPU memory) and steps are slower. latent: the already-encoded "
-                    "image is transformed (nothing extra to encode), but in the quality benchmark it turned "
-                    "zoomed-out subjects into other shapes and colours and the subject's likeness suffered.")),
+                    "Smoothing of the per-bin losses, once per step: new = (1 - alpha) * old + alpha * "
+                    "value (paper: 0.1). Research knob.")),
+                io.Float.Input("indicator_scale", default=_IND.scale, min=0.001, max=100000.0, step=1.0,
+                               optional=True, **ADVANCED, tooltip=(
+                    "S in gamma = 1 - exp(-S * (base loss - LoRA loss)). SDXL: 1000 (paper). Touch it only "
+                    "if the chart's gamma jumps to 1 in every bin within a few dozen steps (lower S) or "
+                    "never rises (raise S): S must match the model's loss scale.")),
+                io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default="pixel", optional=True, **ADVANCED,
+                               tooltip=(
+                    "pixel (default, the paper's order): the picture is zoomed/rotated, then encoded; "
+                    f"each image's {_AUG.variant_grid[0] * _AUG.variant_grid[1]} variants are encoded "
+                    "once before training, so training needs no VAE and no more memory. "
+                    "pixel_every_step: the exact draw is encoded at every augmented step (VAE stays "
+                    "loaded: more GPU memory, slower steps); in the benchmark no better.")),
+                io.Boolean.Input("track_indicator", default=False, optional=True, **ADVANCED, tooltip=(
+                    "Compute gamma even when both switches above are off, so the chart of a plain "
+                    "DreamBooth-LoRA run shows how fast it memorises (one extra forward per step).")),
             ],
             outputs=[AtaSettingsIO.Output(display_name="ata_settings", tooltip="Connect to APT Trainer.")],
         )
 
     @classmethod
-    def execute(cls, bins: int, ema_alpha: float, indicator_scale: float, p_max: float, zoom_min: float,
-                zoom_max: float, rotation: float, fill_mode: str, loss_weight_floor: float,
-                adaptive_augmentation: bool, adaptive_loss_weight: bool, track_indicator: bool,
-                augmentation_space: str = "pixel") -> io.NodeOutput:
+    def execute(cls, adaptive_augmentation: bool, adaptive_loss_weight: bool, zoom_max: float, rotation: float,
+                fill_mode: str, p_max: float = _AUG.p_max, zoom_min: float = _AUG.zoom_min,
+                bins: int = _IND.num_bins, ema_alpha: float = _IND.ema_alpha,
+                indicator_scale: float = _IND.scale, augmentation_space: str = "pixel",
+                track_indicator: bool = False) -> io.NodeOutput:
         return io.NodeOutput(ata_settings(
             num_bins=bins, ema_alpha=ema_alpha, indicator_scale=indicator_scale, p_max=p_max,
             zoom_min=zoom_min, zoom_max=zoom_max, rotation_deg=rotation, fill=fill_mode,
-            loss_weight_floor=loss_weight_floor, adaptive_augmentation=adaptive_augmentation,
-            adaptive_loss_weight=adaptive_loss_weight, track_indicator=track_indicator,
-            space=augmentation_space))
+            adaptive_augmentation=adaptive_augmentation, adaptive_loss_weight=adaptive_loss_weight,
+            track_indicator=track_indicator, space=augmentation_space))
 
 
 class AptRegSettings(io.ComfyNode):
@@ -221,64 +247,47 @@ class AptRegSettings(io.ComfyNode):
             node_id="APTRegSettings",
             display_name="APT Regularization weights",
             category=CATEGORY,
-            description="Representation Stabilization (keeps feature statistics close to the base model) "
-                        "and Attention Alignment (keeps cross-attention spread over every prompt word).",
+            description="Representation Stabilization (keeps feature statistics close to the base model), "
+                        "Attention Alignment (keeps cross-attention spread over every prompt word) and the "
+                        "opt-in class preservation. Leave it out to train with the defaults.",
             inputs=[
                 io.Float.Input("lambda_rs", default=_REG.lambda_rs, min=0.0, max=1000.0, step=0.001,
                                round=0.0001, tooltip=(
-                    "Weight of Representation Stabilization: mean/std of decoder features vs the base "
-                    "model. Higher = less over-saturated, memorised texture and layout, but too high "
-                    "stops the subject from being learned (in the benchmark 1.0 did; 0.01 did not).")),
+                    "Weight of Representation Stabilization (decoder features vs the base model). Keeps "
+                    "the layout and style your prompt asks for. 0 = off. Too high stops the subject from "
+                    "being learned (in the benchmark 1.0 did; 0.01, the default, did not).")),
                 io.Float.Input("lambda_aa", default=_REG.lambda_aa, min=0.0, max=1000.0, step=0.001,
                                round=0.0001, tooltip=(
-                    "Weight of Attention Alignment: cross-attention maps vs the base model. Higher = "
-                    "prompts keep control of background and style, but slows down learning the "
-                    "subject (in the benchmark 1.0 held it back a lot, 0.01 a little).")),
-                io.Combo.Input("aa_distance", options=["mse", "kl"], default=_REG.aa_distance, tooltip=(
-                    "How attention maps are compared: KL divergence over the prompt's tokens (default), "
-                    "or mean squared error (terms ~1000x smaller: scale lambda_aa up by ~1000).")),
-                io.Combo.Input("resolutions", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTIONS, tooltip=(
-                    "Which decoder (up-block) stages are regularized, named by their size for a 1024 px "
-                    "image. The paper uses both.")),
-                io.Boolean.Input("representation_stabilization", default=True, tooltip="Turn RS on/off."),
-                io.Boolean.Input("attention_alignment", default=True, tooltip=(
-                    "Turn AA on/off (off saves some memory and time).")),
-                io.String.Input("aa_free_words", default="", optional=True, tooltip=(
-                    "Words whose attention AA leaves free, e.g. your trigger word 'sks': it may then "
-                    "attend to the subject while every other word keeps the base model's attention. "
-                    "Separate several words with commas. Empty (default) aligns every word, as in the "
-                    "paper.")),
-                io.Float.Input("class_preservation", default=0.0, min=0.0, max=100.0, step=0.1, optional=True,
-                               tooltip=(
-                    "Not part of APT: DreamBooth's prior preservation. Before training, the base model "
+                    "Weight of Attention Alignment (cross-attention maps vs the base model): prompts keep "
+                    "control of background and style. 0 = off (saves memory and time). Higher slows "
+                    "learning the subject (in the benchmark 1.0 held it back a lot, 0.01 a little).")),
+                io.Float.Input("class_preservation", default=0.0, min=0.0, max=100.0, step=0.1, tooltip=(
+                    "Not part of APT: DreamBooth's prior preservation. Turn it on (0.3-1) when the "
+                    "subject leaks into prompts that do not name it. Before training the base model "
                     "draws 'class images' from your captions without the trigger word ('a photo of "
-                    "person, on a beach'); training then keeps the model's predictions on them as they "
-                    "were. Against the subject leaking into prompts that do not name it. 0 = off "
-                    "(default); 1 is what the benchmark measured (less drift from the base model and a "
-                    "better likeness, quality/README.md); 0.3 keeps more likeness and a little more "
-                    "drift; 3 lost the subject in the benchmark. Needs the trigger word in every "
-                    "caption. Each step does about twice the work.")),
-                io.Int.Input("class_images", default=32, min=1, max=1000, optional=True, tooltip=(
-                    "How many class images the base model draws before training (25 sampling steps "
-                    "each) when class_preservation is on. They are kept with the run's checkpoints, so "
-                    "resuming (or training this LoRA name again on the same model and captions) does not "
-                    "draw them again.")),
-                io.String.Input("trigger_word", default="sks", optional=True, tooltip=(
-                    "The trigger word of your captions (as in APT Caption), removed from each caption "
-                    "to make the class prompts. Only used when class_preservation is on.")),
+                    "person, on a beach'); training keeps its predictions on them. 0 = off (default). "
+                    "Needs the trigger word in every caption; each step does about twice the work.")),
+                io.Int.Input("class_images", default=32, min=1, max=1000, optional=True, **ADVANCED, tooltip=(
+                    "How many class images the base model draws (25 sampling steps each) when "
+                    "class_preservation is on. Kept with the run's checkpoints, so resuming does not draw "
+                    "them again.")),
+                io.String.Input("trigger_word", default="sks", optional=True, **ADVANCED, tooltip=(
+                    "The trigger word of your captions (as in APT Caption), removed from each caption to "
+                    "make the class prompts. Only used when class_preservation is on.")),
+                io.Combo.Input("resolutions", options=list(RESOLUTIONS), default=DEFAULT_RESOLUTIONS, optional=True, **ADVANCED,
+                               tooltip=(
+                    "Which decoder stages RS and AA watch, named by their size for a 1024 px image (the "
+                    "paper: both). '32x32 only' saves memory when training runs out of it.")),
             ],
             outputs=[RegSettingsIO.Output(display_name="reg_settings", tooltip="Connect to APT Trainer.")],
         )
 
     @classmethod
-    def execute(cls, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
-                representation_stabilization: bool, attention_alignment: bool,
-                aa_free_words: str = "", class_preservation: float = 0.0, class_images: int = 32,
-                trigger_word: str = "sks") -> io.NodeOutput:
+    def execute(cls, lambda_rs: float, lambda_aa: float, class_preservation: float = 0.0,
+                class_images: int = 32, trigger_word: str = "sks",
+                resolutions: str = DEFAULT_RESOLUTIONS) -> io.NodeOutput:
         return io.NodeOutput(reg_settings(
-            lambda_rs=lambda_rs, lambda_aa=lambda_aa, aa_distance=aa_distance, resolutions=resolutions,
-            representation_stabilization=representation_stabilization,
-            attention_alignment=attention_alignment, aa_free_words=aa_free_words,
+            lambda_rs=lambda_rs, lambda_aa=lambda_aa, resolutions=resolutions,
             class_preservation=class_preservation, class_images=class_images, trigger_word=trigger_word))
 
 
@@ -303,28 +312,15 @@ class AptTrainerNode(io.ComfyNode):
                     "for 3-10 images; the paper trains up to 2000. APT learns a subject more slowly than "
                     "plain LoRA: if the likeness is weak, train longer (the quality benchmark needed "
                     "about 1.5x the steps).")),
-                io.Int.Input("rank", default=32, min=1, max=256, tooltip=(
-                    "LoRA rank (size). 16-32 is plenty for one subject; higher = bigger file, more "
-                    "memory.")),
                 io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1e-2, step=1e-6, round=1e-7, tooltip=(
                     "AdamW learning rate of the LoRA weights. 1e-4 is a safe start; lower it if images "
                     "burn, raise it if nothing is learned.")),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip=(
-                    "Fixes the LoRA initialisation, image order, noise and augmentation: same seed + "
-                    "settings = same LoRA.")),
-                io.Int.Input("checkpoint_every", default=100, min=0, max=100000, tooltip=(
-                    "Save a resumable checkpoint every N steps (0: only when stopping/finishing). "
-                    "Checkpoints live in output/apt_lora_trainer/<LoRA name>/.")),
+                io.Int.Input("rank", default=32, min=1, max=256, tooltip=(
+                    "LoRA rank (size). 16-32 is plenty for one subject; higher = bigger file, more "
+                    "memory.")),
                 io.String.Input("lora_name", default="apt_lora", tooltip=(
                     "File name of the LoRA in your loras folder ('.safetensors' is added; other "
                     "characters than letters, digits, '.', '-', '_' become '_').")),
-                io.Boolean.Input("overwrite", default=False, tooltip=(
-                    "Replace an existing LoRA file of the same name. Off: the node stops with an error "
-                    "instead. (Resuming a run may always update its own file.)")),
-                io.Boolean.Input("resume", default=True, tooltip=(
-                    "On: continue from this LoRA name's last checkpoint (after Cancel or a crash) if it "
-                    "has fewer steps than 'steps'. Off: start from scratch (old checkpoints of this name "
-                    "are deleted).")),
                 io.Combo.Input("memory_preset", options=list(PRESETS), default=DEFAULT_PRESET, tooltip=(
                     "Fastest: everything kept in memory. Low VRAM: recompute activations in the backward "
                     "pass (gradient checkpointing): about half the memory, slower steps. Measured on an "
@@ -336,24 +332,37 @@ class AptTrainerNode(io.ComfyNode):
                 RegSettingsIO.Input("reg_settings", optional=True, tooltip=(
                     "Optional: APT Regularization weights (defaults lambda_rs 0.01 and lambda_aa 0.01, set "
                     "by the quality benchmark; the paper's 1.0 held the subject back there).")),
-                io.Int.Input("batch_size", default=1, min=1, max=16, optional=True, tooltip=(
-                    "Images per step (all from the same aspect bucket). 1 follows the paper and uses "
-                    "the least memory; 2-4 gives smoother steps but needs about that many times the "
-                    "activation memory (use 'Low VRAM' with it).")),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default=TrainConfig.lr_schedule,
-                               optional=True, tooltip=(
-                    "How the learning rate changes over the run. cosine (default): slowly falls to 0 at "
-                    "the last step; in the benchmark the final LoRA then depended 2-3x less on where "
-                    "the run stopped and drifted less from the base model. constant: the same all the "
-                    "way (the earlier default); pick it to compare checkpoints saved along the run.")),
-                io.Int.Input("warmup_steps", default=0, min=0, max=100000, optional=True, tooltip=(
-                    "Raise the learning rate from almost 0 to its full value over the first N steps "
-                    "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
-                io.Boolean.Input("save_lora_every_checkpoint", default=False, optional=True, tooltip=(
+                io.Int.Input("seed", optional=True, **ADVANCED, default=0, min=0, max=2**31 - 1, tooltip=(
+                    "Fixes the LoRA initialisation, image order, noise and augmentation: same seed + "
+                    "settings = same LoRA.")),
+                io.Int.Input("checkpoint_every", optional=True, **ADVANCED, default=100, min=0, max=100000, tooltip=(
+                    "Save a resumable checkpoint every N steps (0: only when stopping/finishing). "
+                    "Checkpoints live in output/apt_lora_trainer/<LoRA name>/.")),
+                io.Boolean.Input("save_lora_every_checkpoint", optional=True, **ADVANCED, default=False, tooltip=(
                     "Also save the LoRA at every checkpoint ('checkpoint_every' steps) into your loras "
                     "folder, next to the final file, as '<LoRA name>_step00300.safetensors' and so on. "
                     "Use it to pick an earlier step if the final LoRA looks overfitted: subject too "
                     "big/centred, backgrounds ignored. 'overwrite' covers these files too.")),
+                io.Boolean.Input("resume", optional=True, **ADVANCED, default=True, tooltip=(
+                    "On: continue from this LoRA name's last checkpoint (after Cancel or a crash) if it "
+                    "has fewer steps than 'steps'. Off: start from scratch (old checkpoints of this name "
+                    "are deleted).")),
+                io.Boolean.Input("overwrite", optional=True, **ADVANCED, default=False, tooltip=(
+                    "Replace an existing LoRA file of the same name. Off: the node stops with an error "
+                    "instead. (Resuming a run may always update its own file.)")),
+                io.Int.Input("batch_size", optional=True, **ADVANCED, default=1, min=1, max=16, tooltip=(
+                    "Images per step (all from the same aspect bucket). 1 follows the paper and uses "
+                    "the least memory; 2-4 gives smoother steps but needs about that many times the "
+                    "activation memory (use 'Low VRAM' with it).")),
+                io.Combo.Input("lr_schedule", optional=True, **ADVANCED, options=list(LR_SCHEDULES),
+                               default=TrainConfig.lr_schedule, tooltip=(
+                    "How the learning rate changes over the run. cosine (default): slowly falls to 0 at "
+                    "the last step; in the benchmark the final LoRA then depended 2-3x less on where "
+                    "the run stopped and drifted less from the base model. constant: the same all the "
+                    "way (the earlier default); pick it to compare checkpoints saved along the run.")),
+                io.Int.Input("warmup_steps", optional=True, **ADVANCED, default=0, min=0, max=100000, tooltip=(
+                    "Raise the learning rate from almost 0 to its full value over the first N steps "
+                    "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip=(
@@ -367,10 +376,11 @@ class AptTrainerNode(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, clip, vae, dataset, steps: int, rank: int, learning_rate: float, seed: int,
-                checkpoint_every: int, lora_name: str, overwrite: bool, resume: bool, memory_preset: str,
-                ata_settings=None, reg_settings=None, batch_size: int = 1, lr_schedule: str = TrainConfig.lr_schedule,
-                warmup_steps: int = 0, save_lora_every_checkpoint: bool = False) -> io.NodeOutput:
+    def execute(cls, model, clip, vae, dataset, steps: int, learning_rate: float, rank: int, lora_name: str,
+                memory_preset: str, ata_settings=None, reg_settings=None, seed: int = 0,
+                checkpoint_every: int = 100, save_lora_every_checkpoint: bool = False, resume: bool = True,
+                overwrite: bool = False, batch_size: int = 1, lr_schedule: str = TrainConfig.lr_schedule,
+                warmup_steps: int = 0) -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
         import folder_paths

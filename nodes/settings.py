@@ -26,15 +26,16 @@ RESOLUTIONS = {
 DEFAULT_RESOLUTIONS = "32x32 + 64x64 (paper)"
 
 LR_SCHEDULES = ("constant", "cosine")
-# The node's augmentation-space choices -> (AugmentConfig.space, AugmentConfig.variant_grid).
-AUG_SPACES = {"pixel": ("pixel", AugmentConfig.variant_grid), "pixel_every_step": ("pixel", (0, 0)),
-              "latent": ("latent", AugmentConfig.variant_grid)}
+# The node's augmentation-space choices -> (AugmentConfig.space, AugmentConfig.variant_grid). apt_core
+# also augments cached latents (space "latent"); the benchmark found that costs the likeness, so the
+# node does not offer it.
+AUG_SPACES = {"pixel": ("pixel", AugmentConfig.variant_grid), "pixel_every_step": ("pixel", (0, 0))}
 
 
 def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_max: float,
                  zoom_min: float, zoom_max: float, rotation_deg: float, fill: str,
-                 loss_weight_floor: float, adaptive_augmentation: bool, adaptive_loss_weight: bool,
-                 track_indicator: bool, space: str = "pixel") -> dict:
+                 adaptive_augmentation: bool, adaptive_loss_weight: bool,
+                 track_indicator: bool = False, space: str = "pixel") -> dict:
     """The APT_ATA_SETTINGS value (validated now, so a bad value errors on the settings node).
     space: one of AUG_SPACES."""
     if space not in AUG_SPACES:
@@ -46,25 +47,19 @@ def ata_settings(*, num_bins: int, ema_alpha: float, indicator_scale: float, p_m
                         space=space, variant_grid=grid)
     ind.validate()
     aug.validate()
-    if not 0.0 <= loss_weight_floor <= 1.0:
-        raise AptConfigError(f"loss-weight floor must be in [0, 1], got {loss_weight_floor}.")
     return {"indicator": dataclasses.asdict(ind), "augment": dataclasses.asdict(aug),
-            "loss_weight_floor": float(loss_weight_floor),
             "switches": {"adaptive_augmentation": bool(adaptive_augmentation),
                          "adaptive_loss_weight": bool(adaptive_loss_weight),
                          "track_indicator": bool(track_indicator)}}
 
 
-def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolutions: str,
-                 representation_stabilization: bool, attention_alignment: bool,
-                 aa_head_average: bool = False, aa_free_words: str = "", class_preservation: float = 0.0,
-                 class_images: int = 32, trigger_word: str = "sks") -> dict:
-    """The APT_REG_SETTINGS value. aa_free_words: comma-separated words ("sks, ohwx").
+def reg_settings(*, lambda_rs: float, lambda_aa: float, resolutions: str = DEFAULT_RESOLUTIONS,
+                 class_preservation: float = 0.0, class_images: int = 32, trigger_word: str = "sks") -> dict:
+    """The APT_REG_SETTINGS value. A weight of 0 switches its regularizer off (no hooks, no cost).
     class_preservation > 0: prior preservation on `class_images` images the base model draws from the
     captions without `trigger_word` (off at 0)."""
     if resolutions not in RESOLUTIONS:
         raise AptConfigError(f"unknown resolutions {resolutions!r}; choose one of {list(RESOLUTIONS)}.")
-    free = tuple(w.strip() for w in (aa_free_words or "").split(",") if w.strip())
     preserve = float(class_preservation) > 0
     if preserve and int(class_images) < 1:
         raise AptConfigError("class preservation needs at least 1 class image (32 in the benchmark).")
@@ -72,15 +67,14 @@ def reg_settings(*, lambda_rs: float, lambda_aa: float, aa_distance: str, resolu
         raise AptConfigError("class preservation needs the trigger word of your captions (e.g. 'sks', as in "
                              "APT Caption): it is removed from each caption to get the class prompt.")
     reg = RegularizerConfig(lambda_rs=float(lambda_rs), lambda_aa=float(lambda_aa),
-                            up_block_factors=RESOLUTIONS[resolutions], aa_distance=aa_distance,
-                            aa_head_average=bool(aa_head_average), aa_free_words=free,
+                            up_block_factors=RESOLUTIONS[resolutions],
                             lambda_preserve=float(class_preservation),
                             trigger_words=(trigger_word.strip(),) if preserve else (),
                             class_images=int(class_images) if preserve else 0)
     reg.validate()
     return {"regularizers": dataclasses.asdict(reg),
-            "switches": {"representation_stabilization": bool(representation_stabilization),
-                         "attention_alignment": bool(attention_alignment)}}
+            "switches": {"representation_stabilization": reg.lambda_rs > 0,
+                         "attention_alignment": reg.lambda_aa > 0}}
 
 
 def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, checkpoint_every: int,
@@ -99,7 +93,6 @@ def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, chec
     if ata:
         cfg.indicator = IndicatorConfig(**ata["indicator"])
         cfg.augment = AugmentConfig(**ata["augment"])
-        cfg.loss_weight_floor = float(ata["loss_weight_floor"])
         switches.update(ata["switches"])
     if reg:
         r = dict(reg["regularizers"])

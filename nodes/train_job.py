@@ -21,6 +21,7 @@ import contextvars
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -141,6 +142,41 @@ def _in_training():
     finally:
         if had:
             mm.in_training = before
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m {s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class PhaseProgress:
+    """A long phase before the first step (encoding the images and their variants, drawing class
+    images): 'encoding images and variants 40/100, about 12s left' in the node's status line and chart
+    (apt.status, at most every MIN_INTERVAL) and ComfyUI's progress bar. Call it with (done, total)."""
+
+    MIN_INTERVAL = 0.5  # seconds between status messages
+
+    def __init__(self, run: RunState, node_id: str, what: str):
+        self.run, self.node_id, self.what = run, node_id, what
+        self.t0 = time.monotonic()
+        self.sent = float("-inf")
+        self.pbar = None
+
+    def __call__(self, done: float, total: int) -> None:
+        import comfy.utils
+
+        now = time.monotonic()
+        n = int(done)
+        text = f"{self.what} {n}/{total}"
+        if 0 < done < total:
+            text += f", about {_duration((now - self.t0) / done * (total - done))} left"
+        RUNS.update(self.run, message=text)
+        if done >= total or now - self.sent >= self.MIN_INTERVAL:
+            self.sent = now
+            send("apt.status", self.run.summary())
+        if self.pbar is None:
+            self.pbar = comfy.utils.ProgressBar(total, node_id=self.node_id)
+        self.pbar.update_absolute(n, total)
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -292,12 +328,14 @@ class TrainJob:
         def on_draw() -> None:
             RUNS.update(run, message=f"drawing {len(prompts)} class images with the base model")
             send("apt.status", run.summary())
+            log.info("APT: drawing %d class images with the base model", len(prompts))
 
         side = self.dataset.resolution // 8
         cache = self.checkpoint_dir / CLASS_CACHE_NAME
         latents, reused = load_or_draw_class_latents(
             backbone, prompts, conds, uncond, (side, side), cache, on_draw=on_draw,
-            check_interrupt=mm.throw_exception_if_processing_interrupted)
+            check_interrupt=mm.throw_exception_if_processing_interrupted,
+            progress=PhaseProgress(run, self.node_id, "drawing class images"))
         if reused:
             log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
@@ -340,15 +378,18 @@ class TrainJob:
         aug = cfg.augmentation
         pixel_aug = aug is not None and aug.encodes_every_step
         n = len(self.dataset)
-        what = f"{n} image(s)" + (f" and their {n * len(variant_grid(aug))} augmentation variants"
-                                  if aug is not None and aug.precomputed else "")
+        variants = aug is not None and aug.precomputed
+        what = f"{n} image(s)" + (f" and their {n * len(variant_grid(aug))} augmentation variants" if variants else "")
         RUNS.update(run, status="encoding", message=f"encoding {what}")
         send("apt.status", run.summary())
+        log.info("APT: encoding %s and the captions", what)
         backbone_check = ComfySDXLBackbone(self.model)  # shapes only; does not load anything
         cached = cache_dataset(list(self.dataset.records), self.model.model, self.clip, self.vae,
                                context_dim=backbone_check.context_dim,
                                adm_channels=backbone_check.adm_channels,
                                check_interrupt=mm.throw_exception_if_processing_interrupted,
+                               on_item=PhaseProgress(run, self.node_id, "encoding images and variants" if variants
+                                                     else "encoding images"),
                                keep_pixels=pixel_aug, variants_for=aug,
                                aa_free_words=cfg.regularizers.aa_free_words)
         regs = cfg.regularizers
@@ -375,6 +416,8 @@ class TrainJob:
         from apt_core.trainer import AptTrainer
 
         cfg = self.config
+        RUNS.update(run, message="loading the model")
+        send("apt.status", run.summary())
         backbone = ComfySDXLBackbone(patcher, also_load=(self.vae.patcher,) if pixel_aug else ())
         if class_draw is not None:  # drawn by the model as it is, before the adapters exist
             backbone.load()

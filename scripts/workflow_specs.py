@@ -37,9 +37,10 @@ lower the dataset resolution to 768. Training again under the same LoRA name nee
 NOTE_2 = """APT vs plain DreamBooth-LoRA, side by side
 
 Both trainers see the same photos, captions, seed, steps, rank and learning rate.
-- Left trainer: plain DreamBooth-LoRA. Adaptive augmentation, adaptive loss weight (ATA),
-  Representation Stabilization (RS) and Attention Alignment (AA) are all switched off;
-  'track_indicator' stays on so its chart still shows how fast it memorises (gamma rising).
+- Left trainer: plain DreamBooth-LoRA. Adaptive augmentation and adaptive loss weight (ATA) are
+  switched off, and the Representation Stabilization (RS) and Attention Alignment (AA) weights
+  are 0; 'track_indicator' (an advanced input) stays on so its chart still shows how fast it
+  memorises (gamma rising).
 - Right trainer: APT with the paper's settings.
 Both previews are rendered with the same prompt and seed. Compare how well the prompt's
 background and style survive next to your subject.
@@ -47,8 +48,13 @@ Put your photos in ComfyUI/input/my_subject and pick your SDXL checkpoint first.
 
 NOTE_3 = """Advanced: every APT setting, resume, validation samples
 
-- 'APT Indicator & Augmentation settings' and 'APT Regularization weights' show every setting with
-  the defaults (the paper's values; lambda_rs and lambda_aa from the benchmark); hover a widget for what it does.
+- 'APT Indicator & Augmentation settings' and 'APT Regularization weights' hold APT's settings at
+  their defaults (the paper's values; lambda_rs and lambda_aa from the benchmark). Rarely needed
+  inputs (seed, resume, batch size, research knobs) are 'advanced': on current ComfyUI click the
+  node's 'advanced inputs' toggle to see them. Hover a widget for what it does and when to touch it.
+- Captions from a captioning node: the 'Context per photo' text box feeds 'APT Caption'. Replace it
+  with any node whose text output describes your photos (one line per photo, or a list of texts,
+  one per photo) and set the caption mode to 'replace all captions'.
 - Resume: checkpoints are written every 'checkpoint_every' steps to
   output/apt_lora_trainer/<LoRA name>/. With 'resume' on, the next run under the same LoRA name
   continues from the newest one (after Stop, Cancel or a crash, or after raising 'steps').
@@ -61,6 +67,9 @@ NOTE_3 = """Advanced: every APT setting, resume, validation samples
   untouched base model (bottom group) for comparison. Edit the prompts to match your subject.
 - The text boxes show the dataset report (skipped files and why), the final captions and the
   per-step training history (JSON)."""
+
+
+CONTEXT_LINES = "in a park, on green grass\nindoors, next to a window\non a city street at night"
 
 
 def _base_nodes(trigger_class=("sks", "person")) -> dict:
@@ -143,7 +152,7 @@ def spec_dreambooth_vs_apt() -> dict:
         "ata_off": {"type": "APTAtaSettings", "pos": (520, 40), "title": "ATA off (plain DreamBooth)",
                     "w": {"adaptive_augmentation": False, "adaptive_loss_weight": False, "track_indicator": True}},
         "reg_off": {"type": "APTRegSettings", "pos": (520, 470), "title": "RS + AA off (plain DreamBooth)",
-                    "w": {"representation_stabilization": False, "attention_alignment": False}},
+                    "w": {"lambda_rs": 0.0, "lambda_aa": 0.0}},
         "ata_on": {"type": "APTAtaSettings", "pos": (1060, 40), "title": "ATA (paper settings)"},
         "reg_on": {"type": "APTRegSettings", "pos": (1060, 470), "title": "RS + AA (paper settings)"},
         "train_db": {"type": "APTTrainer", "pos": (520, 720), "size": (480, 860), "title": "Plain DreamBooth-LoRA",
@@ -198,7 +207,11 @@ def spec_advanced() -> dict:
                 "w": {"text": NEGATIVE}},
         "latent": {"type": "EmptyLatentImage", "pos": (1500, 40), "w": {"width": 1024, "height": 1024, "batch_size": 1}},
     })
-    links = [("data", 0, "cap", "dataset"), ("cap", 0, "train", "dataset"), ("ckpt", 0, "train", "model"),
+    nodes["ctx"] = {"type": "PrimitiveStringMultiline", "pos": (40, 1710), "size": (420, 140),
+                    "title": "Context per photo (or link a captioning node)",
+                    "w": {"value": CONTEXT_LINES}}
+    links = [("ctx", 0, "cap", "context_captions"),
+             ("data", 0, "cap", "dataset"), ("cap", 0, "train", "dataset"), ("ckpt", 0, "train", "model"),
              ("ckpt", 1, "train", "clip"), ("ckpt", 2, "train", "vae"), ("ata", 0, "train", "ata_settings"),
              ("reg", 0, "train", "reg_settings"), ("data", 1, "report", "source"), ("cap", 1, "captions", "source"),
              ("train", 2, "history", "source"), ("ckpt", 1, "neg", "clip")]

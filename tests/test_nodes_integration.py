@@ -298,7 +298,7 @@ def test_trainer_inside_a_subgraph_reports_under_its_execution_id_with_the_new_i
     graph = _graph()
     graph["4"] = {"class_type": "APTAtaSettings", "inputs": {
         "bins": 10, "ema_alpha": 0.1, "indicator_scale": 1000.0, "p_max": 1.0, "zoom_min": 1.0, "zoom_max": 3.0,
-        "rotation": 15.0, "fill_mode": "constant", "loss_weight_floor": 0.0, "adaptive_augmentation": True,
+        "rotation": 15.0, "fill_mode": "constant", "adaptive_augmentation": True,
         "adaptive_loss_weight": True, "track_indicator": False, "augmentation_space": "pixel"}}
     trainer = _trainer("apt_sub", 3, batch_size=2, lr_schedule="cosine", warmup_steps=1, ata_settings=["4", 0])
     prompt = {**graph, exec_id: trainer[TRAINER]}

@@ -7,6 +7,7 @@ and a real comfy.sd.VAE, inside torch.inference_mode() like ComfyUI's loaders do
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -482,7 +483,7 @@ def test_pixel_encoder_matches_the_vae_and_pixel_space_augmentation_reencodes(m,
     monkeypatch.setattr(tj, "pixel_encoder", spy)
     s = m["settings"]
     ata = s.ata_settings(num_bins=10, ema_alpha=0.1, indicator_scale=1000.0, p_max=1.0, zoom_min=2.0, zoom_max=3.0,
-                         rotation_deg=15.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                         rotation_deg=15.0, fill="constant", adaptive_augmentation=True,
                          adaptive_loss_weight=True, track_indicator=False, space="pixel_every_step")
     config = s.build_config(steps=3, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                             ata=ata)
@@ -612,8 +613,7 @@ def test_class_preservation_draws_class_images_with_the_host_model_and_trains_on
     from apt_core.trainer import AptTrainer
 
     s, tj = m["settings"], m["train_job"]
-    reg = s.reg_settings(lambda_rs=0.01, lambda_aa=0.01, aa_distance="kl", resolutions=s.DEFAULT_RESOLUTIONS,
-                         representation_stabilization=True, attention_alignment=True,
+    reg = s.reg_settings(lambda_rs=0.01, lambda_aa=0.01, resolutions=s.DEFAULT_RESOLUTIONS,
                          class_preservation=1.0, class_images=3, trigger_word="sks")
     config = s.build_config(steps=2, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0,
                             preset=s.DEFAULT_PRESET, reg=reg)
@@ -653,8 +653,7 @@ def test_class_preservation_settings_need_a_trigger_word_and_images(m):
     from apt_core.errors import AptConfigError
 
     s = m["settings"]
-    kw = dict(lambda_rs=0.01, lambda_aa=0.01, aa_distance="kl", resolutions=s.DEFAULT_RESOLUTIONS,
-              representation_stabilization=True, attention_alignment=True)
+    kw = dict(lambda_rs=0.01, lambda_aa=0.01, resolutions=s.DEFAULT_RESOLUTIONS)
     with pytest.raises(AptConfigError, match="trigger word"):
         s.reg_settings(**kw, class_preservation=1.0, trigger_word=" ")
     with pytest.raises(AptConfigError, match="at least 1 class image"):
@@ -734,3 +733,36 @@ def test_prepare_removes_the_temp_files_a_killed_save_left(m, tmp_path):
         __import__("os").utime(p, (0, 0))  # left by a run killed long ago
     _job(m, tmp_path, "tmpd").prepare()
     assert not any(p.exists() for p in stale) and kept.exists()
+
+
+def test_every_long_phase_before_training_reports_counts_and_time_left(m, tmp_path, monkeypatch):
+    """Encoding the images with their augmentation variants and drawing class images show
+    'what done/total, about Ns left' in the node (apt.status) and move ComfyUI's progress bar."""
+    import comfy.utils
+
+    s, tj = m["settings"], m["train_job"]
+    reg = s.reg_settings(lambda_rs=0.01, lambda_aa=0.01, class_preservation=1.0, class_images=4, trigger_word="sks")
+    config = s.build_config(steps=2, rank=4, learning_rate=1e-3, seed=0, checkpoint_every=0,
+                            preset=s.DEFAULT_PRESET, reg=reg)
+    messages, bars = [], []
+    real_send = tj.send
+    monkeypatch.setattr(tj, "send", lambda event, data: (messages.append(data.get("message")) if event == "apt.status"
+                                                         else None, real_send(event, data))[1])
+    monkeypatch.setattr(tj.PhaseProgress, "MIN_INTERVAL", 0.0)  # every update goes out
+    hook = comfy.utils.PROGRESS_BAR_HOOK
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: bars.append((value, total)))
+    try:
+        job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=_dataset(m),
+                          lora_file="phases.safetensors", loras_dir=tmp_path / "loras",
+                          checkpoint_dir=tmp_path / "runs" / "phases", overwrite=False, resume=False, node_id="ph")
+        assert job.prepare().run().lora_path.exists()
+    finally:
+        comfy.utils.set_progress_bar_global_hook(hook)
+    total = 3 * (1 + 24)  # 3 images and their 8 x 3 variants
+    enc = [x for x in messages if x and x.startswith("encoding images and variants ")]
+    assert enc[-1] == f"encoding images and variants {total}/{total}"
+    assert any(re.fullmatch(rf"encoding images and variants \d+/{total}, about \d+s left", x) for x in enc)
+    draw = [x for x in messages if x and x.startswith("drawing class images ")]
+    assert draw[-1] == "drawing class images 4/4" and len(draw) > 2
+    assert "loading the model" in messages
+    assert (total, total) in bars and (4, 4) in bars and (2, 2) in bars  # encoding, drawing, training

@@ -188,6 +188,25 @@ def test_caption_template_fills_missing_and_tidies(mods, tmp_path):
         d.caption_dataset(ds, " ", "dog", "", d.DEFAULT_TEMPLATE, "replace all captions")
 
 
+def test_caption_node_takes_a_captioners_texts_one_per_image(mods, tmp_path):
+    """APT Caption's context can be linked from a captioning node: ComfyUI hands the node lists
+    (is_input_list); a list of texts is one per image, in order, an empty one keeping its place."""
+    d, nd = mods["dataset"], mods["node_defs"]
+    _write_images(tmp_path / "c", 3)
+    ds = d.load_dataset(str(tmp_path / "c"), None, None, 64, "", str(tmp_path))
+    assert nd.AptCaption.GET_SCHEMA().is_input_list
+    run = lambda ctx: nd.AptCaption.execute([ds], ["sks"], ["dog"], ctx, [d.DEFAULT_TEMPLATE],
+                                            ["replace all captions"]).result
+    out, text = run(["a dog on\ngrass", "", "img2.png: in snow"])
+    assert [r.caption for r in out.records] == ["a photo of sks dog, a dog on grass", "a photo of sks dog",
+                                                "a photo of sks dog, img2.png: in snow"]
+    out, _ = run(["on grass\nimg2.png: in snow"])  # one text: the widget's rules (lines, name: ...)
+    assert [r.caption for r in out.records] == ["a photo of sks dog, on grass", "a photo of sks dog",
+                                                "a photo of sks dog, in snow"]
+    out, text = run(["one", "two"])
+    assert out.records[2].caption == "a photo of sks dog" and "1 image(s) got no caption text" in text
+
+
 def test_contains_word(mods):
     cw = mods["dataset"].contains_word
     assert cw("a photo of sks, dog", "sks") and not cw("a photo of sksx dog", "sks") and not cw("x", "")
@@ -198,20 +217,18 @@ def test_contains_word(mods):
 def test_settings_build_the_apt_config(mods):
     s = mods["settings"]
     ata = s.ata_settings(num_bins=5, ema_alpha=0.2, indicator_scale=100.0, p_max=0.5, zoom_min=1.0,
-                         zoom_max=2.0, rotation_deg=10.0, fill="reflect", loss_weight_floor=0.1,
+                         zoom_max=2.0, rotation_deg=10.0, fill="reflect",
                          adaptive_augmentation=False, adaptive_loss_weight=True, track_indicator=True)
-    reg = s.reg_settings(lambda_rs=0.5, lambda_aa=2.0, aa_distance="kl", resolutions="32x32 only (cheaper)",
-                         representation_stabilization=True, attention_alignment=False,
-                         aa_free_words=" sks, ohwx ,")
+    reg = s.reg_settings(lambda_rs=0.5, lambda_aa=0.0, resolutions="32x32 only (cheaper)")
     cfg = s.build_config(steps=10, rank=8, learning_rate=2e-4, seed=3, checkpoint_every=5,
                          preset="Low VRAM (12-16 GB): gradient checkpointing", ata=ata, reg=reg)
     assert cfg.train.steps == 10 and cfg.train.gradient_checkpointing and cfg.train.seed == 3
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 8.0
     assert cfg.indicator.num_bins == 5 and cfg.indicator.scale == 100.0
     assert cfg.augment.fill == "reflect" and cfg.augment.zoom_max == 2.0 and not cfg.augment.enabled
-    assert cfg.loss_weight_floor == 0.1
+    assert cfg.loss_weight_floor == 0.0  # the paper's; not a node setting
     assert cfg.regularizers.up_block_factors == (4,) and cfg.regularizers.aa_distance == "kl"
-    assert cfg.regularizers.aa_free_words == ("sks", "ohwx")
+    # a weight of 0 switches its regularizer off (no hooks); the other stays on
     assert not cfg.switches.adaptive_augmentation and not cfg.switches.attention_alignment
     assert cfg.switches.track_indicator and cfg.switches.representation_stabilization
     default = s.build_config(steps=1, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET)
@@ -221,7 +238,7 @@ def test_settings_build_the_apt_config(mods):
 
     with pytest.raises(AptConfigError, match="zoom"):
         s.ata_settings(num_bins=5, ema_alpha=0.2, indicator_scale=100.0, p_max=0.5, zoom_min=3.0, zoom_max=2.0,
-                       rotation_deg=10.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                       rotation_deg=10.0, fill="constant", adaptive_augmentation=True,
                        adaptive_loss_weight=True, track_indicator=False)
 
 
@@ -297,30 +314,65 @@ def test_run_registry_stop_and_snapshot(mods):
 
 def _ata(s, **kw):
     args = dict(num_bins=10, ema_alpha=0.1, indicator_scale=1000.0, p_max=1.0, zoom_min=1.0, zoom_max=3.0,
-                rotation_deg=15.0, fill="constant", loss_weight_floor=0.0, adaptive_augmentation=True,
+                rotation_deg=15.0, fill="constant", adaptive_augmentation=True,
                 adaptive_loss_weight=True, track_indicator=False)
     args.update(kw)
     return s.ata_settings(**args)
 
 
-def test_new_inputs_sit_at_the_end_optional_with_defaults_that_keep_the_old_behaviour(mods):
+ESSENTIALS = {
+    "APTTrainer": ["model", "clip", "vae", "dataset", "steps", "learning_rate", "rank", "lora_name",
+                   "memory_preset", "ata_settings", "reg_settings"],
+    "APTAtaSettings": ["adaptive_augmentation", "adaptive_loss_weight", "zoom_max", "rotation", "fill_mode"],
+    "APTRegSettings": ["lambda_rs", "lambda_aa", "class_preservation"],
+}
+
+
+def _inputs(info):
+    return [n for section in ("required", "optional") for n in info["input_order"].get(section, [])]
+
+
+def test_each_node_shows_the_essentials_first_and_folds_the_rest_under_advanced(mods):
+    """What an artist sees: the essentials, then the advanced inputs (flagged where the host's schema
+    knows the flag), each advanced one optional with a default and a tooltip that says when to touch it."""
+    nd = mods["node_defs"]
+    for node in (nd.AptTrainerNode, nd.AptAtaSettings, nd.AptRegSettings):
+        info = node.GET_NODE_INFO_V1()
+        names = _inputs(info)
+        essentials = ESSENTIALS[info["name"]]
+        assert names[: len(essentials)] == essentials, names
+        spec = {**info["input"]["required"], **info["input"].get("optional", {})}
+        for name in names[len(essentials):]:
+            assert name in info["input"]["optional"], name
+            opts = spec[name][1]
+            assert "default" in opts and len(opts.get("tooltip", "")) > 20, name
+            assert opts.get("advanced", nd.ADVANCED.get("advanced")) == nd.ADVANCED.get("advanced"), name
+            assert not opts.get("advanced") or name not in essentials
+        for name in essentials:
+            assert not spec[name][1].get("advanced"), name
+
+
+def test_the_trainers_advanced_defaults_train_as_the_documented_defaults(mods):
     nd, s = mods["node_defs"], mods["settings"]
-    trainer = nd.AptTrainerNode.GET_NODE_INFO_V1()
-    order = trainer["input_order"]
-    assert order["optional"][-4:] == ["batch_size", "lr_schedule", "warmup_steps", "save_lora_every_checkpoint"]
-    assert order["required"][-1] == "memory_preset"  # the saved widgets before them keep their places
-    opt = trainer["input"]["optional"]
+    opt = nd.AptTrainerNode.GET_NODE_INFO_V1()["input"]["optional"]
     assert opt["batch_size"][1]["default"] == 1 and opt["warmup_steps"][1]["default"] == 0
-    assert opt["save_lora_every_checkpoint"][0] == "BOOLEAN"
-    assert opt["save_lora_every_checkpoint"][1]["default"] is False  # off: only the final file, as before
+    assert opt["seed"][1]["default"] == 0 and opt["checkpoint_every"][1]["default"] == 100
+    assert opt["resume"][1]["default"] is True and opt["overwrite"][1]["default"] is False
+    assert opt["save_lora_every_checkpoint"][1]["default"] is False  # off: only the final file
     assert "overfitted" in opt["save_lora_every_checkpoint"][1]["tooltip"]
-    assert opt["lr_schedule"][1]["default"] == "cosine"  # the benchmark-set default (was constant)
-    ata = nd.AptAtaSettings.GET_NODE_INFO_V1()
-    assert ata["input_order"]["optional"] == ["augmentation_space"]
-    assert ata["input"]["optional"]["augmentation_space"][1]["default"] == "pixel"
-    assert ata["input"]["optional"]["augmentation_space"][1]["options"] == ["pixel", "pixel_every_step", "latent"]
-    # defaults: the config the node built before these inputs existed, except the schedule (now cosine)
-    # and the augmentation space (now pixel, from pre-encoded variants; was latent)
+    assert opt["lr_schedule"][1]["default"] == "cosine"  # the benchmark-set default
+    ata = nd.AptAtaSettings.GET_NODE_INFO_V1()["input"]["optional"]
+    assert ata["augmentation_space"][1]["default"] == "pixel"
+    assert ata["augmentation_space"][1]["options"] == ["pixel", "pixel_every_step"]  # latent cost the likeness
+    # both settings nodes at their defaults train exactly what leaving them out trains
+    def defaults(node):
+        info = node.GET_NODE_INFO_V1()
+        spec = {**info["input"]["required"], **info["input"].get("optional", {})}
+        return node.execute(**{n: spec[n][1]["default"] for n in _inputs(info)}).result[0]
+
+    kw = dict(steps=5, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET)
+    assert s.build_config(**kw, ata=defaults(nd.AptAtaSettings), reg=defaults(nd.AptRegSettings)) == \
+        s.build_config(**kw)
     old = s.build_config(steps=5, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                          ata=_ata(s))
     from apt_core.config import AugmentConfig, TrainConfig
@@ -336,7 +388,7 @@ def test_new_inputs_reach_the_config(mods):
                          ata=_ata(s, space="pixel"), batch_size=3, lr_schedule="cosine", warmup_steps=4)
     assert (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps) == (3, "cosine", 4)
     assert cfg.augment.space == "pixel" and cfg.augment.precomputed
-    for choice, space, precomputed in (("pixel_every_step", "pixel", False), ("latent", "latent", False)):
+    for choice, space, precomputed in (("pixel_every_step", "pixel", False),):
         cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0,
                              preset=s.DEFAULT_PRESET, ata=_ata(s, space=choice))
         assert (cfg.augment.space, cfg.augment.precomputed) == (space, precomputed)

@@ -326,7 +326,7 @@ def test_workflow_2_trains_dreambooth_and_apt_side_by_side(server, info):
         ata = prompt[prompt[t]["inputs"]["ata_settings"][0]]["inputs"]
         reg = prompt[prompt[t]["inputs"]["reg_settings"][0]]["inputs"]
         switches.append((ata["adaptive_augmentation"], ata["adaptive_loss_weight"],
-                         reg["representation_stabilization"], reg["attention_alignment"]))
+                         reg["lambda_rs"] > 0, reg["lambda_aa"] > 0))
     assert sorted(switches) == [(False, False, False, False), (True, True, True, True)]
     samplers = [n for n in prompt.values() if n["class_type"] == "KSampler"]
     assert len(samplers) == 2 and len({json.dumps({k: v for k, v in s["inputs"].items() if k != "model"})
