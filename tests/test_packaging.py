@@ -205,8 +205,8 @@ def test_registry_zip_holds_what_a_user_needs_and_no_developer_files(registry_zi
                and not f.startswith("js/tests/")}  # the widget's node tests stay in git
     # the pictures and pages the README links to (relative links), e.g. docs/*.png
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    needed |= {m for m in re.findall(r"\]\(([^)#\s]+)\)", readme)
-               if not re.match(r"[a-z]+:", m) and not m.startswith(DEVELOPER_ONLY)}
+    links = [link for pair in re.findall(r"\]\(([^)#\s]+)\)|<img src=\"([^\"]+)\"", readme) for link in pair if link]
+    needed |= {m for m in links if not re.match(r"[a-z]+:", m) and not m.startswith(DEVELOPER_ONLY)}
     assert not needed - shipped, sorted(needed - shipped)
 
 

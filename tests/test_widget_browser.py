@@ -14,7 +14,8 @@ timestep bin, press the widget's Stop button with a real mouse click, and check 
 status "stopped" on the chart and on the server, the LoRA and a resumable checkpoint kept, the rest
 of the workflow rendered. Screenshots go to test-artifacts/ (gitignored; $APT_TEST_ARTIFACTS, which
 scripts/test.sh sets to test-artifacts/comfyui-0.33.0 for the v0.33.0 run); with
-APT_UPDATE_DOCS_SCREENSHOT=1 the chart screenshot also replaces docs/widget.png.
+APT_UPDATE_DOCS_SCREENSHOT=1 the chart screenshot also replaces docs/widget.png, and the fresh trainer
+node's docs/trainer_node.png.
 
 Browser: /usr/bin/chromium (or $APT_CHROMIUM). Never downloaded by playwright. Missing browser or
 playwright: skipped locally, FAILS under CI=true / APT_REQUIRE_BROWSER=1.
@@ -161,6 +162,31 @@ def test_chart_fills_every_bin_and_stop_button_stops_gracefully(server, browser_
                       what="the APT node definitions")
                 mark = len(console)  # errors the frontend logs on an empty first start are not ours
 
+                # a fresh APT Trainer at its defaults, as an artist first sees it: the essentials, the rest
+                # flagged advanced (frontends that know the flag fold them: 1.48.7 behind the node's
+                # "advanced inputs" button in its node design; 1.32.9 shows every input)
+                shown = page.evaluate("""async () => {
+                    await window.app.loadGraphData({nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4});
+                    const n = window.LiteGraph.createNode('APTTrainer'); n.pos = [420, 80]; window.app.graph.add(n);
+                    const ds = window.app.canvas.ds; ds.scale = 1; ds.offset = [0, 0];
+                    window.app.canvas.setDirty(true, true);
+                    const adv = (w) => !!(w.advanced || w.options?.advanced);
+                    return {flagged: (n.widgets || []).filter(adv).map(w => w.name),
+                            plain: (n.widgets || []).filter(w => !adv(w)).map(w => w.name),
+                            rect: [n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, n.size[0],
+                                   n.size[1] + window.LiteGraph.NODE_TITLE_HEIGHT]}; }""")
+                essentials = ["steps", "learning_rate", "rank", "lora_name", "memory_preset"]
+                assert [w for w in shown["plain"] if w in essentials] == essentials, shown
+                print("APT Trainer widgets: advanced", shown["flagged"], "shown", shown["plain"])
+                if shown["flagged"]:
+                    assert not set(shown["flagged"]) & set(essentials), shown
+                    assert {"seed", "resume", "overwrite", "batch_size", "lr_schedule"} <= set(shown["flagged"]), shown
+                time.sleep(1.0)
+                box = page.evaluate("""(r) => { const c = window.app.canvas.canvas.getBoundingClientRect();
+                                        return {x: c.x + r[0] - 10, y: c.y + r[1] - 10, width: r[2] + 20, height: r[3] + 20}; }""",
+                                    shown["rect"])
+                page.screenshot(path=str(ARTIFACTS / "trainer-node.png"), clip=box)
+
                 # the artist's way in: Templates -> Extensions -> <pack folder> shows the three graphs with
                 # their thumbnails; clicking a card opens it
                 page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
@@ -270,3 +296,4 @@ def test_chart_fills_every_bin_and_stop_button_stops_gracefully(server, browser_
     assert not errors, errors
     if ch._truthy(os.environ.get("APT_UPDATE_DOCS_SCREENSHOT")):
         shutil.copyfile(ARTIFACTS / "widget.png", REPO / "docs" / "widget.png")
+        shutil.copyfile(ARTIFACTS / "trainer-node.png", REPO / "docs" / "trainer_node.png")
