@@ -11,11 +11,12 @@ exactly as it was found.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator
 
 import peft
 import torch
+from peft.helpers import disable_input_dtype_casting
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
@@ -71,6 +72,7 @@ class LoraAdapter(SwitchableLora):
             raise ValueError("no LoRA target modules found in the UNet")
         self.model = model
         self.config = cfg
+        self._no_input_cast = ExitStack()
         self._frozen = {id(p): p.requires_grad for p in model.parameters()}
         self._had_peft_config = hasattr(model, "peft_config")
         for p in model.parameters():
@@ -110,15 +112,17 @@ class LoraAdapter(SwitchableLora):
     def set_input_cast(self, enabled: bool) -> None:
         """peft casts each LoRA layer's input to the fp32 LoRA weights' dtype. Under autocast the
         matmuls run in the autocast dtype whatever the input's dtype, so that cast is a copy of the
-        activation (and one more op in backward) that changes nothing: switch it off there."""
-        for layer in self.layers.values():
-            layer.cast_input_dtype_enabled = enabled
+        activation (and one more op in backward) that changes nothing: switch it off there (peft's
+        `disable_input_dtype_casting`, held open until switched back on or `remove()`)."""
+        self._no_input_cast.close()
+        if not enabled:
+            self._no_input_cast.enter_context(disable_input_dtype_casting(self.model))
 
     def set_enabled(self, enabled: bool) -> None:
+        # peft's public switch; switching off also clears requires_grad on the LoRA weights and
+        # switching on sets it again, so the prior pass cannot train them.
         for layer in self.layers.values():
-            # The flag peft's forward reads; enable_adapters() would also flip requires_grad on
-            # every LoRA weight twice per step, which costs time and buys nothing under no_grad.
-            layer._disable_adapters = not enabled
+            layer.enable_adapters(enabled)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{"<module>.down": (r, in), "<module>.up": (out, r)} detached fp32 copies
@@ -138,6 +142,7 @@ class LoraAdapter(SwitchableLora):
 
     def remove(self) -> None:
         """Replace every LoRA layer by its original module and restore requires_grad flags."""
+        self._no_input_cast.close()
         for name, layer in self.layers.items():
             parent_name, _, child = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
