@@ -155,3 +155,18 @@ class CachedDataset:
         for i, ex in enumerate(self.examples):
             groups.setdefault(ex.bucket, []).append(i)
         return groups
+
+
+def draw_class_batch(pool: Sequence[CachedExample], batch_size: int, num_train_timesteps: int,
+                     generator: torch.Generator
+                     ) -> tuple[torch.Tensor, SDXLConditioning, torch.Tensor, torch.Tensor]:
+    """`batch_size` class images drawn with replacement, each with its own timestep and noise.
+
+    Returns latents (B, 4, h, w), their conditioning (batch B), t (B,) and noise (B, 4, h, w), on the
+    CPU (latents and conditioning where the pool keeps them).
+    """
+    chosen = [pool[i] for i in torch.randint(len(pool), (batch_size,), generator=generator).tolist()]
+    t = torch.randint(0, num_train_timesteps, (batch_size,), generator=generator)
+    latents = torch.stack([ex.latent for ex in chosen])
+    noise = torch.randn(latents.shape, generator=generator)
+    return latents, SDXLConditioning.cat([ex.cond for ex in chosen]), t, noise

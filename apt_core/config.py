@@ -182,7 +182,9 @@ class LoraConfig:
     rank: int = 32
     alpha: float = 32.0
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # What gets a LoRA: every transformer block's attention projections (to_q, to_k, to_v, to_out.0;
+    # the same names in diffusers and ComfyUI), plus the two switches below. The backbone finds the
+    # modules (`Backbone.lora_target_names`).
     include_feed_forward: bool = False
     # LoCon-style LoRA also on the 3x3 convolutions of every UNet resnet (conv1/conv2, SGM
     # in_layers.2/out_layers.3); exported as 4-D kohya keys that ComfyUI's LoraLoader reads.

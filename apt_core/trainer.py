@@ -23,12 +23,11 @@ import torch
 from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
 from .checkpoint import check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from .conditioning import CachedDataset, SDXLConditioning
+from .conditioning import CachedDataset, SDXLConditioning, draw_class_batch
 from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
 from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
-from .preservation import draw_class_batch
 from .probes import AptProbe
 from .recovery import HealthyState
 
@@ -90,9 +89,24 @@ def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> 
     return base_lr
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the GPU computes bf16 natively (NVIDIA Ampere, compute capability 8.0, and newer), not
+    through the slow emulation that `torch.cuda.is_bf16_supported()` also counts (T4, V100, RTX 20xx)."""
+    if device.type != "cuda":
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch before 2.3 has no such argument
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step (None: full fp32). "auto": bf16 where the GPU computes it
+    natively, fp16 (with loss scaling, `AptTrainer.scaler`) on other CUDA GPUs, fp32 elsewhere."""
     if mixed_precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
 
 

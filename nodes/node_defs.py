@@ -14,7 +14,7 @@ from apt_core.config import FILL_MODES, AugmentConfig, IndicatorConfig, Regulari
 from apt_core.images import REPEAT_DIR
 
 from .dataset import CAPTION_MODES, DEFAULT_TEMPLATE, caption_dataset, load_dataset, resolve_folder
-from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRESETS,
+from .settings import (AUG_SPACES, DEFAULT_PRESET, DEFAULT_RESOLUTIONS, LR_SCHEDULES, PRECISIONS, PRESETS,
                        RESOLUTIONS, ata_settings,
                        build_config, reg_settings, sanitize_lora_name)
 
@@ -363,6 +363,12 @@ class AptTrainerNode(io.ComfyNode):
                 io.Int.Input("warmup_steps", optional=True, **ADVANCED, default=0, min=0, max=100000, tooltip=(
                     "Raise the learning rate from almost 0 to its full value over the first N steps "
                     "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
+                io.Combo.Input("precision", optional=True, **ADVANCED, options=list(PRECISIONS), default="auto",
+                               tooltip=(
+                    "auto (default): bf16 on GPUs that compute it natively (NVIDIA RTX 30xx, A100 and "
+                    "newer), fp16 with loss scaling on older ones (T4, V100, RTX 20xx), full precision on "
+                    "the CPU. Choose fp32 only if a run stops with NaN under fp16: it is slower and needs "
+                    "about twice the activation memory.")),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip=(
@@ -380,7 +386,7 @@ class AptTrainerNode(io.ComfyNode):
                 memory_preset: str, ata_settings=None, reg_settings=None, seed: int = 0,
                 checkpoint_every: int = 100, save_lora_every_checkpoint: bool = False, resume: bool = True,
                 overwrite: bool = False, batch_size: int = 1, lr_schedule: str = TrainConfig.lr_schedule,
-                warmup_steps: int = 0) -> io.NodeOutput:
+                warmup_steps: int = 0, precision: str = "auto") -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
         import folder_paths
@@ -395,7 +401,7 @@ class AptTrainerNode(io.ComfyNode):
         config = build_config(steps=steps, rank=rank, learning_rate=learning_rate, seed=seed,
                               checkpoint_every=checkpoint_every, preset=memory_preset,
                               ata=ata_settings, reg=reg_settings, batch_size=batch_size,
-                              lr_schedule=lr_schedule, warmup_steps=warmup_steps)
+                              lr_schedule=lr_schedule, warmup_steps=warmup_steps, precision=precision)
         lora_file = sanitize_lora_name(lora_name)
         loras_dir = folder_paths.get_folder_paths("loras")[0]
         run_dir = Path(folder_paths.get_output_directory()) / "apt_lora_trainer" / Path(lora_file).stem

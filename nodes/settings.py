@@ -26,6 +26,8 @@ RESOLUTIONS = {
 DEFAULT_RESOLUTIONS = "32x32 + 64x64 (paper)"
 
 LR_SCHEDULES = ("constant", "cosine")
+# The node's precision choices -> TrainConfig.mixed_precision.
+PRECISIONS = {"auto": "auto", "bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 # The node's augmentation-space choices -> (AugmentConfig.space, AugmentConfig.variant_grid). apt_core
 # also augments cached latents (space "latent"); the benchmark found that costs the likeness, so the
 # node does not offer it.
@@ -79,15 +81,19 @@ def reg_settings(*, lambda_rs: float, lambda_aa: float, resolutions: str = DEFAU
 
 def build_config(*, steps: int, rank: int, learning_rate: float, seed: int, checkpoint_every: int,
                  preset: str, ata: dict | None = None, reg: dict | None = None, batch_size: int = 1,
-                 lr_schedule: str = TrainConfig.lr_schedule, warmup_steps: int = 0) -> AptConfig:
+                 lr_schedule: str = TrainConfig.lr_schedule, warmup_steps: int = 0,
+                 precision: str = "auto") -> AptConfig:
     """Everything the trainer node knows -> a validated AptConfig (paper defaults elsewhere)."""
     if preset not in PRESETS:
         raise AptConfigError(f"unknown memory preset {preset!r}; choose one of {list(PRESETS)}.")
     if warmup_steps < 0:
         raise AptConfigError(f"warmup steps must be >= 0, got {warmup_steps}.")
+    if precision not in PRECISIONS:
+        raise AptConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}.")
     train = TrainConfig(steps=int(steps), learning_rate=float(learning_rate), seed=int(seed),
                         checkpoint_every=int(checkpoint_every), batch_size=int(batch_size),
-                        lr_schedule=lr_schedule, warmup_steps=int(warmup_steps), **PRESETS[preset])
+                        lr_schedule=lr_schedule, warmup_steps=int(warmup_steps),
+                        mixed_precision=PRECISIONS[precision], **PRESETS[preset])
     cfg = AptConfig(train=train, lora=LoraConfig(rank=int(rank), alpha=float(rank)))
     switches = dataclasses.asdict(AptSwitches())
     if ata:

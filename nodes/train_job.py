@@ -179,6 +179,28 @@ class PhaseProgress:
         self.pbar.update_absolute(n, total)
 
 
+@contextlib.contextmanager
+def _elapsed_status(run: RunState, what: str, every: float = 1.0):
+    """A phase the host gives no counts for (loading the model): '<what> (12s)' in the node every
+    `every` seconds while the block runs, so a slow load does not look like a hang."""
+    t0, done = time.monotonic(), threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            RUNS.update(run, message=f"{what} ({_duration(time.monotonic() - t0)})")
+            send("apt.status", run.summary())
+
+    RUNS.update(run, message=what)
+    send("apt.status", run.summary())
+    ticker = threading.Thread(target=tick, name="apt-status", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+
+
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
@@ -416,11 +438,10 @@ class TrainJob:
         from apt_core.trainer import AptTrainer
 
         cfg = self.config
-        RUNS.update(run, message="loading the model")
-        send("apt.status", run.summary())
         backbone = ComfySDXLBackbone(patcher, also_load=(self.vae.patcher,) if pixel_aug else ())
         if class_draw is not None:  # drawn by the model as it is, before the adapters exist
-            backbone.load()
+            with _elapsed_status(run, f"loading the model onto {backbone.device}"):
+                backbone.load()
             cached.class_examples = self._class_examples(run, backbone, *class_draw)
 
         pbar = comfy.utils.ProgressBar(cfg.train.steps, node_id=self.node_id)
@@ -449,11 +470,12 @@ class TrainJob:
                 self.step_files.append(name)
             log.info("APT: saved the LoRA of step %d to %s", step, path)
 
-        trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
-                             should_stop=lambda: self._should_stop(run),
-                             encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
-                             on_checkpoint_step=save_step_lora if self.save_step_loras else None,
-                             data_fingerprint=self.data_fingerprint)
+        with _elapsed_status(run, f"loading the model onto {backbone.device}"):  # attach_lora loads it
+            trainer = AptTrainer(backbone, cached, cfg, checkpoint_dir=self.checkpoint_dir, on_event=on_event,
+                                 should_stop=lambda: self._should_stop(run),
+                                 encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
+                                 on_checkpoint_step=save_step_lora if self.save_step_loras else None,
+                                 data_fingerprint=self.data_fingerprint)
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
             if resumed:

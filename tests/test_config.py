@@ -11,7 +11,7 @@ def test_defaults_follow_the_paper():
     assert (cfg.indicator.num_bins, cfg.indicator.ema_alpha, cfg.indicator.scale) == (10, 0.1, 1000.0)
     assert (cfg.augment.zoom_min, cfg.augment.zoom_max, cfg.augment.rotation_deg) == (1.0, 3.0, 15.0)
     assert cfg.regularizers.up_block_factors == (4, 2)  # 32x32 and 64x64 at 1024 px
-    assert cfg.lora.target_modules == ("to_q", "to_k", "to_v", "to_out.0")
+    assert not cfg.lora.include_feed_forward and not cfg.lora.include_conv  # attention projections only
     assert cfg.loss_weight_floor == 0.0
 
 
@@ -62,3 +62,17 @@ def test_augmentation_is_none_unless_it_runs_and_says_how_it_encodes():
     assert every.encodes_every_step and not every.precomputed
     latent = AugmentConfig(space="latent")
     assert not latent.encodes_every_step and not latent.precomputed
+
+
+def test_the_lora_covers_every_attention_projection_and_the_switches_add_the_rest():
+    """What the LoRA targets is decided by the backbone from these switches (there is no free-form
+    target list to get out of step with the names)."""
+    from apt_core.backbone import transformer_lora_targets
+    from apt_core.tiny_model import build_tiny_sdxl
+
+    unet = build_tiny_sdxl(0).unet
+    default = transformer_lora_targets(unet)
+    assert default and {n.split(".attn")[-1][2:] for n in default} == {"to_q", "to_k", "to_v", "to_out.0"}
+    assert all(".attn1." in n or ".attn2." in n for n in default)
+    with_ff = transformer_lora_targets(unet, include_feed_forward=True)
+    assert set(default) < set(with_ff) and all(".ff." in n for n in set(with_ff) - set(default))

@@ -19,9 +19,13 @@ from tiny import config
 KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return train_and_export(tmp_path_factory.mktemp("lora"), config(3, learning_rate=2e-2), "apt_test.safetensors")
+@pytest.fixture(scope="module", params=[4.0, 1.0], ids=["alpha=rank", "alpha=rank/4"])
+def trained(request, tmp_path_factory):
+    """Rank 4 with alpha 4 (scale 1) and alpha 1 (scale 1/4: an exporter that wrote the rank, or
+    loaders that ignored alpha, would give 4x the trained effect)."""
+    cfg = config(3, learning_rate=2e-2)
+    cfg.lora.alpha = request.param
+    return train_and_export(tmp_path_factory.mktemp("lora"), cfg, "apt_test.safetensors")
 
 
 def test_keys_are_kohya_format_with_metadata(trained):
@@ -32,7 +36,7 @@ def test_keys_are_kohya_format_with_metadata(trained):
     assert len(keys) == 3 * len(trainer.lora.layers)
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
     assert "lora_unet_up_blocks_0_attentions_2_transformer_blocks_1_attn2_to_out_0.alpha" in keys
-    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == str(trainer.config.lora.alpha)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_steps"] == "3"
     gammas = json.loads(meta["apt_final_gamma"])
     assert len(gammas) == 10 and gammas == pytest.approx(trainer.indicator.gammas(), abs=1e-6)
@@ -50,7 +54,7 @@ def test_file_round_trips_to_the_trained_weights(trained):
     trainer, path, _, _ = trained
     names = {trainer.backbone.kohya_key(n): n for n in trainer.lora.layers}
     state, alpha = read_kohya_lora(path, names)
-    assert alpha == 4.0
+    assert alpha == trainer.config.lora.alpha
     for name, tensor in trainer.lora.state_dict().items():
         assert torch.equal(state[name], tensor), name
 

@@ -764,5 +764,26 @@ def test_every_long_phase_before_training_reports_counts_and_time_left(m, tmp_pa
     assert any(re.fullmatch(rf"encoding images and variants \d+/{total}, about \d+s left", x) for x in enc)
     draw = [x for x in messages if x and x.startswith("drawing class images ")]
     assert draw[-1] == "drawing class images 4/4" and len(draw) > 2
-    assert "loading the model" in messages
+    assert "loading the model onto cpu" in messages
     assert (total, total) in bars and (4, 4) in bars and (2, 2) in bars  # encoding, drawing, training
+
+
+def test_loading_the_model_shows_the_time_it_has_taken(m, monkeypatch):
+    """Loading has no counts from the host: the node shows the seconds so far, every second, and the
+    ticker stops with the block (also on an error)."""
+    import time
+
+    tj, runs = m["train_job"], m["runs"]
+    run = runs.RUNS.start("ticker")
+    sent = []
+    monkeypatch.setattr(tj, "send", lambda event, data: sent.append(data["message"]))
+    with tj._elapsed_status(run, "loading the model onto cpu", every=0.05):
+        time.sleep(0.3)
+    assert sent[0] == "loading the model onto cpu"
+    assert re.fullmatch(r"loading the model onto cpu \(0s\)", sent[1]), sent
+    n = len(sent)
+    with pytest.raises(RuntimeError):
+        with tj._elapsed_status(run, "x", every=0.05):
+            raise RuntimeError("load failed")
+    time.sleep(0.2)
+    assert len(sent) == n + 1  # only the first message: the ticker stopped with the error

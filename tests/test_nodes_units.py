@@ -361,6 +361,7 @@ def test_the_trainers_advanced_defaults_train_as_the_documented_defaults(mods):
     assert opt["save_lora_every_checkpoint"][1]["default"] is False  # off: only the final file
     assert "overfitted" in opt["save_lora_every_checkpoint"][1]["tooltip"]
     assert opt["lr_schedule"][1]["default"] == "cosine"  # the benchmark-set default
+    assert opt["precision"][1]["default"] == "auto" and opt["precision"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
     ata = nd.AptAtaSettings.GET_NODE_INFO_V1()["input"]["optional"]
     assert ata["augmentation_space"][1]["default"] == "pixel"
     assert ata["augmentation_space"][1]["options"] == ["pixel", "pixel_every_step"]  # latent cost the likeness
@@ -387,6 +388,10 @@ def test_new_inputs_reach_the_config(mods):
     cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0, preset=s.DEFAULT_PRESET,
                          ata=_ata(s, space="pixel"), batch_size=3, lr_schedule="cosine", warmup_steps=4)
     assert (cfg.train.batch_size, cfg.train.lr_schedule, cfg.train.warmup_steps) == (3, "cosine", 4)
+    assert cfg.train.mixed_precision == "auto"
+    for choice, want in (("fp32", "no"), ("fp16", "fp16"), ("bf16", "bf16")):
+        assert s.build_config(steps=2, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0,
+                              preset=s.DEFAULT_PRESET, precision=choice).train.mixed_precision == want
     assert cfg.augment.space == "pixel" and cfg.augment.precomputed
     for choice, space, precomputed in (("pixel_every_step", "pixel", False),):
         cfg = s.build_config(steps=20, rank=4, learning_rate=1e-4, seed=0, checkpoint_every=0,

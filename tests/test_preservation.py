@@ -9,7 +9,8 @@ from apt_core.conditioning import CachedExample, SDXLConditioning, preservation_
 from apt_core.config import AptConfig, RegularizerConfig
 from apt_core.errors import AptConfigError, AptDatasetError
 from apt_core.models import encode_prompts
-from apt_core.preservation import class_prompts, draw_class_batch, sample_class_examples
+from apt_core.conditioning import draw_class_batch
+from apt_core.preservation import class_prompts, sample_class_examples
 from apt_core.sampling import prompt_conditioning, sample
 from apt_core.trainer import AptTrainer
 

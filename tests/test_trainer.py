@@ -543,3 +543,41 @@ def test_an_error_inside_the_prior_pass_switches_the_lora_back_on():
             raise RuntimeError("out of memory in the prior forward")
     ft_after, _ = predict_pair(trainer, dataset)
     assert torch.equal(ft_after, ft_before)
+
+
+@pytest.mark.parametrize("gpu, capability, emulated_bf16, want", [
+    ("A100 / RTX 30xx+", (8, 0), True, torch.bfloat16),
+    ("T4 / RTX 20xx", (7, 5), True, torch.float16),   # bf16 only through emulation: fp16 + loss scaling
+    ("V100", (7, 0), True, torch.float16),
+])
+def test_auto_precision_uses_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, gpu, capability,
+                                                                        emulated_bf16, want):
+    """CPU contract for the GPU choice: torch.cuda.is_bf16_supported() also counts emulation (slow);
+    'auto' must pick fp16 with loss scaling there, bf16 only from compute capability 8.0."""
+    from apt_core import trainer as tr
+
+    def is_bf16_supported(including_emulation: bool = True) -> bool:
+        return capability[0] >= 8 or (including_emulation and emulated_bf16)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda", 0)
+    assert tr.autocast_dtype("auto", cuda) == want, gpu
+    assert tr.autocast_dtype("auto", torch.device("cpu")) is None
+    assert tr.autocast_dtype("bf16", cuda) == torch.bfloat16 and tr.autocast_dtype("no", cuda) is None
+    # torch before 2.3: no including_emulation argument, the capability decides
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert tr.autocast_dtype("auto", cuda) == want, gpu
+
+
+def test_the_training_loop_imports_no_sampler_model_loader_or_diffusers():
+    """Layering: the host-independent trainer reaches the model only through the Backbone seam; class
+    images arrive drawn (preservation / the host), so sampling and model loading stay out of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, apt_core.trainer; "
+            "print(sorted(m for m in sys.modules if m in ('apt_core.sampling', 'apt_core.models', "
+            "'apt_core.preservation', 'diffusers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
