@@ -4,14 +4,21 @@ One file per checkpoint (`step_000200.pt`) holding the LoRA weights, optimizer s
 rate follows from the step), the indicator's EMAs, the sampling RNG state, the settings, a
 fingerprint of the training data and the event history. Written atomically; `latest_checkpoint`
 finds the newest complete one; `resume_mismatch` says why a checkpoint cannot continue a run.
+
+Recovery (`StepRecovery`): what a failed or interrupted step leaves to resume from. The state before
+the step, with the RNG rewound to its start, so a resume replays it; nothing while the optimizer was
+half-way through writing the weights; and after a NaN, when the weights had already diverged before
+it (finite but exploded: resuming from them hits NaN again at once), the last healthy state, a CPU
+copy `HealthyState` keeps every few steps.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -112,3 +119,99 @@ def check_resumable(path: str | os.PathLike, state: dict[str, Any], config: dict
     raise AptConfigError(f"checkpoint {path} was made with other {' and '.join(what)}. To continue it, use the "
                          "same images and settings; otherwise turn 'resume' off (starts over) or use another "
                          "LoRA name.")
+
+
+# ---- recovery: what a failed step leaves to resume from --------------------------------------------
+GROWTH = 4.0  # weight norm more than this many times the last healthy one's: diverged
+
+
+def total_norm(params: Iterable[torch.Tensor]) -> float:
+    """L2 norm of all the tensors together (one device sync); inf/nan when any value is."""
+    norms = [p.detach().float().norm() for p in params]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def cpu_copy(value: Any) -> Any:
+    """The same nested dict/list/tuple with every tensor cloned to the CPU."""
+    if torch.is_tensor(value):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cpu_copy(v) for v in value)
+    return value
+
+
+class HealthyState:
+    """Every `every` steps, a CPU copy of the training state whose LoRA weights are finite and not
+    GROWTH times larger than at the previous copy."""
+
+    def __init__(self, every: int = 10):
+        self.every = every
+        self.step: int | None = None
+        self.norm: float | None = None
+        self.state: dict | None = None
+
+    def healthy(self, params: Iterable[torch.Tensor]) -> bool:
+        """Finite weights, not GROWTH times larger than at the last healthy copy."""
+        n = total_norm(params)
+        return math.isfinite(n) and (self.norm is None or n <= GROWTH * max(self.norm, 1e-12))
+
+    def after_step(self, step: int, params: list[torch.Tensor], state: Callable[[], dict]) -> None:
+        """Every `every` steps: keep a copy of `state()` when the weights are healthy."""
+        if step % self.every == 0 and self.healthy(params):
+            self.step, self.norm, self.state = step, total_norm(params), cpu_copy(state())
+
+
+class StepRecovery:
+    """Tracks where a training step is, so that `save_last_good` can write the state to resume from.
+
+    The trainer calls `begin_step` with the RNG state at the start of a step, `begin_update` just
+    before the optimizer writes the weights and `end_step` when the step is complete.
+    """
+
+    def __init__(self, folder: Path | None, healthy_every: int = 10):
+        self.folder = folder
+        self.healthy = HealthyState(healthy_every)
+        self.rng_at_step_start: torch.Tensor | None = None  # None between steps
+        self.updating = False
+        self.kept_earlier_step: int | None = None  # set when a diverged run went back to a healthy state
+
+    def begin_step(self, rng_state: torch.Tensor) -> None:
+        self.rng_at_step_start, self.updating = rng_state, False
+
+    def begin_update(self) -> None:
+        self.updating = True
+
+    def end_step(self, step: int, params: list[torch.Tensor], state: Callable[[], dict]) -> None:
+        self.rng_at_step_start, self.updating = None, False
+        self.healthy.after_step(step, params, lambda: {**state(), "history": []})
+
+    def save_last_good(self, step: int, params: list[torch.Tensor], state: Callable[[torch.Tensor | None], dict],
+                       history: list[dict], diverged: bool = False) -> Path | None:
+        """The checkpoint to resume from after a step failed or was interrupted mid-way.
+
+        state(rng): the trainer's state with that RNG state (None: the current one). Between steps
+        that is the current state. After a failure inside a step: the state of the last finished
+        step (the weights, optimizer and indicator are still its) with the RNG rewound to the start
+        of the failed step, so resuming replays it exactly; None while the optimizer was already
+        updating the weights (half-updated: nothing is saved, earlier checkpoints are kept). After a
+        NaN/inf (`diverged`) when the weights had diverged before it, the last healthy state is
+        written instead, later checkpoints are removed, and `kept_earlier_step` says its step.
+        Returns the file, or None without a folder.
+        """
+        if self.folder is None:
+            return None
+        if diverged and self.healthy.state is not None and not self.healthy.healthy(params):
+            self.kept_earlier_step = self.healthy.step
+            kept = {**self.healthy.state, "history": [h for h in history if h["step"] <= self.healthy.step]}
+            path = save_checkpoint(self.folder, self.healthy.step, kept, keep=0)
+            for later in list_checkpoints(self.folder):  # a resume must not pick a diverged one
+                if later != path and int(later.stem.split("_")[1]) > self.healthy.step:
+                    later.unlink(missing_ok=True)
+            return path
+        if self.rng_at_step_start is None:
+            return save_checkpoint(self.folder, step, state(None))
+        if self.updating:
+            return None
+        return save_checkpoint(self.folder, step, state(self.rng_at_step_start))

@@ -22,14 +22,13 @@ import torch
 
 from .augment import augment_batch, draw_augmentation, variants_match
 from .backbone import Backbone
-from .checkpoint import check_resumable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import StepRecovery, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning, draw_class_batch
 from .config import AptConfig
 from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
 from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
 from .probes import AptProbe
-from .recovery import HealthyState
 
 
 @dataclass
@@ -68,6 +67,20 @@ class BatchLosses:
     loss_pre: torch.Tensor | None  # (B,) the prior's denoising loss, None when nothing needs it
     loss_ft: torch.Tensor  # (B,) the fine-tuned model's denoising loss
     weight: torch.Tensor  # (B,) the loss weights applied, on the CPU
+
+
+@dataclass
+class Batch:
+    """One step's training batch, as the losses see it."""
+
+    examples: list  # the cached examples drawn
+    latents: torch.Tensor  # (B, 4, h, w) fp32 on the device, augmented where `augmented`
+    cond: SDXLConditioning  # batch B, on the device in the UNet's dtype
+    t: torch.Tensor  # (B,) timesteps, on the CPU
+    noise: torch.Tensor  # (B, 4, h, w) on the device
+    bins: torch.Tensor  # (B,) the indicator's bin of each t
+    gamma: torch.Tensor  # (B,) gamma of each bin before this step's update, on the CPU
+    augmented: torch.Tensor  # (B,) bool
 
 
 @dataclass
@@ -178,16 +191,11 @@ class AptTrainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.step_idx = 0
         self.history: list[dict] = []
-        # RNG state at the start of the step in progress (None between steps), and whether that
-        # step has begun changing the LoRA weights: what `save_last_good` needs.
-        self._rng_at_step_start: torch.Tensor | None = None
-        self._updating = False
+        self.recovery = StepRecovery(self.checkpoint_dir)  # what a failed step leaves to resume from
         self._stop = threading.Event()
         self._augmented: deque[bool] = deque(maxlen=50)
         self._step_times: deque[float] = deque(maxlen=20)
         self._weights = torch.tensor([float(getattr(ex, "repeats", 1)) for ex in dataset.examples])
-        self.healthy = HealthyState()
-        self.kept_earlier_step: int | None = None
 
     # ---- control -------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -227,37 +235,25 @@ class AptTrainer:
             acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
         return x_t.to(self.unet_dtype), target.float()
 
-    def _preservation_batch(self, examples: list, latents: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
-                            ) -> tuple[torch.Tensor, SDXLConditioning, torch.Tensor, torch.Tensor]:
-        """What output preservation trains on this step: (latents, conditioning, t, noise).
-
-        With class images, B of them drawn at random, each with its own t and noise; otherwise this
-        step's (augmented) latents, t and noise with each caption's trigger-free conditioning.
-        The class draws come from a generator of (seed, step), not the training generator, so the
-        run's own draws are the same with preservation on or off, and a resumed run replays them.
-        """
-        if self.config.regularizers.preserves_on_class_images:
-            g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.step_idx)
-            lat, cond, t, noise = draw_class_batch(self.dataset.class_examples, latents.shape[0],
-                                                   self.config.indicator.num_train_timesteps, g)
-            return lat.to(self.device, torch.float32), cond, t, noise.to(self.device)
-        return latents, SDXLConditioning.cat([ex.preserve_cond for ex in examples]), t, noise
-
-    def preservation_loss(self, latents: torch.Tensor, keep_cond: SDXLConditioning, t: torch.Tensor,
-                          noise: torch.Tensor) -> torch.Tensor:
-        """L_preserve: MSE between the fine-tuned and the prior's (LoRA off, no grad) predictions for
-        the caption without the trigger word, on the same noisy latent as the denoising loss (or on a
-        class image: `_preservation_batch`).
-
-        latents, noise: (B, 4, h, w) fp32 on the device (latents as augmented); t: (B,) on the CPU.
-        Returns a scalar (before lambda_preserve).
-        """
-        t_dev = t.to(self.device)
-        x_t, _ = self._noised(latents, t_dev, noise)
-        with torch.no_grad(), self.lora.disabled():
-            pred_pre = self._forward(x_t, t_dev, keep_cond)
-        pred_ft = self._forward(x_t, t_dev, keep_cond)
-        return (pred_ft.float() - pred_pre.float()).pow(2).mean()
+    def next_batch(self) -> Batch:
+        """Draw the images, timesteps, noise and augmentation of one step (in this order, from the
+        run's generator) and augment where the indicator says so."""
+        cfg = self.config
+        idx = self._sample_batch()
+        examples = [self.dataset.examples[i] for i in idx]
+        latents = torch.stack([ex.latent for ex in examples]).to(self.device, torch.float32)
+        cond = SDXLConditioning.cat([ex.cond for ex in examples]).to(self.device, self.unet_dtype)
+        b = latents.shape[0]
+        t = torch.randint(0, cfg.indicator.num_train_timesteps, (b,), generator=self.generator)
+        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
+        draw = draw_augmentation(b, cfg.augment, self.generator)
+        bins = self.indicator.bin_of(t)
+        gamma = self.indicator.gamma_for(bins)
+        augmented = torch.zeros(b, dtype=torch.bool)
+        if cfg.switches.adaptive_augmentation:
+            latents, augmented = augment_batch(self.dataset, idx, latents, gamma, cfg.augment, draw,
+                                               self.encode_pixels)
+        return Batch(examples, latents, cond, t, noise, bins, gamma, augmented)
 
     def batch_losses(self, latents: torch.Tensor, cond: SDXLConditioning, t: torch.Tensor,
                      noise: torch.Tensor, gamma: torch.Tensor) -> BatchLosses:
@@ -287,68 +283,96 @@ class AptTrainer:
         rs, aa = cfg.regularizers.lambda_rs * rs_raw, cfg.regularizers.lambda_aa * aa_raw
         return BatchLosses(denoise + rs + aa, denoise, rs, aa, rs_raw, aa_raw, loss_pre, loss_ft, weight)
 
-    def train_step(self) -> ProgressEvent:
-        cfg, sw = self.config, self.config.switches
-        started = time.perf_counter()
-        self._rng_at_step_start = self.generator.get_state()
-        self._updating = False
-        idx = self._sample_batch()
-        examples = [self.dataset.examples[i] for i in idx]
-        latents = torch.stack([ex.latent for ex in examples]).to(self.device, torch.float32)
-        cond = SDXLConditioning.cat([ex.cond for ex in examples]).to(self.device, self.unet_dtype)
-        b = latents.shape[0]
-        t = torch.randint(0, cfg.indicator.num_train_timesteps, (b,), generator=self.generator)
-        noise = torch.randn(latents.shape, generator=self.generator).to(self.device)
-        draw = draw_augmentation(b, cfg.augment, self.generator)
-        bins = self.indicator.bin_of(t)
-        gamma = self.indicator.gamma_for(bins)  # before this step's update
+    def preservation_term(self, batch: Batch) -> torch.Tensor:
+        """lambda_preserve * L_preserve for this step (a scalar; 0 when output preservation is off),
+        on this step's noisy latents or on class images (`_preservation_batch`)."""
+        lam = self.config.regularizers.lambda_preserve
+        if lam <= 0:
+            return torch.zeros(())
+        latents, cond, t, noise = self._preservation_batch(batch)
+        return lam * self.preservation_loss(latents, cond.to(self.device, self.unet_dtype), t, noise)
 
-        applied = torch.zeros(b, dtype=torch.bool)
-        if sw.adaptive_augmentation:
-            latents, applied = augment_batch(self.dataset, idx, latents, gamma, cfg.augment, draw,
-                                             self.encode_pixels)
-        self.probe.begin_step(cond.aligned_tokens)
-        try:
-            terms = self.batch_losses(latents, cond, t, noise, gamma)
-            if not torch.isfinite(terms.total):
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
-            lr = lr_at(self.step_idx, cfg.train.learning_rate, cfg.train.warmup_steps,
-                       cfg.train.steps, cfg.train.lr_schedule)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.scaler.scale(terms.total).backward()
-        finally:
-            self.probe.end_step()
-        preserve = torch.zeros(())
-        if cfg.regularizers.lambda_preserve > 0:
-            p_lat, p_cond, p_t, p_noise = self._preservation_batch(examples, latents, t, noise)
-            p_cond = p_cond.to(self.device, self.unet_dtype)
-            preserve = cfg.regularizers.lambda_preserve * self.preservation_loss(p_lat, p_cond, p_t, p_noise)
-            if not torch.isfinite(preserve):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
-            self.scaler.scale(preserve).backward()
+    def preservation_loss(self, latents: torch.Tensor, keep_cond: SDXLConditioning, t: torch.Tensor,
+                          noise: torch.Tensor) -> torch.Tensor:
+        """L_preserve: MSE between the fine-tuned and the prior's (LoRA off, no grad) predictions for
+        the caption without the trigger word, on the same noisy latent as the denoising loss.
+
+        latents, noise: (B, 4, h, w) fp32 on the device (latents as augmented); t: (B,) on the CPU.
+        Returns a scalar (before lambda_preserve).
+        """
+        t_dev = t.to(self.device)
+        x_t, _ = self._noised(latents, t_dev, noise)
+        with torch.no_grad(), self.lora.disabled():
+            pred_pre = self._forward(x_t, t_dev, keep_cond)
+        pred_ft = self._forward(x_t, t_dev, keep_cond)
+        return (pred_ft.float() - pred_pre.float()).pow(2).mean()
+
+    def _preservation_batch(self, batch: Batch) -> tuple[torch.Tensor, SDXLConditioning, torch.Tensor, torch.Tensor]:
+        """What output preservation trains on this step: (latents, conditioning, t, noise).
+
+        With class images, B of them drawn at random, each with its own t and noise; otherwise this
+        step's (augmented) latents, t and noise with each caption's trigger-free conditioning.
+        The class draws come from a generator of (seed, step), not the training generator, so the
+        run's own draws are the same with preservation on or off, and a resumed run replays them.
+        """
+        if self.config.regularizers.preserves_on_class_images:
+            g = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.step_idx)
+            lat, cond, t, noise = draw_class_batch(self.dataset.class_examples, batch.latents.shape[0],
+                                                   self.config.indicator.num_train_timesteps, g)
+            return lat.to(self.device, torch.float32), cond, t, noise.to(self.device)
+        return batch.latents, SDXLConditioning.cat([ex.preserve_cond for ex in batch.examples]), batch.t, batch.noise
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """Backward of one loss term (scaled under fp16); a NaN/inf term ends the run (NonFiniteLossError)."""
+        if not torch.isfinite(loss):
+            self._diverged()
+        self.scaler.scale(loss).backward()
+
+    def _diverged(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True),
+                                 self.recovery.kept_earlier_step)
+
+    def _optimizer_step(self) -> float:
+        """Clip, step at this step's learning rate; returns the rate."""
+        cfg = self.config.train
+        lr = lr_at(self.step_idx, cfg.learning_rate, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.train.grad_clip)
-        if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self.step_idx + 1, self.save_last_good(diverged=True), self.kept_earlier_step)
-        self._updating = True
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.lora.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm) and self.amp_dtype != torch.float16:  # fp16: the scaler skips it
+            self._diverged()
+        self.recovery.begin_update()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        return lr
 
+    def train_step(self) -> ProgressEvent:
+        """One step: batch, forward and losses, backward, optimizer step, indicator update."""
+        started = time.perf_counter()
+        self.recovery.begin_step(self.generator.get_state())
+        batch = self.next_batch()
+        self.probe.begin_step(batch.cond.aligned_tokens)
+        try:
+            terms = self.batch_losses(batch.latents, batch.cond, batch.t, batch.noise, batch.gamma)
+            self._backward(terms.total)
+        finally:
+            self.probe.end_step()
+        preserve = self.preservation_term(batch)  # its own forward and backward, after the main one's
+        if self.config.regularizers.lambda_preserve > 0:
+            self._backward(preserve)
+        lr = self._optimizer_step()
         if terms.loss_pre is not None:
-            self.indicator.update(bins.tolist(), terms.loss_pre.tolist(), terms.loss_ft.detach().tolist())
+            self.indicator.update(batch.bins.tolist(), terms.loss_pre.tolist(), terms.loss_ft.detach().tolist())
         self.step_idx += 1
-        self._rng_at_step_start, self._updating = None, False  # the step is complete
-        self.healthy.after_step(self.step_idx, self.lora.parameters(),
-                                lambda: {**self._state(self.generator.get_state()), "history": []})
-        self._augmented.extend(applied.tolist())
+        self.recovery.end_step(self.step_idx, self.lora.parameters(), lambda: self._state(self.generator.get_state()))
+        self._augmented.extend(batch.augmented.tolist())
         self._step_times.append(time.perf_counter() - started)
         return self._event(*(float(x.detach()) for x in (terms.total + preserve.to(terms.total.device),
                                                          terms.denoise, terms.rs, terms.aa, preserve)),
-                           terms.weight, lr, t)
+                           terms.weight, lr, batch.t)
 
     def _event(self, loss: float, loss_denoise: float, loss_rs: float, loss_aa: float, loss_preserve: float,
                weight: torch.Tensor, lr: float, t: torch.Tensor) -> ProgressEvent:
@@ -400,33 +424,12 @@ class AptTrainer:
         return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self.generator.get_state()))
 
     def save_last_good(self, diverged: bool = False) -> Path | None:
-        """Checkpoint the last consistent state after a step failed or was interrupted mid-way.
-
-        Call it after `train_step` raised (NaN/inf loss, out of memory, a host's Cancel inside the
-        forward): the LoRA weights, optimizer and indicator are still those of the last finished
-        step, and the RNG is rewound to the start of the failed step, so resuming from the file
-        replays that step exactly. Between steps it is the same as `save_checkpoint`.
-        Returns the file, or None when there is no checkpoint_dir, or when the failure happened
-        while the optimizer was already updating the weights (the state is half-updated and is not
-        saved; earlier checkpoints are kept). After a NaN/inf (`diverged`), when the weights had
-        already diverged before it (recovery.py), the last healthy state is written instead, later
-        checkpoints are removed, and `kept_earlier_step` says its step.
-        """
-        if self.checkpoint_dir is None:
-            return None
-        if diverged and self.healthy.state is not None and not self.healthy.healthy(self.lora.parameters()):
-            self.kept_earlier_step = self.healthy.step  # the weights had diverged before the failure
-            state = {**self.healthy.state, "history": [h for h in self.history if h["step"] <= self.healthy.step]}
-            path = save_checkpoint(self.checkpoint_dir, self.healthy.step, state, keep=0)
-            for later in list_checkpoints(self.checkpoint_dir):  # a resume must not pick a diverged one
-                if later != path and int(later.stem.split("_")[1]) > self.healthy.step:
-                    later.unlink(missing_ok=True)
-            return path
-        if self._rng_at_step_start is None:
-            return self.save_checkpoint()
-        if self._updating:
-            return None
-        return save_checkpoint(self.checkpoint_dir, self.step_idx, self._state(self._rng_at_step_start))
+        """Checkpoint the last consistent state after a step failed or was interrupted mid-way (NaN/inf
+        loss, out of memory, a host's Cancel inside the forward); between steps the same as
+        `save_checkpoint`. See `StepRecovery.save_last_good`."""
+        return self.recovery.save_last_good(
+            self.step_idx, self.lora.parameters(),
+            lambda rng: self._state(self.generator.get_state() if rng is None else rng), self.history, diverged)
 
     def resume(self, path: str | Path | None = None) -> int:
         """Load a checkpoint (default: newest in checkpoint_dir); returns the step it resumes at."""

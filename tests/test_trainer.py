@@ -489,7 +489,7 @@ def test_nan_after_the_weights_diverged_keeps_the_last_healthy_state_not_the_exp
     for _ in range(12):
         trainer.train_step()
     trainer.save_checkpoint()  # a periodic checkpoint at 12 (healthy, but after the kept copy at 10)
-    healthy = trainer.healthy.state["lora"]
+    healthy = trainer.recovery.healthy.state["lora"]
     with torch.no_grad():
         for p in trainer.lora.parameters():
             p.mul_(1e4)  # diverged: finite, but 10^4 times larger
