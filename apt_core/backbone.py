@@ -21,7 +21,7 @@ from torch import nn
 
 from .conditioning import SDXLConditioning
 from .config import LoraConfig
-from .probes import AptProbe, explicit_attention
+from .probes import AptProbe, recorded_attention
 
 
 class TrainableLora(Protocol):
@@ -106,19 +106,12 @@ class RecordingCrossAttnProcessor:
                  temb=None, **kwargs):
         if not self.probe.explicit_attention or encoder_hidden_states is None or hidden_states.ndim != 3:
             return self.fused(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        b = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
         key, value = attn.to_k(context), attn.to_v(context)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(b, -1, attn.heads, head_dim).transpose(1, 2)
-        out, probs = explicit_attention(query, key, value, attn.scale)
-        self.probe.record_attention(self.name, probs)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(query.dtype)
+        out = recorded_attention(self.probe, self.name, query, key, value, attn.heads, attn.scale)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + hidden_states

@@ -115,3 +115,17 @@ def explicit_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     probs = scores.float().softmax(dim=-1)
     out = torch.matmul(probs.to(value.dtype), value)
     return out, probs
+
+
+def recorded_attention(probe: AptProbe, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       heads: int, scale: float) -> torch.Tensor:
+    """Cross-attention with its probabilities recorded under `name`: what both backbones' attn2
+    hooks run while the probe asks for explicit attention.
+
+    query: (B, Q, heads * d); key, value: (B, K, heads * d), already projected -> (B, Q, heads * d).
+    """
+    b, dim_head = query.shape[0], query.shape[-1] // heads
+    q, k, v = (x.view(b, -1, heads, dim_head).transpose(1, 2) for x in (query, key, value))
+    out, probs = explicit_attention(q, k, v, scale)
+    probe.record_attention(name, probs)
+    return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)

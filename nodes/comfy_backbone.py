@@ -38,7 +38,7 @@ from apt_core.backbone import ProbeHandle, kohya_key, transformer_lora_targets
 from apt_core.conditioning import SDXLConditioning
 from apt_core.config import LoraConfig
 from apt_core.errors import AptModelError
-from apt_core.probes import AptProbe, explicit_attention
+from apt_core.probes import AptProbe, recorded_attention
 
 from .comfy_lora import ComfyLora
 
@@ -285,10 +285,6 @@ def _recording_attn2(name: str, probe: AptProbe) -> Callable:
 
             return attention.optimized_attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
                                                  transformer_options=extra_options)
-        b, dim_head = q.shape[0], extra_options["dim_head"]
-        q, k, v = (x.view(b, -1, heads, dim_head).transpose(1, 2) for x in (q, k, v))
-        out, probs = explicit_attention(q, k, v, dim_head ** -0.5)
-        probe.record_attention(name, probs)
-        return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)
+        return recorded_attention(probe, name, q, k, v, heads, extra_options["dim_head"] ** -0.5)
 
     return attn2
