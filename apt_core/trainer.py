@@ -130,6 +130,7 @@ class AptTrainer:
                  should_stop: Callable[[], bool] | None = None,
                  encode_pixels: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  on_checkpoint_step: Callable[[int], None] | None = None,
+                 on_step: Callable[[int], None] | None = None,
                  data_fingerprint: str | None = None):
         self.config = config.validate()
         if len(dataset) == 0:
@@ -154,6 +155,9 @@ class AptTrainer:
         # just before that checkpoint is written, e.g. to save the LoRA of that step too. Before, so
         # that a run that fails in the hook resumes from the previous checkpoint and calls it again.
         self.on_checkpoint_step = on_checkpoint_step
+        # Called with the step number after every step (and its checkpoint), between steps: e.g. to
+        # render previews. What it does must not touch the training state.
+        self.on_step = on_step
         # What the training images and captions were (images.records_fingerprint): a checkpoint made
         # from other data is not resumed.
         self.data_fingerprint = data_fingerprint
@@ -405,6 +409,8 @@ class AptTrainer:
                 if self.on_checkpoint_step:
                     self.on_checkpoint_step(self.step_idx)
                 last_ckpt = self.save_checkpoint()
+            if self.on_step:
+                self.on_step(self.step_idx)
         if final_checkpoint and self.checkpoint_dir is not None and (
                 stopped or self.step_idx == self.config.train.steps):
             last_ckpt = self.save_checkpoint()

@@ -28,6 +28,16 @@
  * @property {number[]} [timesteps]
  */
 /**
+ * @typedef {Object} Preview  one sample preview ("apt.previews" message, GET /apt/runs/{id} `previews`)
+ * @property {number} step
+ * @property {string} prompt
+ * @property {number} seed
+ * @property {string} file  relative to the run folder
+ * @property {string|null} [lora_file]  the step LoRA saved at this step
+ * @property {{filename: string, subfolder: string, type: string}} [view]  ComfyUI /view query
+ */
+
+/**
  * @typedef {Object} RunSummary  "apt.status" message, or GET /apt/runs/{id} (then with `history`)
  * @property {string} [node_id]
  * @property {string|null} [prompt_id]
@@ -497,7 +507,84 @@ export class AptChartModel {
     this.stopRequested = false;
     /** @type {number} server time of the last summary applied (stale summaries are ignored) */
     this.statusUpdated = -Infinity;
+    /** @type {Preview[]} sample previews of the run, in the order rendered */
+    this.previews = [];
+    /** @type {number|null} the preview step shown (null: the latest) */
+    this.selectedStep = null;
     this._cache = new Map();
+  }
+
+  // ---- previews ----------------------------------------------------------------------------
+
+  /**
+   * Add previews (an "apt.previews" message's images, or a snapshot's list); known files are skipped.
+   * @param {Preview[]} list
+   * @returns {boolean} whether anything was added
+   */
+  addPreviews(list) {
+    const known = new Set(this.previews.map((p) => p.file));
+    const fresh = (Array.isArray(list) ? list : []).filter((p) => p && Number.isFinite(Number(p.step)) && !known.has(p.file));
+    this.previews.push(...fresh);
+    return fresh.length > 0;
+  }
+
+  /** Steps that have previews, ascending. @returns {number[]} */
+  previewSteps() {
+    return [...new Set(this.previews.map((p) => Number(p.step)))].sort((a, b) => a - b);
+  }
+
+  /** The preview step shown: the selected one, else the latest. @returns {number|null} */
+  shownPreviewStep() {
+    const steps = this.previewSteps();
+    if (!steps.length) return null;
+    return this.selectedStep !== null && steps.includes(this.selectedStep) ? this.selectedStep : steps[steps.length - 1];
+  }
+
+  /** Previews of one step, in prompt order. @param {number|null} step @returns {Preview[]} */
+  previewsAt(step) {
+    return this.previews.filter((p) => Number(p.step) === step);
+  }
+
+  /**
+   * Select the preview step nearest to `step` (a click on the chart); null selects the latest.
+   * @param {number|null} step
+   * @returns {number|null} the step selected
+   */
+  selectPreviewNear(step) {
+    const steps = this.previewSteps();
+    if (step === null || !steps.length) {
+      this.selectedStep = null;
+      return this.shownPreviewStep();
+    }
+    this.selectedStep = steps.reduce((best, s) => (Math.abs(s - step) < Math.abs(best - step) ? s : best), steps[0]);
+    return this.selectedStep;
+  }
+
+  /**
+   * Move the selection to the previous (-1) or next (+1) preview step.
+   * @param {number} delta
+   * @returns {number|null}
+   */
+  stepPreview(delta) {
+    const steps = this.previewSteps();
+    const now = this.shownPreviewStep();
+    if (now === null) return null;
+    const i = Math.min(steps.length - 1, Math.max(0, steps.indexOf(now) + Math.sign(delta)));
+    this.selectedStep = i === steps.length - 1 ? null : steps[i]; // the last one follows new previews
+    return steps[i];
+  }
+
+  /**
+   * The training step under pixel x of a chart of width x height (the scene's x axis), or null
+   * outside the plots.
+   * @param {number} width @param {number} height @param {number} x
+   * @returns {number|null}
+   */
+  stepAtPixel(width, height, x) {
+    const G = layoutPanels(width, height).gamma.plot;
+    if (x < G.x || x > G.x + G.w) return null;
+    const xMax = Math.max(1, this.totalSteps, this.lastStep);
+    return Math.round(((x - G.x) / G.w) * xMax);
   }
 
   /** Number of distinct steps held. */
@@ -640,6 +727,7 @@ export class AptChartModel {
     const st = this.ingestStatus(snapshot);
     let changed = st.changed;
     for (const ev of snapshot.history ?? []) changed = this.ingest(ev, { promptId: pid }).changed || changed;
+    changed = this.addPreviews(snapshot.previews) || changed;
     return { changed, reset: st.reset, stale: false };
   }
 
@@ -865,6 +953,14 @@ export class AptChartModel {
         shapes.push({ type: "line", id: `${s.key}`, points: toPixels(pts, xScale, lossY), color: s.color, width: 1.5,
           clip: L.plot });
       }
+    }
+
+    // preview steps: a tick under the gamma panel each; the one shown is brighter
+    const shown = this.shownPreviewStep();
+    for (const s of this.previewSteps()) {
+      const px = xScale(s);
+      shapes.push({ type: "line", id: `preview:${s}`, points: [[px, G.plot.y + G.plot.h - 6], [px, G.plot.y + G.plot.h]],
+        color: s === shown ? "#ffffff" : "rgba(255,255,255,0.45)", width: s === shown ? 3 : 2 });
     }
 
     // current step marker and the empty state

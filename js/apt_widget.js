@@ -31,8 +31,9 @@ export const TRAINER_NODE_TYPE = "APTTrainer";
 export const EXTENSION_NAME = "apt_lora_trainer.LiveChart";
 export const WIDGET_NAME = "apt_live_chart";
 const MIN_WIDTH = 460;
-const MIN_HEIGHT = 300; // canvas + status bar, CSS pixels
+const MIN_HEIGHT = 390; // canvas + preview strip + status bar, CSS pixels
 const BAR_HEIGHT = 26;
+const STRIP_HEIGHT = 90; // the preview strip: thumbnails of the step shown
 const MAX_BACKING = 4096; // cap of the canvas backing store per dimension
 const PROP_SCALE = "apt_loss_scale"; // node.properties: "log" | "linear" (saved with the workflow)
 const PROP_SMOOTHING = "apt_loss_smoothing"; // node.properties: EMA weight 0..0.99
@@ -92,6 +93,12 @@ export function ensureListeners() {
     if (!d) return;
     const target = idOf(d.node);
     for (const c of controllers) if (c.follow(target)) c.onProgress(d);
+  });
+  api.addEventListener("apt.previews", (e) => {
+    const d = e?.detail;
+    if (!d) return;
+    const target = idOf(d.node);
+    for (const c of controllers) if (c.follow(target)) c.onPreviews(d);
   });
   api.addEventListener("apt.status", (e) => {
     const d = e?.detail;
@@ -237,7 +244,33 @@ export class AptLiveChart {
     stopBtn.className = "apt-live-stop";
     stopBtn.addEventListener("click", () => this.stop());
     bar.append(status, scaleBtn, stopBtn);
-    root.append(canvas, bar);
+    // the preview strip: < step N > and the thumbnails of that step (click one to open it)
+    const strip = document.createElement("div");
+    strip.className = "apt-previews";
+    Object.assign(strip.style, {
+      display: "flex", alignItems: "center", gap: "4px", height: `${STRIP_HEIGHT}px`, flex: "0 0 auto",
+      fontSize: "11px", color: "var(--descrip-text, #aaa)", fontFamily: "sans-serif", overflow: "hidden",
+    });
+    const prevBtn = makeButton("‹", "Previews of the previous step that has them");
+    prevBtn.addEventListener("click", () => { this.model.stepPreview(-1); this.scheduleDraw(); });
+    const nextBtn = makeButton("›", "Previews of the next step that has them");
+    nextBtn.addEventListener("click", () => { this.model.stepPreview(1); this.scheduleDraw(); });
+    const label = document.createElement("span");
+    label.className = "apt-previews-step";
+    Object.assign(label.style, { minWidth: "54px", textAlign: "center", whiteSpace: "pre-line" });
+    const thumbs = document.createElement("div");
+    thumbs.className = "apt-previews-images";
+    Object.assign(thumbs.style, { display: "flex", gap: "4px", flex: "1 1 auto", overflow: "hidden", height: "100%" });
+    strip.append(prevBtn, label, nextBtn, thumbs);
+    root.append(canvas, strip, bar);
+    // a click on the chart shows the previews nearest to that step
+    canvas.addEventListener("click", (e) => {
+      const r = canvas.getBoundingClientRect();
+      const step = this.model.stepAtPixel(r.width, r.height, e.clientX - r.left);
+      if (step === null || !this.model.previews.length) return;
+      this.model.selectPreviewNear(step);
+      this.scheduleDraw();
+    });
     // keep graph zoom and middle-button panning working over the chart
     canvas.addEventListener("wheel", (e) => {
       const c = app?.canvas;
@@ -251,6 +284,10 @@ export class AptLiveChart {
     canvas.addEventListener("pointerup", (e) => { if (e.button === 1) app?.canvas?.processMouseUp?.(e); });
     this.root = root;
     this.canvas = canvas;
+    this.strip = strip;
+    this.stripLabel = label;
+    this.stripImages = thumbs;
+    this._stripKey = "";
     this.statusEl = status;
     this.scaleBtn = scaleBtn;
     this.stopBtn = stopBtn;
@@ -298,6 +335,15 @@ export class AptLiveChart {
     // a new run, or the first event we see is not the run's first: fetch the history as well
     if (r.reset || (wasEmpty && r.changed && Number(detail.step) > 1)) this.scheduleSync(true);
     if (r.changed) this.scheduleDraw();
+  }
+
+  /** "apt.previews": one step's images. @param {{step: number, images: any[], prompt_id?: string}} detail */
+  onPreviews(detail) {
+    if (detail.prompt_id != null && this.model.runId !== null && idOf(detail.prompt_id) !== idOf(this.model.runId)) {
+      this.scheduleSync(true); // another run's previews: refetch everything
+      return;
+    }
+    if (this.model.addPreviews(detail.images)) this.scheduleDraw();
   }
 
   /** @param {import("./apt_chart_model.js").RunSummary} detail */
@@ -440,8 +486,10 @@ export class AptLiveChart {
     if (this.removed) return;
     const canvas = this.canvas;
     const cssW = canvas.clientWidth || Math.max(0, (this.widget?.width ?? this.node?.size?.[0] ?? 0) - 20);
-    const cssH = canvas.clientHeight || Math.max(0, (this.widget?.computedHeight ?? MIN_HEIGHT) - 20 - BAR_HEIGHT);
+    const cssH = canvas.clientHeight ||
+      Math.max(0, (this.widget?.computedHeight ?? MIN_HEIGHT) - 20 - BAR_HEIGHT - STRIP_HEIGHT);
     this._updateBar();
+    this._updateStrip();
     if (cssW < 10 || cssH < 10) return;
     const ratio = this._pixelRatio();
     const pw = Math.min(MAX_BACKING, Math.round(cssW * ratio));
@@ -464,6 +512,35 @@ export class AptLiveChart {
     ds.aptGammaPoints = scene.counts.gamma.join(",");
     ds.aptLossPoints = JSON.stringify(scene.counts.loss);
     ds.aptDrawn = String((Number(ds.aptDrawn) || 0) + 1);
+  }
+
+  /** The preview strip: the shown step's thumbnails, served by ComfyUI's /view. */
+  _updateStrip() {
+    const m = this.model;
+    const step = m.shownPreviewStep();
+    const images = m.previewsAt(step);
+    const key = `${step}:${images.map((p) => p.file).join(",")}`;
+    if (key === this._stripKey) return;
+    this._stripKey = key;
+    const steps = m.previewSteps();
+    const lora = images.find((p) => p.lora_file)?.lora_file;
+    this.stripLabel.textContent = step === null ? "no\npreviews" : `step ${step}${lora ? "\nstep LoRA" : ""}`;
+    this.stripLabel.title = step === null ? "Previews appear at the steps set by preview_every (advanced)."
+      : `Previews at step ${step} of ${steps.length} preview steps${lora ? `; LoRA of this step: ${lora}` : ""}`;
+    this.strip.dataset.aptPreviewStep = step === null ? "" : String(step);
+    this.strip.dataset.aptPreviewSteps = steps.join(",");
+    this.stripImages.replaceChildren(...images.filter((p) => p.view).map((p) => {
+      const img = document.createElement("img");
+      const q = new URLSearchParams({ filename: p.view.filename, subfolder: p.view.subfolder, type: p.view.type });
+      img.src = api.apiURL(`/view?${q}`);
+      img.alt = img.title = `step ${p.step}, seed ${p.seed}: ${p.prompt}`;
+      img.className = "apt-preview-image";
+      img.dataset.aptStep = String(p.step);
+      Object.assign(img.style, { height: "100%", aspectRatio: "1 / 1", objectFit: "cover", cursor: "pointer",
+        borderRadius: "3px" });
+      img.addEventListener("click", () => window.open(img.src, "_blank"));
+      return img;
+    }));
   }
 
   _updateBar() {

@@ -31,6 +31,7 @@ class AptDataset:
     resolution: int
     given_captions: frozenset = field(default_factory=frozenset)
     report: str = ""
+    subject: str = ""  # "<trigger> <class>" once APT Caption has run: what previews put in new contexts
 
     def __len__(self) -> int:
         return len(self.records)
@@ -194,7 +195,7 @@ def caption_dataset(ds: AptDataset, trigger: str, class_word: str, contexts_text
         warnings.append(f"captions longer than {MAX_CAPTION_CHARS} characters were cut: "
                         + ", ".join(Path(s).name for s, (_, cut) in zip(sources, cleaned) if cut))
     final = [c for c, _ in cleaned]
-    out = ds.with_captions(final)
+    out = dataclasses.replace(ds.with_captions(final), subject=f"{trigger.strip()} {class_word.strip()}".strip())
     lines = [CAPTION_ADVICE, ""] + [f"{i + 1}. {Path(s).name}: {c}" for i, (s, c) in enumerate(zip(sources, final))]
     missing = [Path(s).name for s, c in zip(sources, final) if not contains_word(c, trigger)]
     if missing:

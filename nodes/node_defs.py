@@ -363,6 +363,15 @@ class AptTrainerNode(io.ComfyNode):
                 io.Int.Input("warmup_steps", optional=True, **ADVANCED, default=0, min=0, max=100000, tooltip=(
                     "Raise the learning rate from almost 0 to its full value over the first N steps "
                     "(0: start at full value). 5-10% of the steps helps when the first images burn.")),
+                io.Int.Input("preview_every", optional=True, **ADVANCED, default=100, min=0, max=100000, tooltip=(
+                    "Render sample previews every N steps (and at step 0, the base model, and the last "
+                    "step): the chart's step axis shows them, and they are saved in the run folder. "
+                    "0 = off. Cost by count: each prompt is 20 sampler steps with guidance, 40 UNet "
+                    "passes, about as much as 10 training steps (a step is a prior and a training "
+                    "forward plus the backward).")),
+                io.String.Input("preview_prompts", optional=True, **ADVANCED, multiline=True, default="", tooltip=(
+                    "Your own preview prompts, one per line (each gets its own fixed seed). Empty: the "
+                    "first training caption and two new contexts for '<trigger> <class>' from APT Caption.")),
                 io.Combo.Input("precision", optional=True, **ADVANCED, options=list(PRECISIONS), default="auto",
                                tooltip=(
                     "auto (default): bf16 on GPUs that compute it natively (NVIDIA RTX 30xx, A100 and "
@@ -386,7 +395,8 @@ class AptTrainerNode(io.ComfyNode):
                 memory_preset: str, ata_settings=None, reg_settings=None, seed: int = 0,
                 checkpoint_every: int = 100, save_lora_every_checkpoint: bool = False, resume: bool = True,
                 overwrite: bool = False, batch_size: int = 1, lr_schedule: str = TrainConfig.lr_schedule,
-                warmup_steps: int = 0, precision: str = "auto") -> io.NodeOutput:
+                warmup_steps: int = 0, preview_every: int = 100, preview_prompts: str = "",
+                precision: str = "auto") -> io.NodeOutput:
         import comfy.sd
         import comfy.utils
         import folder_paths
@@ -408,7 +418,8 @@ class AptTrainerNode(io.ComfyNode):
         job = TrainJob(model=model, clip=clip, vae=vae, dataset=dataset, config=config, lora_file=lora_file,
                        loras_dir=loras_dir, checkpoint_dir=run_dir, overwrite=overwrite, resume=resume,
                        node_id=node_id, prompt_id=getattr(ctx, "prompt_id", None),
-                       save_step_loras=save_lora_every_checkpoint).prepare()
+                       save_step_loras=save_lora_every_checkpoint, preview_every=preview_every,
+                       preview_prompts=preview_prompts).prepare()
         result = run_in_worker(job.run)
 
         lora_sd = comfy.utils.load_torch_file(str(result.lora_path), safe_load=True)

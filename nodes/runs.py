@@ -44,6 +44,7 @@ class RunState:
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     history: list[dict] = field(default_factory=list)
+    previews: list[dict] = field(default_factory=list)  # PreviewImage dicts + "view": /view query params
     stop_requested: bool = False
     _stop_callback: Callable[[], None] | None = field(default=None, repr=False)
 
@@ -58,7 +59,7 @@ class RunState:
 
     def to_dict(self, since: int | None = None) -> dict[str, Any]:
         hist = self.history if since is None else [h for h in self.history if h.get("step", 0) > since]
-        return {**self.summary(), "history": list(hist)}
+        return {**self.summary(), "history": list(hist), "previews": list(self.previews)}
 
 
 class RunRegistry:

@@ -39,6 +39,7 @@ from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompt
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, release_patcher, training_patcher
 from .dataset import AptDataset
 from .encoding import cache_dataset, class_conditionings, pixel_encoder
+from .previews import Previewer, preview_prompts
 from .runs import RUNS, RunState, send
 from .settings import is_step_lora_name, step_lora_name
 
@@ -210,7 +211,8 @@ def _is_oom(exc: BaseException) -> bool:
 class TrainJob:
     def __init__(self, *, model, clip, vae, dataset: AptDataset, config: AptConfig, lora_file: str,
                  loras_dir: str | Path, checkpoint_dir: str | Path, overwrite: bool, resume: bool,
-                 node_id: str, prompt_id: str | None = None, save_step_loras: bool = False):
+                 node_id: str, prompt_id: str | None = None, save_step_loras: bool = False,
+                 preview_every: int = 0, preview_prompts: str = ""):
         self.model, self.clip, self.vae = model, clip, vae
         self.dataset, self.config = dataset, config
         self.lora_file = lora_file
@@ -219,6 +221,10 @@ class TrainJob:
         self.overwrite, self.resume = bool(overwrite), bool(resume)
         # Also save '<name>_stepNNNNN.safetensors' into loras_dir at every periodic checkpoint.
         self.save_step_loras = bool(save_step_loras)
+        # Previews every N steps (0: off), of the artist's prompts (one per line) or the defaults.
+        self.preview_every = max(0, int(preview_every))
+        self.preview_prompts = preview_prompts
+        self.previewer: Previewer | None = None
         self.step_files: list[str] = []
         self.node_id, self.prompt_id = str(node_id), prompt_id
         self.resume_from: Path | None = None
@@ -362,6 +368,17 @@ class TrainJob:
             log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
 
+    def _viewable(self, preview: dict) -> dict:
+        """A preview with the query ComfyUI's /view serves it by (type output, subfolder of the run)."""
+        import folder_paths
+
+        path = (self.checkpoint_dir / preview["file"]).resolve()
+        out = Path(folder_paths.get_output_directory()).resolve()
+        if out in path.parents:
+            preview["view"] = {"filename": path.name, "subfolder": path.parent.relative_to(out).as_posix(),
+                               "type": "output"}
+        return preview
+
     def _save_lora_then_checkpoint(self, run: RunState, trainer, steps_text: str) -> tuple[Path, str | None, str]:
         """The finished training, saved so that no failure loses it: the LoRA first, then the final
         checkpoint, each tried whatever happened to the other. A LoRA that cannot be written leaves
@@ -419,6 +436,13 @@ class TrainJob:
         if regs.preserves_on_class_images:
             class_draw = class_conditionings(self.clip, self.model.model, [r.caption for r in self.dataset.records],
                                              regs.trigger_words, regs.class_images, self.dataset.resolution)
+        if self.preview_every:  # the prompts are encoded now, while the text encoders are in use anyway
+            prompts = preview_prompts([r.caption for r in self.dataset.records], self.dataset.subject,
+                                      self.preview_prompts)
+            res = self.dataset.resolution
+            self.previewer = Previewer(None, self.vae, self.clip, prompts, self.checkpoint_dir, (res, res),
+                                       seed=cfg.train.seed)
+            self.previewer.encode()
 
         # A clone (or, under dynamic VRAM, the host's non-dynamic delegate) carries the LoRA adapters
         # and attention patches; the shared MODEL is never changed. Pixel-space augmentation at every
@@ -463,6 +487,17 @@ class TrainJob:
                 # ComfyUI's progress hook raises and clears the Cancel flag: keep it for _should_stop.
                 mm.interrupt_current_processing(True)
 
+        def on_step(step: int) -> None:
+            if self.previewer is None or (step % self.preview_every and step != cfg.train.steps):
+                return
+            RUNS.update(run, message=f"rendering {len(self.previewer.prompts)} previews of step {step}")
+            send("apt.status", run.summary())
+            name = step_lora_name(self.lora_file, step)
+            images = [self._viewable(p.to_dict())
+                      for p in self.previewer.render(step, name if name in self.step_files else None)]
+            RUNS.update(run, previews=run.previews + images)
+            send("apt.previews", {"node": self.node_id, "prompt_id": self.prompt_id, "step": step, "images": images})
+
         def save_step_lora(step: int) -> None:
             name = step_lora_name(self.lora_file, step)
             path = trainer.save_lora(self.loras_dir / name, output_name=Path(name).stem)
@@ -475,6 +510,7 @@ class TrainJob:
                                  should_stop=lambda: self._should_stop(run),
                                  encode_pixels=pixel_encoder(self.vae, patcher.model) if pixel_aug else None,
                                  on_checkpoint_step=save_step_lora if self.save_step_loras else None,
+                                 on_step=on_step,
                                  data_fingerprint=self.data_fingerprint)
         try:
             resumed = trainer.resume(self.resume_from) if self.resume_from else 0
@@ -485,6 +521,10 @@ class TrainJob:
                         message=f"resumed at step {resumed}" if resumed else "training")
             RUNS.set_stop_callback(run, trainer.request_stop)
             send("apt.status", run.summary())
+            if self.previewer is not None:
+                self.previewer.bind(patcher, backbone.also_load, resumed)
+                if not resumed:  # the LoRA starts as a no-op: step 0 shows the base model
+                    on_step(0)
             log.info("APT: training %s for %d steps%s on %s", self.lora_file, cfg.train.steps,
                      f" (resumed at {resumed})" if resumed else "", trainer.device)
             mid_step = False

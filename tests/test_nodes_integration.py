@@ -7,9 +7,12 @@ goes through HTTP: /object_info, /prompt, /history, /interrupt, /apt/runs. Nothi
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -319,3 +322,28 @@ def test_trainer_inside_a_subgraph_reports_under_its_execution_id_with_the_new_i
     assert server.get_json("/apt/runs/5") == {"node_id": "5", "status": "idle", "history": []}  # local id alone
     assert server.get_json("/apt/runs/99:5") == {"node_id": "99:5", "status": "idle", "history": []}
     assert (server.loras_dir / "apt_sub.safetensors").is_file()
+
+
+def test_previews_are_listed_by_the_run_route_and_served_by_view(server):
+    """Previews every 2 of 4 steps: the run route lists steps 0, 2 and 4 with their prompts, the
+    websocket announces each step's images, and ComfyUI's /view serves them as PNGs of the training
+    size from the run folder (so a reloaded page shows them)."""
+    ws = WsCollector(server)
+    try:
+        entry = _run(server, {**_graph(), **_trainer("apt_prev", 4, preview_every=2,
+                                                      preview_prompts="a photo of sks dog\nsks dog in snow")})
+    finally:
+        ws.close()
+    assert ch.history_status(entry) == "success", (_error(entry), server.log_tail())
+    state = server.get_json(f"/apt/runs/{TRAINER}")
+    got = [(p["step"], p["prompt"], p["seed"]) for p in state["previews"]]
+    assert got == [(s, p, i) for s in (0, 2, 4) for i, p in enumerate(["a photo of sks dog", "sks dog in snow"])]
+    assert [m["step"] for m in ws.of("apt.previews")] == [0, 2, 4]
+    for p in state["previews"]:
+        view = p["view"]
+        assert view["type"] == "output" and view["subfolder"] == "apt_lora_trainer/apt_prev/previews"
+        url = f"{server.base_url}/view?{urllib.parse.urlencode(view)}"
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+        with Image.open(io.BytesIO(data)) as im:
+            assert im.format == "PNG" and im.size == (64, 64)

@@ -6,11 +6,13 @@ and a real comfy.sd.VAE, inside torch.inference_mode() like ComfyUI's loaders do
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -787,3 +789,61 @@ def test_loading_the_model_shows_the_time_it_has_taken(m, monkeypatch):
             raise RuntimeError("load failed")
     time.sleep(0.2)
     assert len(sent) == n + 1  # only the first message: the ticker stopped with the error
+
+
+# ---- previews while training ---------------------------------------------------------------------
+
+def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_path, monkeypatch):
+    """Previews every 2 steps (and step 0, the base model): PNGs of the training size in the run
+    folder, listed in previews/index.json with step, prompt, seed and the step LoRA of that step;
+    the LoRA trained with previews is bit-identical to the one trained without; a preview shows
+    what the saved step LoRA renders through ComfyUI's own LoRA loading, same seed and prompt."""
+    import comfy.sd
+    import comfy.utils
+    from PIL import Image
+
+    tj, pv = m["train_job"], sys.modules[m["train_job"].Previewer.__module__]
+    ds = dataclasses.replace(_dataset(m), subject="sks dog")
+    sent = []
+    real_send = tj.send
+    monkeypatch.setattr(tj, "send", lambda e, d: (sent.append((e, d)), real_send(e, d))[1])
+
+    def job(name, every):
+        config = m["settings"].build_config(steps=4, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=2,
+                                            preset=m["settings"].DEFAULT_PRESET)
+        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
+                           lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras",
+                           checkpoint_dir=tmp_path / "runs" / name, overwrite=False, resume=False, node_id=name,
+                           save_step_loras=True, preview_every=every)
+
+    with_previews = job("prev", 2).prepare().run()
+    without = job("plain", 0).prepare().run()
+    got, ref = _lora_tensors(with_previews.lora_path), _lora_tensors(without.lora_path)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), "previews changed training"
+
+    run_dir = tmp_path / "runs" / "prev"
+    index = pv.read_index(run_dir)
+    prompts = pv.preview_prompts([r.caption for r in ds.records], "sks dog")
+    assert len(prompts) == 3 and "sks dog" in prompts[1]
+    assert [(p["step"], p["prompt"], p["seed"]) for p in index["images"]] == \
+        [(s, p, i) for s in (0, 2, 4) for i, p in enumerate(prompts)]
+    assert [p["lora_file"] for p in index["images"] if p["step"] == 2] == ["prev_step00002.safetensors"] * 3
+    assert index["seconds"] > 0
+    for p in index["images"]:
+        with Image.open(run_dir / p["file"]) as im:
+            assert im.format == "PNG" and im.size == (ds.resolution, ds.resolution)
+    assert not (tmp_path / "runs" / "plain" / pv.PREVIEW_DIR).exists()
+    assert [d["step"] for e, d in sent if e == "apt.previews" and d["node"] == "prev"] == [0, 2, 4]
+
+    # the step-2 preview is what the saved step-2 LoRA renders, loaded the host's way
+    lora = comfy.utils.load_torch_file(str(tmp_path / "loras" / "prev_step00002.safetensors"), safe_load=True)
+    model_lora, _ = comfy.sd.load_lora_for_models(m["model"], None, lora, 1.0, 0.0)
+    again = pv.Previewer(model_lora, m["vae"], m["clip"], prompts[:1], tmp_path / "again", (64, 64), seed=0)
+    again.render(2)
+    a = np.asarray(Image.open(tmp_path / "again" / "previews" / "step_000002_0.png"), dtype=np.int16)
+    b = np.asarray(Image.open(run_dir / "previews" / "step_000002_0.png"), dtype=np.int16)
+    assert np.abs(a - b).max() <= 2, np.abs(a - b).max()  # the file holds the LoRA in fp16: rounding
+    base = np.asarray(Image.open(run_dir / "previews" / "step_000000_0.png"), dtype=np.int16)
+    print("step 0 vs step 2 preview: max", np.abs(base - b).max(), "mean", np.abs(base - b).mean(),
+          "| preview vs step LoRA render: max", np.abs(a - b).max(), "mean", np.abs(a - b).mean())
+    assert np.abs(base - b).max() > 32, "the previews do not show the LoRA"

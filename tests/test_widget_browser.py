@@ -89,6 +89,7 @@ def browser_graph(info: dict) -> tuple[dict, int]:
             trainer = n["id"]
             set_widget(wf, info, n["id"], "steps", TRAIN_STEPS)
             set_widget(wf, info, n["id"], "checkpoint_every", 0)
+            set_widget(wf, info, n["id"], "preview_every", 20 if DOCS else 2)
             if DOCS:
                 set_widget(wf, info, n["id"], "learning_rate", 5e-3)
         elif n["type"] == "APTDatasetLoader":
@@ -150,7 +151,7 @@ def test_chart_fills_every_bin_and_stop_button_stops_gracefully(server, browser_
     try:
         with sync_playwright() as pw:
             ctx = pw.chromium.launch_persistent_context(profile, executable_path=browser_exe, headless=True,
-                                                        args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1000})
+                                                        args=CHROMIUM_ARGS, viewport={"width": 1600, "height": 1300})
             try:
                 page = ctx.pages[0] if ctx.pages else ctx.new_page()
                 page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
@@ -267,6 +268,29 @@ def test_chart_fills_every_bin_and_stop_button_stops_gracefully(server, browser_
                     time.sleep(0.5)
                 time.sleep(1.0)  # let the page draw the final state
                 chart = page.locator(f'.apt-live-chart[data-apt-node="{trainer}"]')
+                # the preview strip: the latest step's images from /view; a click on the chart at step 0
+                # shows the base model's previews
+                strip = chart.locator(".apt-previews")
+                _wait(page, """(sel) => { const s = document.querySelector(sel); const imgs = s ? [...s.querySelectorAll('img')] : [];
+                        return {ok: imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth === 64),
+                                steps: s?.dataset.aptPreviewSteps, shown: s?.dataset.aptPreviewStep}; }""",
+                      f'.apt-live-chart[data-apt-node="{trainer}"] .apt-previews', timeout=120, what="preview images")
+                steps = [int(s) for s in strip.get_attribute("data-apt-preview-steps").split(",")]
+                every = 20 if DOCS else 2
+                assert steps[:2] == [0, every] and all(s % every == 0 or s == final["step"] for s in steps), steps
+                assert strip.get_attribute("data-apt-preview-step") == str(steps[-1])
+                box = chart.locator("canvas").bounding_box()
+                page.mouse.click(box["x"] + 41, box["y"] + 30)  # the gamma plot's left edge: step 0
+                _wait(page, """(sel) => { const s = document.querySelector(sel);
+                        const imgs = [...s.querySelectorAll('img')];
+                        return {ok: s.dataset.aptPreviewStep === '0' && imgs.length > 0
+                                    && imgs.every(i => i.src.includes('step_000000_') && i.complete && i.naturalWidth === 64)}; }""",
+                      f'.apt-live-chart[data-apt-node="{trainer}"] .apt-previews', timeout=30,
+                      what="the step-0 previews after a click on the chart")
+                if not DOCS:
+                    chart.screenshot(path=str(ARTIFACTS / "widget-previews-step0.png"))
+                    page.mouse.click(box["x"] + box["width"] - 12, box["y"] + 30)  # the right edge: the latest
+                    time.sleep(0.5)
                 chart.screenshot(path=str(ARTIFACTS / "widget.png"))
                 page.screenshot(path=str(ARTIFACTS / "widget-page.png"))
                 assert stop.is_disabled()

@@ -415,3 +415,56 @@ describe("status text and scene", () => {
     assert.ok(!texts.includes("no training run yet"));
   });
 });
+
+describe("previews", () => {
+  const pv = (step, i, extra = {}) => ({ step, prompt: `p${i}`, seed: i, file: `previews/step_${step}_${i}.png`,
+    lora_file: null, view: { filename: `step_${step}_${i}.png`, subfolder: "apt_lora_trainer/x/previews", type: "output" },
+    ...extra });
+
+  it("collects previews once each, by step, and shows the latest unless a step is selected", () => {
+    const m = new AptChartModel();
+    assert.equal(m.shownPreviewStep(), null);
+    assert.ok(m.addPreviews([pv(0, 0), pv(0, 1)]));
+    assert.ok(!m.addPreviews([pv(0, 0)]), "a known file is not added again");
+    m.addPreviews([pv(100, 0), pv(100, 1), pv(200, 0), pv(200, 1)]);
+    assert.deepEqual(m.previewSteps(), [0, 100, 200]);
+    assert.equal(m.shownPreviewStep(), 200);
+    assert.deepEqual(m.previewsAt(100).map((p) => p.prompt), ["p0", "p1"]);
+    assert.equal(m.selectPreviewNear(140), 100);
+    assert.equal(m.shownPreviewStep(), 100);
+    m.addPreviews([pv(300, 0)]);
+    assert.equal(m.shownPreviewStep(), 100, "a selected step stays while new previews arrive");
+    assert.equal(m.stepPreview(-1), 0);
+    assert.equal(m.stepPreview(-1), 0, "stays at the first");
+    assert.equal(m.stepPreview(1), 100);
+    assert.equal(m.stepPreview(1), 200);
+    assert.equal(m.stepPreview(1), 300);
+    m.addPreviews([pv(400, 0)]);
+    assert.equal(m.shownPreviewStep(), 400, "at the last step the strip follows new previews");
+    m.reset("p2");
+    assert.deepEqual(m.previewSteps(), [], "a new run starts without previews");
+  });
+
+  it("maps a click on the chart to its step on the shared x axis, and marks preview steps", () => {
+    const m = new AptChartModel();
+    m.ingest(ev(1));
+    const W = 460, H = 300;
+    const G = layoutPanels(W, H).gamma.plot;
+    assert.equal(m.stepAtPixel(W, H, G.x), 0);
+    assert.equal(m.stepAtPixel(W, H, G.x + G.w), 500);
+    assert.equal(m.stepAtPixel(W, H, G.x + G.w / 2), 250);
+    assert.equal(m.stepAtPixel(W, H, G.x - 5), null);
+    m.addPreviews([pv(0, 0), pv(250, 0)]);
+    const marks = m.scene(W, H).shapes.filter((s) => String(s.id ?? "").startsWith("preview:"));
+    assert.deepEqual(marks.map((s) => s.id), ["preview:0", "preview:250"]);
+    close(marks[1].points[0][0], G.x + G.w / 2, 1e-6, "the marker sits at its step");
+    assert.ok(marks[1].width > marks[0].width, "the shown (latest) step is drawn brighter and wider");
+  });
+
+  it("takes the previews of a snapshot (a reloaded page)", () => {
+    const m = new AptChartModel();
+    m.applySnapshot({ node_id: "7", prompt_id: "p1", status: "finished", step: 4, total_steps: 4,
+      history: [ev(4, { total_steps: 4 })], previews: [pv(0, 0), pv(4, 0)] });
+    assert.deepEqual(m.previewSteps(), [0, 4]);
+  });
+});

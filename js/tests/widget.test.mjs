@@ -10,6 +10,8 @@ import { dirname, join } from "node:path";
 import { after, before, beforeEach, describe, it } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
+import { layoutPanels } from "../apt_chart_model.js";
+
 const JS_DIR = join(dirname(fileURLToPath(import.meta.url)), "..");
 const REPO = join(JS_DIR, "..");
 
@@ -44,6 +46,8 @@ class FakeElement {
     }
   }
   append(...c) { this.children.push(...c); }
+  replaceChildren(...c) { this.children = [...c]; }
+  getBoundingClientRect() { return { left: 0, top: 0, width: this.clientWidth, height: this.clientHeight }; }
   appendChild(c) { this.children.push(c); return c; }
   addEventListener(type, fn) { (this.listeners[type] ??= []).push(fn); }
   removeEventListener(type, fn) { this.listeners[type] = (this.listeners[type] ?? []).filter((f) => f !== fn); }
@@ -69,6 +73,7 @@ class FakeApi extends EventTarget {
     return { ok: status >= 200 && status < 300, status, json: async () => structuredClone(body) };
   }
   emit(type, detail) { this.dispatchEvent(new CustomEvent(type, { detail })); }
+  apiURL(path) { return `/api${path}`; }
 }
 
 const fakeApp = { extensions: [], canvas: { ds: { scale: 1 } }, registerExtension(e) { this.extensions.push(e); } };
@@ -298,6 +303,42 @@ describe("data flow", () => {
     assert.equal(chart.model.status, "finished");
     assert.equal(chart.model.options.lossScale, "linear");
     assert.equal(chart.scaleBtn.textContent, "linear");
+    node.onRemoved();
+  });
+});
+
+describe("previews", () => {
+  const pv = (step, i, lora = null) => ({ step, prompt: `prompt ${i}`, seed: i, file: `previews/step_${step}_${i}.png`,
+    lora_file: lora, view: { filename: `step_${step}_${i}.png`, subfolder: "apt_lora_trainer/x/previews", type: "output" } });
+
+  it("shows the latest step's previews from /view, steps back with the buttons and forward by a chart click", async () => {
+    fakeApi.routes["GET /apt/runs/7"] = () => ({ status: 200, body: {
+      node_id: "7", prompt_id: "p1", status: "training", step: 3, total_steps: 100, updated: 1,
+      history: [1, 2, 3].map((s) => strip(ev(s))), previews: [pv(0, 0), pv(0, 1)] } });
+    const node = await createNode(7);
+    const chart = node.__aptChart;
+    assert.equal(chart.strip.dataset.aptPreviewStep, "0", "a reloaded page shows the previews it fetched");
+    fakeApi.emit("apt.previews", { node: "7", prompt_id: "p1", step: 50, images: [pv(50, 0, "x_step00050.safetensors"), pv(50, 1, "x_step00050.safetensors")] });
+    fakeApi.emit("apt.previews", { node: "8", prompt_id: "p9", step: 60, images: [pv(60, 0)] }); // another node
+    await settle();
+    assert.equal(chart.strip.dataset.aptPreviewSteps, "0,50");
+    assert.equal(chart.strip.dataset.aptPreviewStep, "50");
+    const imgs = chart.stripImages.children;
+    assert.deepEqual(imgs.map((i) => i.src), [0, 1].map((i) =>
+      `/api/view?filename=step_50_${i}.png&subfolder=apt_lora_trainer%2Fx%2Fpreviews&type=output`));
+    assert.match(imgs[0].title, /step 50, seed 0: prompt 0/);
+    assert.match(chart.stripLabel.textContent, /step 50\nstep LoRA/);
+    const [prev] = chart.strip.children;
+    prev.click();
+    await settle();
+    assert.equal(chart.strip.dataset.aptPreviewStep, "0");
+    // a click on the chart near step 40 of 100 shows the nearest preview step, 50
+    chart.canvas.clientWidth = 460;
+    chart.canvas.clientHeight = 300;
+    const G = layoutPanels(460, 300).gamma.plot;
+    chart.canvas.dispatch("click", { clientX: G.x + G.w * 0.4, clientY: G.y + 5 });
+    await settle();
+    assert.equal(chart.strip.dataset.aptPreviewStep, "50");
     node.onRemoved();
   });
 });
