@@ -22,7 +22,7 @@ from apt_core.export import atomic_write
 
 PREVIEW_DIR = "previews"
 SAMPLER, SCHEDULER = "euler", "normal"  # deterministic given the noise
-STEPS, CFG = 20, 5.0
+STEPS, CFG = 12, 5.0  # few steps: a preview, not a final render
 NEGATIVE = "blurry, low quality, deformed"
 # Prompts that put the subject somewhere its photos never showed it.
 NEW_CONTEXTS = ("a photo of {subject} on a beach at sunset", "a watercolor painting of {subject}")
@@ -67,7 +67,8 @@ class Previewer:
     steps: int = STEPS
     cfg: float = CFG
     images: list[PreviewImage] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # time spent rendering by this run
+    renders: int = 0  # preview steps rendered by this run
     also_load: tuple = ()
     _conds: list | None = None
 
@@ -123,6 +124,7 @@ class Previewer:
                 release_patcher(self.vae.patcher)
         self.images += out
         self.seconds += time.perf_counter() - started
+        self.renders += 1
         self.write_index()
         return out
 

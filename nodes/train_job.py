@@ -64,11 +64,13 @@ class JobResult:
     gammas: list[float]
     history: list[dict] = field(default_factory=list)
     step_files: list[str] = field(default_factory=list)  # LoRAs saved at checkpoints by this run
+    preview_seconds: float = 0.0  # time this run spent rendering previews
 
     def summary(self) -> dict[str, Any]:
         return {"lora_name": self.lora_file, "steps_done": self.steps_done, "total_steps": self.total_steps,
                 "resumed_from": self.resumed_from, "stopped": self.stopped, "cancelled": self.cancelled,
-                "checkpoint": self.checkpoint, "final_gamma": self.gammas, "step_files": self.step_files}
+                "checkpoint": self.checkpoint, "final_gamma": self.gammas, "step_files": self.step_files,
+                "preview_seconds": round(self.preview_seconds, 3)}
 
 
 def run_in_worker(fn: Callable[[], Any], name: str = "apt-train") -> Any:
@@ -368,6 +370,14 @@ class TrainJob:
             log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
 
+    def _preview_eta(self, step: int, total: int) -> float:
+        """Seconds the previews still to come will take, at this run's average per preview step."""
+        p = self.previewer
+        if p is None or not p.renders:
+            return 0.0
+        left = sum(1 for s in range(step + 1, total + 1) if s % self.preview_every == 0 or s == total)
+        return left * p.seconds / p.renders
+
     def _viewable(self, preview: dict) -> dict:
         """A preview with the query ComfyUI's /view serves it by (type output, subfolder of the run)."""
         import folder_paths
@@ -473,6 +483,7 @@ class TrainJob:
 
         def on_event(event) -> None:
             d = event.to_dict()
+            d["eta_s"] += self._preview_eta(event.step, event.total_steps)
             RUNS.add_event(run, d)
             send("apt.progress", {"node": self.node_id, "prompt_id": self.prompt_id, "status": run.status,
                                   "lora_name": self.lora_file, **d})
@@ -559,13 +570,15 @@ class TrainJob:
                 raise AptError("Training was stopped before the first step; nothing to save.")
             path, ckpt_str, ckpt_note = self._save_lora_then_checkpoint(run, trainer, steps_text)
             status = "stopped" if stopped else "finished"
+            previews = f"; previews took {_duration(self.previewer.seconds)}" if self.previewer else ""
             RUNS.update(run, status=status, checkpoint=ckpt_str,
-                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}" + steps_text + ckpt_note)
+                        message=f"{status} at step {trainer.step_idx}; saved {self.lora_file}" + steps_text + ckpt_note
+                        + previews)
             send("apt.status", run.summary())
             log.info("APT: saved %s (%d steps) to %s%s", self.lora_file, trainer.step_idx, path, steps_text)
             return JobResult(self.lora_file, Path(path), trainer.step_idx, cfg.train.steps, resumed, stopped,
                              False, ckpt_str, trainer.indicator.gammas(), list(trainer.history),
-                             list(self.step_files))
+                             list(self.step_files), self.previewer.seconds if self.previewer else 0.0)
         finally:
             RUNS.set_stop_callback(run, None)
             trainer.close()

@@ -834,6 +834,18 @@ def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_pat
             assert im.format == "PNG" and im.size == (ds.resolution, ds.resolution)
     assert not (tmp_path / "runs" / "plain" / pv.PREVIEW_DIR).exists()
     assert [d["step"] for e, d in sent if e == "apt.previews" and d["node"] == "prev"] == [0, 2, 4]
+    step_s = 1.0 / np.median([h["it_per_s"] for h in without.history])
+    print(f"tiny CPU model, 64 px: {index['seconds'] / len(index['images']):.3f} s per preview prompt "
+          f"({pv.STEPS} sampler steps + VAE), {step_s:.3f} s per APT training step")
+    # the run reports the time previews took, and those still to come count in the ETA
+    assert with_previews.summary()["preview_seconds"] == pytest.approx(index["seconds"], abs=1e-3)
+    j = job("eta", 2)
+    j.previewer = pv.Previewer(None, None, None, ["p"], tmp_path, (64, 64), seconds=6.0, renders=2)
+    assert j._preview_eta(1, 4) == pytest.approx(6.0)  # steps 2 and 4 left, 3 s each
+    assert j._preview_eta(3, 4) == pytest.approx(3.0) and j._preview_eta(4, 4) == 0.0
+    j.preview_every = 3
+    assert j._preview_eta(0, 7) == pytest.approx(9.0)  # steps 3, 6 and the last, 7
+    assert without.summary()["preview_seconds"] == 0.0
 
     # the step-2 preview is what the saved step-2 LoRA renders, loaded the host's way
     lora = comfy.utils.load_torch_file(str(tmp_path / "loras" / "prev_step00002.safetensors"), safe_load=True)
