@@ -556,8 +556,9 @@ export class AptChartModel {
       this.selectedStep = null;
       return this.shownPreviewStep();
     }
-    this.selectedStep = steps.reduce((best, s) => (Math.abs(s - step) < Math.abs(best - step) ? s : best), steps[0]);
-    return this.selectedStep;
+    const near = steps.reduce((best, s) => (Math.abs(s - step) < Math.abs(best - step) ? s : best), steps[0]);
+    this.selectedStep = near === steps[steps.length - 1] ? null : near; // the latest keeps following new ones
+    return near;
   }
 
   /**

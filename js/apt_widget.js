@@ -265,8 +265,11 @@ export class AptLiveChart {
     root.append(canvas, strip, bar);
     // a click on the chart shows the previews nearest to that step
     canvas.addEventListener("click", (e) => {
+      // the scene is laid out in the canvas's CSS pixels; the graph's zoom scales what is on screen
       const r = canvas.getBoundingClientRect();
-      const step = this.model.stepAtPixel(r.width, r.height, e.clientX - r.left);
+      const w = canvas.clientWidth || r.width;
+      const h = canvas.clientHeight || r.height;
+      const step = this.model.stepAtPixel(w, h, (e.clientX - r.left) * (r.width ? w / r.width : 1));
       if (step === null || !this.model.previews.length) return;
       this.model.selectPreviewNear(step);
       this.scheduleDraw();
@@ -531,7 +534,9 @@ export class AptLiveChart {
     this.strip.dataset.aptPreviewSteps = steps.join(",");
     this.stripImages.replaceChildren(...images.filter((p) => p.view).map((p) => {
       const img = document.createElement("img");
-      const q = new URLSearchParams({ filename: p.view.filename, subfolder: p.view.subfolder, type: p.view.type });
+      // a rerun under the same LoRA name writes the same file names: the run id keeps caches apart
+      const q = new URLSearchParams({ filename: p.view.filename, subfolder: p.view.subfolder, type: p.view.type,
+        run: m.runId ?? "" });
       img.src = api.apiURL(`/view?${q}`);
       img.alt = img.title = `step ${p.step}, seed ${p.seed}: ${p.prompt}`;
       img.className = "apt-preview-image";

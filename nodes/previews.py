@@ -3,8 +3,9 @@ with the LoRA as trained so far, the host's way (comfy.sample with the training 
 adapters carry the LoRA; the VAE decodes), saved as PNGs in the run folder.
 
 A preview must not change the training: it runs under no_grad, draws its noise from its own seed
-(ComfyUI's prepare_noise seeds the global RNG, so that is saved and restored), and leaves the
-LoRA switched on as it found it. Previews at step 0 show the base model (the LoRA starts as a no-op).
+(ComfyUI's prepare_noise seeds the global generators, so they are forked), loads the VAE beside the
+model being trained and decodes without asking ComfyUI to load anything else, and leaves the LoRA
+switched on as it found it. Previews at step 0 show the base model (the LoRA starts as a no-op).
 """
 
 from __future__ import annotations
@@ -98,12 +99,15 @@ class Previewer:
         out = []
         folder = self.run_dir / PREVIEW_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        rng = torch.get_rng_state()
-        # The VAE loads beside the model being trained (never in its place), and goes again after.
+        # The VAE loads beside the model being trained, never in its place; then it decodes through its
+        # network directly: VAE.decode would ask ComfyUI to load it again, which may push the training
+        # model (and the LoRA's weight functions) off the GPU (the same care as nodes/encoding.pixel_encoder).
         mm.load_models_gpu([self.patcher, *self.also_load, self.vae.patcher], memory_required=1e20,
                            force_full_load=True)
+        device = torch.device(self.patcher.load_device)
+        # ComfyUI's prepare_noise seeds torch's global generators (CPU and CUDA): fork them
         try:
-            with torch.no_grad():
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 for i, (prompt, positive) in enumerate(zip(self.prompts, self._conds)):
                     mm.throw_exception_if_processing_interrupted()
                     seed = self.seed + i
@@ -111,13 +115,11 @@ class Previewer:
                     noise = comfy.sample.prepare_noise(latent, seed)
                     samples = comfy.sample.sample(self.patcher, noise, self.steps, self.cfg, SAMPLER, SCHEDULER,
                                                   positive, self._conds[-1], latent, disable_pbar=True, seed=seed)
-                    pixels = self.vae.decode(samples)
-                    img = to_png_array(pixels)
+                    img = to_png_array(self._decode(samples))
                     rel = f"{PREVIEW_DIR}/step_{step:06d}_{i}.png"
                     save_png(self.run_dir / rel, img)
                     out.append(PreviewImage(step, prompt, seed, rel, lora_file))
         finally:
-            torch.set_rng_state(rng)
             if self.vae.patcher not in self.also_load:
                 from .comfy_backbone import release_patcher
 
@@ -127,6 +129,12 @@ class Previewer:
         self.renders += 1
         self.write_index()
         return out
+
+    def _decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(1, 4, h, w) latent -> (1, H, W, 3) in [0, 1], as VAE.decode gives it, without loading anything."""
+        vae = self.vae
+        x = vae.first_stage_model.decode(latent.to(vae.vae_dtype).to(vae.device))
+        return vae.process_output(x.float()).movedim(1, -1).cpu()
 
     def write_index(self) -> None:
         """previews/index.json: every preview so far, so the run route and a reloaded page list them."""

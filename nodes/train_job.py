@@ -20,6 +20,7 @@ import contextlib
 import contextvars
 import logging
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from apt_core.preservation import CLASS_CACHE_NAME, class_examples, class_prompt
 from .comfy_backbone import ComfySDXLBackbone, check_comfy_sdxl, release_patcher, training_patcher
 from .dataset import AptDataset
 from .encoding import cache_dataset, class_conditionings, pixel_encoder
-from .previews import Previewer, preview_prompts
+from .previews import PREVIEW_DIR, Previewer, preview_prompts
 from .runs import RUNS, RunState, send
 from .settings import is_step_lora_name, step_lora_name
 
@@ -288,6 +289,8 @@ class TrainJob:
                      self.lora_file, why, self.checkpoint_dir)
             for old in list_checkpoints(self.checkpoint_dir):
                 old.unlink(missing_ok=True)
+        if self.resume_from is None:  # a new run: the previews of an earlier one under this name go
+            shutil.rmtree(self.checkpoint_dir / PREVIEW_DIR, ignore_errors=True)
         self.run_state = RUNS.start(self.node_id, prompt_id=self.prompt_id, lora_name=self.lora_file,
                                     total_steps=self.config.train.steps)
         return self
@@ -369,6 +372,40 @@ class TrainJob:
         if reused:
             log.info("APT: reusing the %d class images drawn for an earlier run (%s)", len(prompts), cache)
         return class_examples(latents, conds, prompts)
+
+    def _render_previews(self, run: RunState, step: int) -> None:
+        """Render and announce the previews of `step`. A failure (out of memory, disk full...) turns
+        previews off for the rest of the run, never the training; Cancel goes through."""
+        import comfy.model_management as mm
+
+        RUNS.update(run, message=f"rendering {len(self.previewer.prompts)} previews of step {step}")
+        send("apt.status", run.summary())
+        name = step_lora_name(self.lora_file, step)
+        try:
+            images = [self._viewable(p.to_dict())
+                      for p in self.previewer.render(step, name if name in self.step_files else None)]
+        except mm.InterruptProcessingException:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a preview is never worth the run
+            log.warning("APT: previews turned off for this run: rendering step %d failed: %s", step, exc)
+            self.previewer = None
+            mm.soft_empty_cache()
+            RUNS.update(run, message=f"previews turned off: {exc}")
+            send("apt.status", run.summary())
+            return
+        RUNS.update(run, previews=run.previews + images, message="training")
+        send("apt.previews", {"node": self.node_id, "prompt_id": self.prompt_id, "step": step, "images": images})
+
+    def _final_previews(self, run: RunState, step: int) -> None:
+        """The previews of the step the run ended at, after its LoRA is saved (Cancel skips them)."""
+        import comfy.model_management as mm
+
+        if self.previewer is None or any(p.step == step for p in self.previewer.images):
+            return
+        try:
+            self._render_previews(run, step)
+        except mm.InterruptProcessingException:
+            log.info("APT: cancelled while rendering the last previews; the LoRA is saved")
 
     def _preview_eta(self, step: int, total: int) -> float:
         """Seconds the previews still to come will take, at this run's average per preview step."""
@@ -499,15 +536,9 @@ class TrainJob:
                 mm.interrupt_current_processing(True)
 
         def on_step(step: int) -> None:
-            if self.previewer is None or (step % self.preview_every and step != cfg.train.steps):
-                return
-            RUNS.update(run, message=f"rendering {len(self.previewer.prompts)} previews of step {step}")
-            send("apt.status", run.summary())
-            name = step_lora_name(self.lora_file, step)
-            images = [self._viewable(p.to_dict())
-                      for p in self.previewer.render(step, name if name in self.step_files else None)]
-            RUNS.update(run, previews=run.previews + images)
-            send("apt.previews", {"node": self.node_id, "prompt_id": self.prompt_id, "step": step, "images": images})
+            # the last step's previews come after the LoRA is saved (_final_previews)
+            if self.previewer is not None and step % self.preview_every == 0 and step != cfg.train.steps:
+                self._render_previews(run, step)
 
         def save_step_lora(step: int) -> None:
             name = step_lora_name(self.lora_file, step)
@@ -534,8 +565,11 @@ class TrainJob:
             send("apt.status", run.summary())
             if self.previewer is not None:
                 self.previewer.bind(patcher, backbone.also_load, resumed)
-                if not resumed:  # the LoRA starts as a no-op: step 0 shows the base model
-                    on_step(0)
+                if resumed:  # the previews of the run this one continues
+                    RUNS.update(run, previews=[self._viewable(p.to_dict()) for p in self.previewer.images])
+                    send("apt.status", run.summary())
+                else:  # the LoRA starts as a no-op: step 0 shows the base model
+                    self._render_previews(run, 0)
             log.info("APT: training %s for %d steps%s on %s", self.lora_file, cfg.train.steps,
                      f" (resumed at {resumed})" if resumed else "", trainer.device)
             mid_step = False
@@ -569,6 +603,7 @@ class TrainJob:
             if trainer.step_idx == 0:
                 raise AptError("Training was stopped before the first step; nothing to save.")
             path, ckpt_str, ckpt_note = self._save_lora_then_checkpoint(run, trainer, steps_text)
+            self._final_previews(run, trainer.step_idx)
             status = "stopped" if stopped else "finished"
             previews = f"; previews took {_duration(self.previewer.seconds)}" if self.previewer else ""
             RUNS.update(run, status=status, checkpoint=ckpt_str,

@@ -859,3 +859,59 @@ def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_pat
     print("step 0 vs step 2 preview: max", np.abs(base - b).max(), "mean", np.abs(base - b).mean(),
           "| preview vs step LoRA render: max", np.abs(a - b).max(), "mean", np.abs(a - b).mean())
     assert np.abs(base - b).max() > 32, "the previews do not show the LoRA"
+
+
+def test_a_failing_preview_turns_previews_off_and_never_costs_the_training(m, tmp_path, monkeypatch):
+    """Out of memory (or a full disk) while rendering a preview: previews stop for this run, the
+    training goes on to the same LoRA, and the node says why."""
+    tj, pv = m["train_job"], sys.modules[m["train_job"].Previewer.__module__]
+    real = pv.Previewer.render
+    calls = []
+
+    def render(self, step, lora_file=None):
+        calls.append(step)
+        if step == 2:
+            raise RuntimeError("CUDA error: out of memory")
+        return real(self, step, lora_file)
+
+    monkeypatch.setattr(pv.Previewer, "render", render)
+    ds = dataclasses.replace(_dataset(m), subject="sks dog")
+
+    def job(name, every):
+        config = m["settings"].build_config(steps=4, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=0,
+                                            preset=m["settings"].DEFAULT_PRESET)
+        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
+                           lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras",
+                           checkpoint_dir=tmp_path / "runs" / name, overwrite=False, resume=False, node_id=name,
+                           preview_every=every)
+
+    res = job("failing", 2).prepare().run()
+    assert calls == [0, 2], "no preview after the failure, not even the last step's"
+    ref = job("ref", 0).prepare().run()
+    got, want = _lora_tensors(res.lora_path), _lora_tensors(ref.lora_path)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    state = m["runs"].RUNS.get("failing")
+    assert {p["step"] for p in state.previews} == {0} and state.status == "finished"
+    assert res.steps_done == 4
+
+
+def test_a_resumed_run_lists_the_previews_it_continues_and_a_new_run_starts_without(m, tmp_path):
+    tj = m["train_job"]
+    ds = dataclasses.replace(_dataset(m), subject="sks dog")
+
+    def job(steps, resume):
+        config = m["settings"].build_config(steps=steps, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=2,
+                                            preset=m["settings"].DEFAULT_PRESET)
+        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
+                           lora_file="cont.safetensors", loras_dir=tmp_path / "loras",
+                           checkpoint_dir=tmp_path / "runs" / "cont", overwrite=True, resume=resume,
+                           node_id="cont", preview_prompts="a photo of sks dog", preview_every=2)
+
+    job(2, False).prepare().run()
+    job(4, True).prepare().run()  # resumes at 2
+    steps = [p["step"] for p in m["runs"].RUNS.get("cont").previews]
+    assert steps == [0, 2, 4]
+    job(2, False).prepare().run()  # resume off: a new run under the name
+    assert [p["step"] for p in m["runs"].RUNS.get("cont").previews] == [0, 2]
+    index = sys.modules[tj.Previewer.__module__].read_index(tmp_path / "runs" / "cont")
+    assert [p["step"] for p in index["images"]] == [0, 2]

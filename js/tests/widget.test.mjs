@@ -325,7 +325,7 @@ describe("previews", () => {
     assert.equal(chart.strip.dataset.aptPreviewStep, "50");
     const imgs = chart.stripImages.children;
     assert.deepEqual(imgs.map((i) => i.src), [0, 1].map((i) =>
-      `/api/view?filename=step_50_${i}.png&subfolder=apt_lora_trainer%2Fx%2Fpreviews&type=output`));
+      `/api/view?filename=step_50_${i}.png&subfolder=apt_lora_trainer%2Fx%2Fpreviews&type=output&run=p1`));
     assert.match(imgs[0].title, /step 50, seed 0: prompt 0/);
     assert.match(chart.stripLabel.textContent, /step 50\nstep LoRA/);
     const [prev] = chart.strip.children;
