@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -87,8 +87,10 @@ class Previewer:
 
         self._conds = [cond(p) for p in self.prompts] + [cond(NEGATIVE)]
 
-    def render(self, step: int, lora_file: str | None = None) -> list[PreviewImage]:
-        """Render every prompt now and save the PNGs; returns this step's images."""
+    def render(self, step: int, lora_file: str | None = None,
+               should_stop: Callable[[], bool] = lambda: False) -> list[PreviewImage]:
+        """Render every prompt now and save the PNGs; returns this step's images. should_stop: checked
+        before each prompt (the node's Stop: the prompts not rendered yet are skipped)."""
         import comfy.model_management as mm
         import comfy.sample
 
@@ -110,6 +112,8 @@ class Previewer:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
                 for i, (prompt, positive) in enumerate(zip(self.prompts, self._conds)):
                     mm.throw_exception_if_processing_interrupted()
+                    if should_stop():
+                        break
                     seed = self.seed + i
                     latent = torch.zeros(1, 4, h // 8, w // 8)
                     noise = comfy.sample.prepare_noise(latent, seed)

@@ -382,8 +382,9 @@ class TrainJob:
         send("apt.status", run.summary())
         name = step_lora_name(self.lora_file, step)
         try:
-            images = [self._viewable(p.to_dict())
-                      for p in self.previewer.render(step, name if name in self.step_files else None)]
+            rendered = self.previewer.render(step, name if name in self.step_files else None,
+                                             should_stop=lambda: run.stop_requested)
+            images = [self._viewable(p.to_dict()) for p in rendered]
         except mm.InterruptProcessingException:
             raise
         except Exception as exc:  # noqa: BLE001 - a preview is never worth the run

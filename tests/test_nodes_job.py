@@ -868,11 +868,11 @@ def test_a_failing_preview_turns_previews_off_and_never_costs_the_training(m, tm
     real = pv.Previewer.render
     calls = []
 
-    def render(self, step, lora_file=None):
+    def render(self, step, lora_file=None, should_stop=lambda: False):
         calls.append(step)
         if step == 2:
             raise RuntimeError("CUDA error: out of memory")
-        return real(self, step, lora_file)
+        return real(self, step, lora_file, should_stop)
 
     monkeypatch.setattr(pv.Previewer, "render", render)
     ds = dataclasses.replace(_dataset(m), subject="sks dog")
@@ -915,3 +915,24 @@ def test_a_resumed_run_lists_the_previews_it_continues_and_a_new_run_starts_with
     assert [p["step"] for p in m["runs"].RUNS.get("cont").previews] == [0, 2]
     index = sys.modules[tj.Previewer.__module__].read_index(tmp_path / "runs" / "cont")
     assert [p["step"] for p in index["images"]] == [0, 2]
+
+
+def test_stop_during_previews_skips_the_rest_and_ends_the_run_at_that_step(m, tmp_path, monkeypatch):
+    tj, pv = m["train_job"], sys.modules[m["train_job"].Previewer.__module__]
+    real = pv.Previewer.render
+
+    def render(self, step, lora_file=None, should_stop=lambda: False):
+        if step == 2:  # the artist presses Stop while step 2's previews are being rendered
+            assert m["runs"].RUNS.request_stop("stopper") is not None
+        return real(self, step, lora_file, should_stop=should_stop)
+
+    monkeypatch.setattr(pv.Previewer, "render", render)
+    config = m["settings"].build_config(steps=6, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=0,
+                                        preset=m["settings"].DEFAULT_PRESET)
+    job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config,
+                      dataset=dataclasses.replace(_dataset(m), subject="sks dog"), lora_file="stopper.safetensors",
+                      loras_dir=tmp_path / "loras", checkpoint_dir=tmp_path / "runs" / "stopper", overwrite=False,
+                      resume=False, node_id="stopper", preview_every=2)
+    res = job.prepare().run()
+    assert res.stopped and res.steps_done == 2 and res.lora_path.is_file()
+    assert {p["step"] for p in m["runs"].RUNS.get("stopper").previews} == {0}  # step 2's were skipped
