@@ -413,7 +413,9 @@ class TrainJob:
         p = self.previewer
         if p is None or not p.renders:
             return 0.0
-        left = sum(1 for s in range(step + 1, total + 1) if s % self.preview_every == 0 or s == total)
+        # preview steps after `step`: the multiples of preview_every up to `total`, and `total` itself
+        every = self.preview_every
+        left = total // every - step // every + (1 if total % every and step < total else 0)
         return left * p.seconds / p.renders
 
     def _viewable(self, preview: dict) -> dict:

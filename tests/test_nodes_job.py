@@ -49,7 +49,7 @@ def _dataset(m, n=3, nan=False):
 
 
 def _job(m, tmp_path, name="t", steps=STEPS, resume=False, overwrite=False, node_id="n1", dataset=None, model=None,
-         checkpoint_every=0, save_step_loras=False, **cfg):
+         checkpoint_every=0, save_step_loras=False, preview_every=0, preview_prompts="", **cfg):
     config = m["settings"].build_config(steps=steps, rank=4, learning_rate=cfg.pop("learning_rate", 1e-3), seed=0,
                                         checkpoint_every=checkpoint_every,
                                         preset=cfg.pop("preset", m["settings"].DEFAULT_PRESET))
@@ -57,7 +57,14 @@ def _job(m, tmp_path, name="t", steps=STEPS, resume=False, overwrite=False, node
         model=model or m["model"], clip=m["clip"], vae=m["vae"], config=config,
         dataset=_dataset(m) if dataset is None else dataset,
         lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras", checkpoint_dir=tmp_path / "runs" / name,
-        overwrite=overwrite, resume=resume, node_id=node_id, save_step_loras=save_step_loras)
+        overwrite=overwrite, resume=resume, node_id=node_id, save_step_loras=save_step_loras,
+        preview_every=preview_every, preview_prompts=preview_prompts)
+
+
+def _preview_job(m, tmp_path, name, every, steps=4, **kw):
+    """A job on the dataset with its subject ('sks dog') known, previews every `every` steps."""
+    kw.setdefault("dataset", dataclasses.replace(_dataset(m), subject="sks dog"))
+    return _job(m, tmp_path, name, steps=steps, node_id=name, learning_rate=5e-2, preview_every=every, **kw)
 
 
 def _sample(model, seed=0, dtype=torch.float32):
@@ -809,12 +816,7 @@ def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_pat
     monkeypatch.setattr(tj, "send", lambda e, d: (sent.append((e, d)), real_send(e, d))[1])
 
     def job(name, every):
-        config = m["settings"].build_config(steps=4, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=2,
-                                            preset=m["settings"].DEFAULT_PRESET)
-        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
-                           lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras",
-                           checkpoint_dir=tmp_path / "runs" / name, overwrite=False, resume=False, node_id=name,
-                           save_step_loras=True, preview_every=every)
+        return _preview_job(m, tmp_path, name, every, dataset=ds, checkpoint_every=2, save_step_loras=True)
 
     with_previews = job("prev", 2).prepare().run()
     without = job("plain", 0).prepare().run()
@@ -864,7 +866,7 @@ def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_pat
 def test_a_failing_preview_turns_previews_off_and_never_costs_the_training(m, tmp_path, monkeypatch):
     """Out of memory (or a full disk) while rendering a preview: previews stop for this run, the
     training goes on to the same LoRA, and the node says why."""
-    tj, pv = m["train_job"], sys.modules[m["train_job"].Previewer.__module__]
+    pv = sys.modules[m["train_job"].Previewer.__module__]
     real = pv.Previewer.render
     calls = []
 
@@ -875,19 +877,9 @@ def test_a_failing_preview_turns_previews_off_and_never_costs_the_training(m, tm
         return real(self, step, lora_file, should_stop)
 
     monkeypatch.setattr(pv.Previewer, "render", render)
-    ds = dataclasses.replace(_dataset(m), subject="sks dog")
-
-    def job(name, every):
-        config = m["settings"].build_config(steps=4, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=0,
-                                            preset=m["settings"].DEFAULT_PRESET)
-        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
-                           lora_file=f"{name}.safetensors", loras_dir=tmp_path / "loras",
-                           checkpoint_dir=tmp_path / "runs" / name, overwrite=False, resume=False, node_id=name,
-                           preview_every=every)
-
-    res = job("failing", 2).prepare().run()
+    res = _preview_job(m, tmp_path, "failing", 2).prepare().run()
     assert calls == [0, 2], "no preview after the failure, not even the last step's"
-    ref = job("ref", 0).prepare().run()
+    ref = _preview_job(m, tmp_path, "ref", 0).prepare().run()
     got, want = _lora_tensors(res.lora_path), _lora_tensors(ref.lora_path)
     assert all(torch.equal(got[k], want[k]) for k in want)
     state = m["runs"].RUNS.get("failing")
@@ -897,15 +889,10 @@ def test_a_failing_preview_turns_previews_off_and_never_costs_the_training(m, tm
 
 def test_a_resumed_run_lists_the_previews_it_continues_and_a_new_run_starts_without(m, tmp_path):
     tj = m["train_job"]
-    ds = dataclasses.replace(_dataset(m), subject="sks dog")
 
     def job(steps, resume):
-        config = m["settings"].build_config(steps=steps, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=2,
-                                            preset=m["settings"].DEFAULT_PRESET)
-        return tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config, dataset=ds,
-                           lora_file="cont.safetensors", loras_dir=tmp_path / "loras",
-                           checkpoint_dir=tmp_path / "runs" / "cont", overwrite=True, resume=resume,
-                           node_id="cont", preview_prompts="a photo of sks dog", preview_every=2)
+        return _preview_job(m, tmp_path, "cont", 2, steps=steps, checkpoint_every=2, overwrite=True, resume=resume,
+                            preview_prompts="a photo of sks dog")
 
     job(2, False).prepare().run()
     job(4, True).prepare().run()  # resumes at 2
@@ -918,7 +905,7 @@ def test_a_resumed_run_lists_the_previews_it_continues_and_a_new_run_starts_with
 
 
 def test_stop_during_previews_skips_the_rest_and_ends_the_run_at_that_step(m, tmp_path, monkeypatch):
-    tj, pv = m["train_job"], sys.modules[m["train_job"].Previewer.__module__]
+    pv = sys.modules[m["train_job"].Previewer.__module__]
     real = pv.Previewer.render
 
     def render(self, step, lora_file=None, should_stop=lambda: False):
@@ -927,12 +914,6 @@ def test_stop_during_previews_skips_the_rest_and_ends_the_run_at_that_step(m, tm
         return real(self, step, lora_file, should_stop=should_stop)
 
     monkeypatch.setattr(pv.Previewer, "render", render)
-    config = m["settings"].build_config(steps=6, rank=4, learning_rate=5e-2, seed=0, checkpoint_every=0,
-                                        preset=m["settings"].DEFAULT_PRESET)
-    job = tj.TrainJob(model=m["model"], clip=m["clip"], vae=m["vae"], config=config,
-                      dataset=dataclasses.replace(_dataset(m), subject="sks dog"), lora_file="stopper.safetensors",
-                      loras_dir=tmp_path / "loras", checkpoint_dir=tmp_path / "runs" / "stopper", overwrite=False,
-                      resume=False, node_id="stopper", preview_every=2)
-    res = job.prepare().run()
+    res = _preview_job(m, tmp_path, "stopper", 2, steps=6).prepare().run()
     assert res.stopped and res.steps_done == 2 and res.lora_path.is_file()
     assert {p["step"] for p in m["runs"].RUNS.get("stopper").previews} == {0}  # step 2's were skipped
