@@ -522,7 +522,7 @@ export class AptLiveChart {
     const m = this.model;
     const step = m.shownPreviewStep();
     const images = m.previewsAt(step);
-    const key = `${step}:${images.map((p) => p.file).join(",")}`;
+    const key = `${m.runId}:${step}:${images.map((p) => p.file).join(",")}`; // a rerun reuses file names
     if (key === this._stripKey) return;
     this._stripKey = key;
     const steps = m.previewSteps();

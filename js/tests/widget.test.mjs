@@ -341,6 +341,23 @@ describe("previews", () => {
     assert.equal(chart.strip.dataset.aptPreviewStep, "50");
     node.onRemoved();
   });
+
+  it("a new run under the same LoRA name (same file names) shows its own images, not the cached ones", async () => {
+    fakeApi.routes["GET /apt/runs/7"] = () => ({ status: 200, body: {
+      node_id: "7", prompt_id: "p1", status: "finished", step: 3, total_steps: 3, updated: 1,
+      history: [1, 2, 3].map((s) => strip(ev(s, { total_steps: 3 }))), previews: [pv(0, 0)] } });
+    const node = await createNode(7);
+    const chart = node.__aptChart;
+    assert.match(chart.stripImages.children[0].src, /run=p1$/);
+    fakeApi.routes["GET /apt/runs/7"] = () => ({ status: 200, body: {
+      node_id: "7", prompt_id: "p2", status: "training", step: 1, total_steps: 3, updated: 2,
+      history: [strip(ev(1, { prompt_id: "p2", total_steps: 3 }))], previews: [pv(0, 0)] } });
+    fakeApi.emit("apt.status", { node_id: "7", prompt_id: "p2", status: "training", step: 1, total_steps: 3, updated: 2 });
+    await settle();
+    assert.equal(chart.model.runId, "p2");
+    assert.match(chart.stripImages.children[0].src, /run=p2$/);
+    node.onRemoved();
+  });
 });
 
 describe("stop button", () => {
