@@ -1,9 +1,8 @@
 """Standalone APT LoRA training: `python -m apt_core [options]` (or the `apt-train` script).
 
-With no --model (or --model tiny) it trains a small generated SDXL-shaped model with random
-weights, and with no --images it trains on generated sample photos, so the command always runs
-end to end, offline, on CPU. --sample-prompt / --sample-prompts render the same prompts and seeds
-with the LoRA off (before) and on (after) into one labelled grid PNG.
+Trains an SDXL LoRA with APT on a folder of photos, offline. --sample-prompt / --sample-prompts
+render the same prompts and seeds with the LoRA off (before) and on (after) into one labelled grid
+PNG.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ from .config import FILL_MODES, AptConfig, AptSwitches, AugmentConfig, Indicator
 from .errors import AptError
 from .images import load_image_folder, records_fingerprint
 from .models import cache_dataset, encode_pixels, load_sdxl
-from .tiny_model import build_tiny_sdxl
 from .preservation import CLASS_CACHE_NAME, class_prompts, load_or_sample_class_examples
-from .sample_images import write_sample_folder
 from .sampling import before_after_grid, on_device, sample, to_uint8_images
 from .trainer import AptTrainer, ProgressEvent
 
@@ -35,17 +32,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m apt_core", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = p.add_argument_group("input and output")
-    io.add_argument("--images", help="folder of 3-10 photos (+ same-name .txt captions); "
-                    "default: generated sample photos")
-    io.add_argument("--model", help="SDXL diffusers folder or single .safetensors file; 'tiny' or "
-                    "nothing: a small generated SDXL-shaped model with random weights (tests only)")
+    io.add_argument("--images", help="folder of 3-10 photos (+ same-name .txt captions); required")
+    io.add_argument("--model", help="SDXL diffusers folder or single .safetensors file; required")
     io.add_argument("--model-config", help="local diffusers SDXL config folder for single-file models")
     io.add_argument("--out", default="output/apt_lora.safetensors", help="LoRA file to write")
     io.add_argument("--checkpoint-dir", help="default: <out>.checkpoints")
     io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     io.add_argument("--default-caption", help="caption for images without a .txt file")
     io.add_argument("--resolution", type=int, help="training size; default: the model's native size "
-                    "(1024 for SDXL, 64 for the tiny model and the quality benchmark's prior)")
+                    "(1024 for SDXL, 128 for the quality benchmark's prior)")
     io.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=500)
@@ -207,19 +202,13 @@ def train(args: argparse.Namespace) -> int:
     prompts = sample_prompts(args)
     if args.samples_per_prompt < 1 or args.sample_steps < 1:
         raise AptError("--samples-per-prompt and --sample-steps must be at least 1")
-    if args.model and args.model != "tiny":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        components = load_sdxl(args.model, dtype=dtype, config=args.model_config)
-        resolution = args.resolution or native_resolution(components)
-    else:
-        print("using the small generated SDXL-shaped model with random weights (pipeline check only)")
-        components = build_tiny_sdxl(seed=args.seed)
-        resolution = args.resolution or 64
-    images = args.images
-    if images is None:
-        images = write_sample_folder(out.parent / "sample_images", size=max(resolution, 64))
-        print(f"no --images given: generated sample photos in {images}")
-    report = load_image_folder(images, resolution=resolution, default_caption=args.default_caption,
+    if not args.model or not args.images:
+        raise AptError("give --model (an SDXL diffusers folder or .safetensors file) and --images "
+                       "(a folder of photos)")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    components = load_sdxl(args.model, dtype=dtype, config=args.model_config)
+    resolution = args.resolution or native_resolution(components)
+    report = load_image_folder(args.images, resolution=resolution, default_caption=args.default_caption,
                                bucket_step=64 if resolution >= 512 else 8)
     print(report.summary())
     components.unet.to(device)

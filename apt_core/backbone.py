@@ -21,7 +21,7 @@ from torch import nn
 
 from .conditioning import SDXLConditioning
 from .config import LoraConfig
-from .probes import AptProbe, recorded_attention
+from .probes import AptProbe, decoder_stages, recorded_attention
 
 
 class TrainableLora(Protocol):
@@ -159,37 +159,26 @@ class DiffusersSDXLBackbone:
     def kohya_key(self, module_name: str) -> str:
         return kohya_key(module_name)
 
-    def up_blocks_at(self, factors: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
-        """Decoder stages whose latent downsampling factor is in `factors` (4 -> 32x32 at 1024 px)."""
-        n = len(self.unet.up_blocks)
-        picked = []
-        for i, block in enumerate(self.unet.up_blocks):
-            factor = 2 ** (n - 1 - i)
-            if factor in factors and getattr(block, "attentions", None) is not None:
-                picked.append((f"up_blocks.{i}", block))
-        return picked
-
     def attach_probe(self, probe: AptProbe, up_block_factors: tuple[int, ...]) -> ProbeHandle:
         from diffusers.models.attention_processor import AttnProcessor2_0
 
         handle = ProbeHandle()
-        for block_name, block in self.up_blocks_at(up_block_factors):
-            for j, stage in enumerate(block.attentions):
-                stage_name = f"{block_name}.attentions.{j}"
-                if probe.rs:
-                    hook = stage.register_forward_hook(
-                        lambda mod, inp, out, n=stage_name: probe.record_features(
-                            n, out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)))
-                    handle.undo.append(hook.remove)
-                    handle.rs_layers.append(stage_name)
-                if probe.aa:
-                    for k, tblock in enumerate(stage.transformer_blocks):
-                        attn = tblock.attn2
-                        name = f"{stage_name}.transformer_blocks.{k}.attn2"
-                        original = attn.processor
-                        attn.set_processor(RecordingCrossAttnProcessor(name, probe, AttnProcessor2_0()))
-                        handle.undo.append(lambda a=attn, p=original: a.set_processor(p))
-                        handle.aa_layers.append(name)
+        unet = self.unet
+        for stage_name, stage in decoder_stages(unet.down_blocks, unet.up_blocks, "up_blocks", up_block_factors):
+            if probe.rs:
+                hook = stage.register_forward_hook(
+                    lambda mod, inp, out, n=stage_name: probe.record_features(
+                        n, out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)))
+                handle.undo.append(hook.remove)
+                handle.rs_layers.append(stage_name)
+            if probe.aa:
+                for k, tblock in enumerate(stage.transformer_blocks):
+                    attn = tblock.attn2
+                    name = f"{stage_name}.transformer_blocks.{k}.attn2"
+                    original = attn.processor
+                    attn.set_processor(RecordingCrossAttnProcessor(name, probe, AttnProcessor2_0()))
+                    handle.undo.append(lambda a=attn, p=original: a.set_processor(p))
+                    handle.aa_layers.append(name)
         return handle
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:

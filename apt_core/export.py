@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .errors import AptOutputError
 
@@ -186,23 +186,3 @@ def save_kohya_lora(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
                     metadata: Mapping[str, str]) -> Path:
     """Atomically write a kohya LoRA safetensors file."""
     return atomic_write(path, lambda tmp: save_file(dict(tensors), tmp, metadata=dict(metadata)))
-
-
-def read_kohya_lora(path: str | os.PathLike, key_to_module: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], float]:
-    """Inverse of kohya_tensors for files this pack wrote: -> ({"<module>.down"/".up": fp32}, alpha)."""
-    tensors = load_file(str(path))
-    state, alpha = {}, None
-    for key, tensor in tensors.items():
-        base, _, part = key.partition(".")
-        if base not in key_to_module:
-            raise ValueError(f"{path}: key {key!r} does not belong to this model")
-        module = key_to_module[base]
-        if part == "alpha":
-            alpha = float(tensor)
-        elif part in ("lora_down.weight", "lora_up.weight"):
-            state[f"{module}.{part.split('_')[1].split('.')[0]}"] = tensor.float()
-        else:
-            raise ValueError(f"{path}: unexpected key {key!r}")
-    if alpha is None:
-        raise ValueError(f"{path}: no alpha found")
-    return state, alpha

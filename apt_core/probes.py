@@ -11,9 +11,10 @@ recomputes exactly what it computed the first time.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
+from torch import nn
 
 from .regularizers import aa_layer_loss, channel_stats, mean_or_zero, rs_layer_loss
 
@@ -129,3 +130,33 @@ def recorded_attention(probe: AptProbe, name: str, query: torch.Tensor, key: tor
     out, probs = explicit_attention(q, k, v, scale)
     probe.record_attention(name, probs)
     return out.transpose(1, 2).reshape(b, -1, heads * dim_head).to(q.dtype)
+
+
+# Class names in diffusers' UNet2DConditionModel and ComfyUI's UNetModel.
+_STAGES = ("Transformer2DModel", "SpatialTransformer", "SpatialVideoTransformer")
+_DOWNSAMPLERS = ("Downsample2D", "Downsample")
+_UPSAMPLERS = ("Upsample2D", "Upsample")
+
+
+def decoder_stages(encoder: Iterable[nn.Module], decoder: Iterable[nn.Module], prefix: str,
+                   factors: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
+    """(name, transformer stage) of each decoder stage whose latent downsampling factor is in
+    `factors`, for either host's UNet: its encoder and decoder blocks in forward order.
+
+    The factor starts at 2 ** (downsamplers in the encoder) and halves after each decoder block
+    that upsamples. SDXL: 4 (32x32 at 1024 px) for the first decoder level, then 2, then 1.
+    Names: f"{prefix}.{block index}.{path in the block}", e.g. up_blocks.0.attentions.1 or
+    output_blocks.1.1.
+    """
+    def has(module: nn.Module, classes: tuple[str, ...]) -> bool:
+        return any(type(m).__name__ in classes for m in module.modules())
+
+    factor = 2 ** sum(has(block, _DOWNSAMPLERS) for block in encoder)
+    picked = []
+    for i, block in enumerate(decoder):
+        if factor in factors:
+            picked += [(f"{prefix}.{i}.{name}", m) for name, m in block.named_modules()
+                       if type(m).__name__ in _STAGES]
+        if has(block, _UPSAMPLERS):
+            factor //= 2
+    return picked

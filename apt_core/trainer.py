@@ -10,7 +10,6 @@ at once.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
@@ -20,15 +19,16 @@ from typing import Callable
 
 import torch
 
-from .augment import augment_batch, draw_augmentation, variants_match
+from .augment import augment_batch, draw_augmentation
 from .backbone import Backbone
 from .checkpoint import StepRecovery, check_resumable, latest_checkpoint, load_checkpoint, save_checkpoint
 from .conditioning import CachedDataset, SDXLConditioning, draw_class_batch
 from .config import AptConfig
-from .errors import AptConfigError, AptDatasetError, NonFiniteLossError
+from .errors import NonFiniteLossError
 from .export import SAVE_DTYPES, kohya_metadata, kohya_tensors, save_kohya_lora
 from .indicator import OverfittingIndicator
 from .probes import AptProbe
+from .training_utils import autocast_dtype, check_trainable, lr_at, noised
 
 
 @dataclass
@@ -92,37 +92,6 @@ class TrainResult:
     history: list[dict]
 
 
-def lr_at(step: int, base_lr: float, warmup: int, total: int, schedule: str) -> float:
-    """Learning rate for 0-based `step`: linear warmup, then constant or cosine decay to 0."""
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return base_lr
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the GPU computes bf16 natively (NVIDIA Ampere, compute capability 8.0, and newer), not
-    through the slow emulation that `torch.cuda.is_bf16_supported()` also counts (T4, V100, RTX 20xx)."""
-    if device.type != "cuda":
-        return False
-    try:
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    except TypeError:  # torch before 2.3 has no such argument
-        return torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a training step (None: full fp32). "auto": bf16 where the GPU computes it
-    natively, fp16 (with loss scaling, `AptTrainer.scaler`) on other CUDA GPUs, fp32 elsewhere."""
-    if mixed_precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if native_bf16(device) else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}[mixed_precision]
-
-
 class AptTrainer:
     def __init__(self, backbone: Backbone, dataset: CachedDataset, config: AptConfig, *,
                  checkpoint_dir: str | Path | None = None,
@@ -133,18 +102,7 @@ class AptTrainer:
                  on_step: Callable[[int], None] | None = None,
                  data_fingerprint: str | None = None):
         self.config = config.validate()
-        if len(dataset) == 0:
-            raise AptDatasetError("the dataset is empty: add 3-10 images of the subject.")
-        aug = config.augmentation
-        if aug is not None and aug.precomputed:
-            if not variants_match(dataset, aug):
-                raise AptConfigError("pixel-space augmentation needs each image's variants encoded for this "
-                                     "zoom/rotation range and variant grid: call apt_core.augment."
-                                     "encode_variants after caching, or use augmentation space 'latent'.")
-        elif aug is not None and aug.encodes_every_step:
-            if encode_pixels is None or any(ex.pixels is None for ex in dataset.examples):
-                raise AptConfigError("pixel-space augmentation at every step needs the VAE and cached pixels; "
-                                     "use augmentation space 'latent' or cache with keep_pixels=True.")
+        check_trainable(self.config, dataset, encode_pixels)
         self.backbone = backbone
         self.dataset = dataset
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -161,14 +119,6 @@ class AptTrainer:
         # What the training images and captions were (images.records_fingerprint): a checkpoint made
         # from other data is not resumed.
         self.data_fingerprint = data_fingerprint
-        regs = config.regularizers
-        if regs.preserves_on_class_images:
-            if not dataset.class_examples or len({ex.bucket for ex in dataset.class_examples}) > 1:
-                raise AptConfigError("output preservation on class images needs the prior's class images, all of "
-                                     "one size: call apt_core.preservation.sample_class_examples before training.")
-        elif regs.lambda_preserve > 0 and any(ex.preserve_cond is None for ex in dataset.examples):
-            raise AptConfigError("output preservation needs each caption encoded without the trigger word: "
-                                 "cache the dataset with trigger_words set.")
         self.device = torch.device(backbone.device)  # the host's compute device, not where weights rest
         self.amp_dtype = autocast_dtype(config.train.mixed_precision, self.device)
         self.generator = torch.Generator().manual_seed(config.train.seed)
@@ -230,15 +180,6 @@ class AptTrainer:
         """The host UNet's weight dtype: what its inputs (x_t, conditioning) are cast to."""
         return self.backbone.dtype
 
-    def _noised(self, latents: torch.Tensor, t_dev: torch.Tensor, noise: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x_t in the UNet's dtype and the fp32 regression target (noise or v), both (B, 4, h, w)."""
-        acp = self._alphas_cumprod[t_dev].view(-1, 1, 1, 1)
-        x_t = acp.sqrt() * latents + (1.0 - acp).sqrt() * noise
-        target = noise if self.backbone.prediction_type == "epsilon" else \
-            acp.sqrt() * noise - (1.0 - acp).sqrt() * latents
-        return x_t.to(self.unet_dtype), target.float()
-
     def next_batch(self) -> Batch:
         """Draw the images, timesteps, noise and augmentation of one step (in this order, from the
         run's generator) and augment where the indicator says so."""
@@ -270,7 +211,8 @@ class AptTrainer:
         cfg, sw = self.config, self.config.switches
         b = latents.shape[0]
         t_dev = t.to(self.device)
-        x_t, target = self._noised(latents, t_dev, noise)
+        x_t, target = noised(latents, noise, self._alphas_cumprod[t_dev], self.backbone.prediction_type)
+        x_t = x_t.to(self.unet_dtype)
         loss_pre = None
         if sw.needs_prior:
             with torch.no_grad(), self.lora.disabled(), self.probe.recording("prior"):
@@ -305,7 +247,8 @@ class AptTrainer:
         Returns a scalar (before lambda_preserve).
         """
         t_dev = t.to(self.device)
-        x_t, _ = self._noised(latents, t_dev, noise)
+        x_t, _ = noised(latents, noise, self._alphas_cumprod[t_dev], self.backbone.prediction_type)
+        x_t = x_t.to(self.unet_dtype)
         with torch.no_grad(), self.lora.disabled():
             pred_pre = self._forward(x_t, t_dev, keep_cond)
         pred_ft = self._forward(x_t, t_dev, keep_cond)

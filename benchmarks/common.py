@@ -73,7 +73,7 @@ class Workload:
     @property
     def amp_dtype(self) -> torch.dtype | None:
         """What the project's trainer picks with mixed_precision="auto"."""
-        from apt_core.trainer import autocast_dtype
+        from apt_core.training_utils import autocast_dtype
 
         return autocast_dtype("auto", self.device)
 
@@ -126,7 +126,7 @@ def unet_config_for(model: str) -> dict[str, Any]:
     if model == "sdxl":
         return dict(SDXL_UNET_CONFIG)
     if model == "tiny":
-        from apt_core.tiny_model import tiny_sdxl_unet_config
+        from quality.tiny_model import tiny_sdxl_unet_config
 
         return tiny_sdxl_unet_config()
     raise ValueError(f"unknown model {model!r}; use 'sdxl' or 'tiny'")
@@ -187,12 +187,12 @@ def make_workload(model: str, device: torch.device, resolution: int, batch_size:
 def caching_components(model: str, device: torch.device, dtype: torch.dtype):
     """VAE + text encoders + tokenizers of the model in use (random weights), on `device`.
 
-    tiny: apt_core.tiny_model.build_tiny_sdxl. sdxl: SDXL's real VAE / CLIP-L / OpenCLIP-bigG
+    tiny: quality.tiny_model.build_tiny_sdxl. sdxl: SDXL's real VAE / CLIP-L / OpenCLIP-bigG
     architectures with random weights; the tokenizers are the tiny offline ones (the real vocab files
     are not bundled). Tokenizing 77 ids costs microseconds either way; the encoders do the work.
     """
     from apt_core.models import SDXLComponents, sdxl_train_scheduler
-    from apt_core.tiny_model import build_tiny_sdxl, build_tiny_tokenizers
+    from quality.tiny_model import build_tiny_sdxl, build_tiny_tokenizers
 
     if model == "tiny":
         c = build_tiny_sdxl()

@@ -38,7 +38,7 @@ from apt_core.backbone import ProbeHandle, kohya_key, transformer_lora_targets
 from apt_core.conditioning import SDXLConditioning
 from apt_core.config import LoraConfig
 from apt_core.errors import AptModelError
-from apt_core.probes import AptProbe, recorded_attention
+from apt_core.probes import AptProbe, decoder_stages, recorded_attention
 
 from .comfy_lora import ComfyLora
 
@@ -189,18 +189,7 @@ class ComfySDXLBackbone:
     def decoder_stages(self, factors: tuple[int, ...]) -> list[tuple[str, nn.Module]]:
         """(name, SpatialTransformer) of each decoder stage whose latent downsampling factor is in
         `factors` (SDXL: output_blocks 0-2 at 4 = 32x32 for 1024 px, 3-5 at 2 = 64x64)."""
-        factor = 1
-        for block in self.unet.input_blocks:
-            if any(_class_name(layer) == "Downsample" for layer in block):
-                factor *= 2
-        picked = []
-        for k, block in enumerate(self.unet.output_blocks):
-            for j, layer in enumerate(block):
-                if _class_name(layer) in ("SpatialTransformer", "SpatialVideoTransformer") and factor in factors:
-                    picked.append((f"output_blocks.{k}.{j}", layer))
-            if any(_class_name(layer) == "Upsample" for layer in block):
-                factor //= 2
-        return picked
+        return decoder_stages(self.unet.input_blocks, self.unet.output_blocks, "output_blocks", factors)
 
     def attach_probe(self, probe: AptProbe, up_block_factors: tuple[int, ...]) -> ProbeHandle:
         handle = ProbeHandle()

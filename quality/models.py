@@ -1,6 +1,6 @@
 """The benchmark's SDXL-shaped prior: world-vocabulary tokenizers, text encoders, UNet, VAE.
 
-Same diffusers classes and layout as `apt_core.tiny_model.build_tiny_sdxl` (3-level UNet with
+Same diffusers classes and layout as `quality.tiny_model.build_tiny_sdxl` (3-level UNet with
 text_time conditioning, two CLIP text encoders, 4-channel 8x AutoencoderKL), with widths chosen
 for the world: 64 px images, 8x8 latents. The tokenizers know every word of the world as one
 token (byte-level CLIP BPE plus one merge chain per word), so captions never split into bytes.
@@ -16,7 +16,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from apt_core.conditioning import SDXLConditioning, sdxl_time_ids
 from apt_core.models import SDXLComponents, check_sdxl_unet, sdxl_train_scheduler
-from apt_core.tiny_model import bpe_vocab, tokenizers_from_vocab
+from .tiny_model import bpe_vocab, tokenizers_from_vocab
 
 from .world import WORDS
 

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from apt_core.models import load_sdxl
-from apt_core.tiny_model import save_tiny_sdxl
+from quality.tiny_model import save_tiny_sdxl
 
 from .models import IMAGE_SIZE, build_world_sdxl, encode_text_grad, token_ids, world_image_size
 from .sampling import initial_noise, sample

@@ -11,7 +11,7 @@
 # priors S = 10 gives the paper's gamma profile (quality/README.md, "Project decisions"). The LoRA
 # also covers the feed-forward layers and the resnet convolutions: the small prior draws outlines
 # without attention, so an attention-only LoRA cannot learn the cross (quality/README.md).
-# Extra arguments go to `python -m apt_core` (e.g. --steps 400, --baseline, --model tiny).
+# Extra arguments go to `python -m apt_core` (e.g. --steps 400, --baseline).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh" || exit 1
 cd "$ROOT" || exit 1

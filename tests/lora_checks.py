@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 import comfy_host as ch
-from apt_core.tiny_model import build_tiny_sdxl
+from quality.tiny_model import build_tiny_sdxl
 
 
 def assert_loads_in_comfyui(path, probe, expected) -> None:

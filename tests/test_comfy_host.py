@@ -30,7 +30,7 @@ TINY_VARIANT = dict(TINY_SDXL, attention_head_dim=4, use_linear_projection=False
 
 def _project_tiny_config():
     try:
-        from apt_core.tiny_model import tiny_sdxl_unet_config
+        from quality.tiny_model import tiny_sdxl_unet_config
     except Exception:  # the project's tiny model is optional for this file
         return None
     return tiny_sdxl_unet_config()

@@ -68,7 +68,7 @@ def test_the_lora_covers_every_attention_projection_and_the_switches_add_the_res
     """What the LoRA targets is decided by the backbone from these switches (there is no free-form
     target list to get out of step with the names)."""
     from apt_core.backbone import transformer_lora_targets
-    from apt_core.tiny_model import build_tiny_sdxl
+    from quality.tiny_model import build_tiny_sdxl
 
     unet = build_tiny_sdxl(0).unet
     default = transformer_lora_targets(unet)

@@ -4,19 +4,40 @@ effect in ComfyUI's LoraLoader path (zero "lora key not loaded") and in diffuser
 import json
 import os
 import re
+from typing import Mapping
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from apt_core.errors import AptOutputError
-from apt_core.export import atomic_write, read_kohya_lora, tag_frequency
+from apt_core.export import atomic_write, tag_frequency
 
 from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers, train_and_export
 from tiny import config
 
 KEY = re.compile(r"^lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def read_kohya_lora(path: str | os.PathLike, key_to_module: Mapping[str, str]) -> tuple[dict[str, torch.Tensor], float]:
+    """Inverse of apt_core.export.kohya_tensors for files this pack wrote: -> ({"<module>.down"/".up": fp32}, alpha)."""
+    tensors = load_file(str(path))
+    state, alpha = {}, None
+    for key, tensor in tensors.items():
+        base, _, part = key.partition(".")
+        if base not in key_to_module:
+            raise ValueError(f"{path}: key {key!r} does not belong to this model")
+        module = key_to_module[base]
+        if part == "alpha":
+            alpha = float(tensor)
+        elif part in ("lora_down.weight", "lora_up.weight"):
+            state[f"{module}.{part.split('_')[1].split('.')[0]}"] = tensor.float()
+        else:
+            raise ValueError(f"{path}: unexpected key {key!r}")
+    if alpha is None:
+        raise ValueError(f"{path}: no alpha found")
+    return state, alpha
 
 
 @pytest.fixture(scope="module", params=[4.0, 1.0], ids=["alpha=rank", "alpha=rank/4"])

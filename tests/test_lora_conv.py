@@ -14,7 +14,7 @@ from torch import nn
 
 from apt_core.config import AptConfig, LoraConfig
 from apt_core.lora import LoraAdapter, resnet_conv_targets
-from apt_core.tiny_model import build_tiny_sdxl
+from quality.tiny_model import build_tiny_sdxl
 
 from lora_checks import assert_loads_in_comfyui, assert_loads_in_diffusers, train_and_export
 from tiny import config

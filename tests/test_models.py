@@ -16,7 +16,7 @@ from apt_core.config import AugmentConfig
 from apt_core.errors import AptModelError
 from apt_core.models import (SD1_MESSAGE, cache_dataset, check_sdxl_unet, encode_pixels, encode_prompts,
                              load_sdxl)
-from apt_core.tiny_model import build_tiny_sdxl, save_tiny_sdxl, tiny_sdxl_unet_config
+from quality.tiny_model import build_tiny_sdxl, save_tiny_sdxl, tiny_sdxl_unet_config
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,10 @@ def test_lora_targets_hooked_layers_and_kohya_keys(cb, pair):
     # RS/AA stages: SGM output_blocks 0-2 (factor 4) and 3-5 (factor 2), like diffusers up_blocks 0/1.
     assert [n for n, _ in com.decoder_stages((4, 2))] == [f"output_blocks.{k}.1" for k in range(6)]
     assert [n for n, _ in com.decoder_stages((2,))] == [f"output_blocks.{k}.1" for k in (3, 4, 5)]
+    from apt_core.probes import decoder_stages  # the same discovery on diffusers' layout
+    unet = components.unet
+    assert [n for n, _ in decoder_stages(unet.down_blocks, unet.up_blocks, "up_blocks", (2,))] == \
+        [f"up_blocks.1.attentions.{j}" for j in range(3)]
 
 
 def _map_lora_state(state, key_map):

@@ -9,7 +9,7 @@ import torch
 from apt_core.backbone import transformer_lora_targets
 from apt_core.config import LoraConfig
 from apt_core.lora import ADAPTER, LoraAdapter
-from apt_core.tiny_model import build_tiny_sdxl
+from quality.tiny_model import build_tiny_sdxl
 from apt_core.sampling import (before_after_grid, ddim_scheduler, guided_output, initial_noise,
                                prompt_conditioning, sample, unet_output)
 

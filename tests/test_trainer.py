@@ -12,8 +12,9 @@ from apt_core.backbone import DiffusersSDXLBackbone
 from apt_core.config import AptSwitches, AugmentConfig
 from apt_core.errors import AptConfigError, NonFiniteLossError
 from apt_core.models import encode_pixels
-from apt_core.tiny_model import build_tiny_sdxl
-from apt_core.trainer import AptTrainer, lr_at
+from quality.tiny_model import build_tiny_sdxl
+from apt_core.trainer import AptTrainer
+from apt_core.training_utils import lr_at
 
 from tiny import config, tiny_model_and_data
 
@@ -554,7 +555,7 @@ def test_auto_precision_uses_bf16_only_where_the_gpu_computes_it_natively(monkey
                                                                         emulated_bf16, want):
     """CPU contract for the GPU choice: torch.cuda.is_bf16_supported() also counts emulation (slow);
     'auto' must pick fp16 with loss scaling there, bf16 only from compute capability 8.0."""
-    from apt_core import trainer as tr
+    from apt_core import training_utils as tr
 
     def is_bf16_supported(including_emulation: bool = True) -> bool:
         return capability[0] >= 8 or (including_emulation and emulated_bf16)

@@ -8,7 +8,7 @@ import torch
 
 from apt_core.config import AptConfig, AptSwitches, AugmentConfig, TrainConfig
 from apt_core.models import cache_dataset
-from apt_core.tiny_model import build_tiny_sdxl
+from quality.tiny_model import build_tiny_sdxl
 
 
 @dataclass

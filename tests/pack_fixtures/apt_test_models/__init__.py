@@ -31,10 +31,19 @@ VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channel
 _BUILT: dict = {}
 
 
-def tiny_unet_config(kind: str) -> dict:
-    from apt_core.tiny_model import tiny_sdxl_unet_config
+def _tiny_model_module():
+    """quality/tiny_model.py, loaded from its file: the repository root stays off sys.path."""
+    import importlib.util
 
-    cfg = dict(tiny_sdxl_unet_config())
+    path = os.path.join(_TESTS, "..", "quality", "tiny_model.py")
+    spec = importlib.util.spec_from_file_location("apt_test_models_tiny_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_unet_config(kind: str) -> dict:
+    cfg = dict(_tiny_model_module().tiny_sdxl_unet_config())
     cfg["cross_attention_dim"] = TEXT_L["hidden_size"] + TEXT_G["hidden_size"]  # 80
     # ComfyUI's CLIP-G projection is hidden x hidden: pooled 48 + 6 size ids x 8.
     cfg["projection_class_embeddings_input_dim"] = TEXT_G["hidden_size"] + 6 * cfg["addition_time_embed_dim"]

@@ -1,7 +1,8 @@
 """A tiny randomly initialised SDXL (SDXL's layout, tiny widths) and offline CLIP tokenizers.
 
-What tests, the benchmarks' CPU variant and the demo's `--model tiny` build instead of real weights;
-never downloads anything.
+What the tests and the benchmarks' CPU variant build instead of real weights; never downloads
+anything. `python -m quality.tiny_model FOLDER` writes it as a diffusers folder, for a quick
+pipeline check of the command line (`python -m apt_core --model FOLDER --images ...`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .models import SDXLComponents, sdxl_train_scheduler
+from apt_core.models import SDXLComponents, sdxl_train_scheduler
 
 _TINY_WORDS = ("a", "photo", "of", "the", "cat", "dog", "sks", "person", "style", "painting")
 _TINY_TEXT = dict(hidden_1=32, hidden_2=48, projection_dim=40, time_dim=8)
@@ -135,3 +136,11 @@ def save_tiny_sdxl(components: SDXLComponents, folder: str | os.PathLike) -> str
                                      tokenizer_2=c.tokenizer_2, unet=c.unet, scheduler=c.scheduler)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return str(folder)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m quality.tiny_model FOLDER")
+    print(save_tiny_sdxl(build_tiny_sdxl(), sys.argv[1]))
