@@ -366,10 +366,11 @@ class AptTrainerNode(io.ComfyNode):
                 io.Int.Input("preview_every", optional=True, **ADVANCED, default=100, min=0, max=100000, tooltip=(
                     "Render sample previews every N steps (and at step 0, the base model, and the last "
                     "step): the chart's step axis shows them, and they are saved in the run folder. "
-                    "0 = off. Cost: each prompt takes about as long as 6 training steps (12 sampler "
-                    "steps with guidance: 24 UNet passes against about 4 per APT step; measured on the "
-                    "tiny CPU test model: 0.45-0.49 s against 0.075 s per step), so the 3 default "
-                    "prompts every 100 steps add about 18%.")),
+                    "0 = off. Cost: one prompt is 12 sampler steps with guidance plus a VAE decode, "
+                    "for SDXL at 1024 px the compute of about 8 training steps (counted in FLOPs; about 4 "
+                    "steps of H100 time before the decode), so the 3 default prompts every 100 steps add "
+                    "up to 25% (benchmarks/results/preview_flops_sdxl1024.md). On the tiny CPU test "
+                    "model a prompt took about 6 steps' time.")),
                 io.String.Input("preview_prompts", optional=True, **ADVANCED, multiline=True, default="", tooltip=(
                     "Your own preview prompts, one per line (each gets its own fixed seed). Empty: the "
                     "first training caption and two new contexts for '<trigger> <class>' from APT Caption.")),

@@ -10,7 +10,10 @@ Run it through scripts/gpu_check.sh (which sets up ComfyUI v0.33.0 and its venv)
    training device (the pack's "APT: training ... on <device>" log line), it/s (the pack's median
    step rate from /apt/runs and the wall-clock rate of steps 2..N seen over HTTP) and peak VRAM
    (nvidia-smi sampled every 200 ms, and torch.cuda.max_memory_allocated/reserved read inside the
-   server through a small probe route); then --ref-steps (2) at --ref-resolution (128) px, seed 0;
+   server through a small probe route), and what the node's previews cost (by default its first
+   and last step, 3 prompts each at --resolution: images, seconds, seconds per image against a
+   training step; --preview-every 0 runs without them, to compare the peak memory); then
+   --ref-steps (2) at --ref-resolution (128) px, seed 0, previews off;
 3. CPU host (--cpu): the same --ref-steps run, same seed and images;
 4. compares the two reference LoRAs: per LoRA module the weight update dW = up @ down * alpha/rank
    (zero at the start, so dW is all update): max |dW_gpu - dW_cpu| / max |dW_cpu| (worst module),
@@ -122,7 +125,9 @@ def write_images(folder: Path, size: int, n: int = 3) -> None:
         im.save(folder / f"ref{i}.png")
 
 
-def graph(*, steps: int, resolution: int, lora: str, preset: str, rank: int, seed: int) -> dict:
+def graph(*, steps: int, resolution: int, lora: str, preset: str, rank: int, seed: int,
+          preview_every: int | None = None) -> dict:
+    previews = {} if preview_every is None else {"preview_every": preview_every}
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": CKPT_NAME}},
         "2": {"class_type": "APTDatasetLoader", "inputs": {"folder": "subject", "resolution": resolution,
@@ -133,7 +138,7 @@ def graph(*, steps: int, resolution: int, lora: str, preset: str, rank: int, see
         TRAINER: {"class_type": "APTTrainer", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "dataset": ["3", 0], "steps": steps,
             "rank": rank, "learning_rate": 1e-4, "seed": seed, "checkpoint_every": 0, "lora_name": lora,
-            "overwrite": True, "resume": False, "memory_preset": preset}},
+            "overwrite": True, "resume": False, "memory_preset": preset, **previews}},
     }
 
 
@@ -207,7 +212,7 @@ class StepWatch:
 
 
 def run_training(server, *, steps: int, resolution: int, lora: str, preset: str, rank: int, seed: int,
-                 timeout: float) -> dict:
+                 timeout: float, preview_every: int | None = None) -> dict:
     """Queue one training prompt and wait; returns what was measured. Raises on failure."""
     if not list((server.input_dir / "subject").glob("*.png")) or resolution != getattr(server, "_img_size", None):
         shutil.rmtree(server.input_dir / "subject", ignore_errors=True)
@@ -220,7 +225,7 @@ def run_training(server, *, steps: int, resolution: int, lora: str, preset: str,
         pass
     t0, posted = time.monotonic(), time.time()
     prompt_id = server.post_prompt(graph(steps=steps, resolution=resolution, lora=lora, preset=preset,
-                                         rank=rank, seed=seed))
+                                         rank=rank, seed=seed, preview_every=preview_every))
     watch = StepWatch(server, prompt_id, posted)
     entry = server.wait_for(prompt_id, timeout=timeout)
     seconds = time.monotonic() - t0
@@ -236,12 +241,25 @@ def run_training(server, *, steps: int, resolution: int, lora: str, preset: str,
            "device": device[-1] if device else None, "steps_done": state.get("step"),
            "it_per_s_pack": hist[-1].get("it_per_s") if hist else None, "it_per_s_wall": wall_rate,
            "losses": [round(h.get("loss", float("nan")), 5) for h in hist],
-           "dynamic_vram_log": [ln.strip() for ln in log.splitlines() if "ynamic" in ln][:5]}
+           "dynamic_vram_log": [ln.strip() for ln in log.splitlines() if "ynamic" in ln][:5],
+           "previews": preview_report(server, lora)}
     try:
         out["torch_memory"] = server.get_json("/apt_gpu_check/memory")
     except (urllib.error.URLError, OSError, ValueError):
         out["torch_memory"] = None
     return out
+
+
+def preview_report(server, lora: str) -> dict:
+    """What the node's previews cost in this run: its previews/index.json (steps, images, seconds)."""
+    try:
+        index = json.loads((server.output_dir / "apt_lora_trainer" / lora / "previews" / "index.json")
+                           .read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {"images": 0, "steps": [], "seconds": 0.0}
+    images = index.get("images", [])
+    return {"images": len(images), "steps": sorted({im["step"] for im in images}),
+            "seconds": float(index.get("seconds", 0.0))}
 
 
 # ---- comparing two LoRA files ------------------------------------------------------------------
@@ -352,7 +370,8 @@ def gpu_phase(args, work: Path, ckpt_dir: Path) -> dict:
             f"{'--disable-dynamic-vram!' if '--disable-dynamic-vram' in cmd else 'no --disable-dynamic-vram'})")
         preset = pick_preset(server, args.preset)
         main = run_training(server, steps=args.steps, resolution=args.resolution, lora="gpu_check_main",
-                            preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout)
+                            preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout,
+                            preview_every=args.preview_every)
         res["main"] = main
         mem = main.get("torch_memory") or {}
         say(f"training device: {main['device']}  (expected cuda)")
@@ -362,10 +381,18 @@ def gpu_phase(args, work: Path, ckpt_dir: Path) -> dict:
         if mem.get("cuda"):
             say(f"peak torch memory in the server ({mem.get('device')}): allocated "
                 f"{mem['max_allocated'] / GIB:.2f} GiB, reserved {mem['max_reserved'] / GIB:.2f} GiB")
+        pv = main["previews"]
+        if pv["images"]:
+            per_step = 1.0 / main["it_per_s_pack"] if main.get("it_per_s_pack") else None
+            say(f"previews: {pv['images']} images at steps {pv['steps']}, {pv['seconds']:.1f} s in all, "
+                f"{pv['seconds'] / pv['images']:.2f} s per image at {args.resolution} px "
+                f"(a training step: {fmt(per_step)} s)")
+        else:
+            say("previews: none rendered (preview_every 0, or they failed: see the host log)")
         for ln in main["dynamic_vram_log"]:
             say(f"host log: {ln}")
         ref = run_training(server, steps=args.ref_steps, resolution=args.ref_resolution, lora="gpu_check_ref_gpu",
-                           preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout)
+                           preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout, preview_every=0)
         res["ref"] = ref
         say(f"reference run on {ref['device']}: {args.ref_steps} steps at {args.ref_resolution} px, "
             f"losses {ref['losses']}")
@@ -390,7 +417,7 @@ def cpu_phase(args, work: Path, ckpt_dir: Path) -> dict:
         # Without it the fp32 CPU run would hold ~10 GB more.
         preset = pick_preset(server, "low")
         ref = run_training(server, steps=args.ref_steps, resolution=args.ref_resolution, lora="gpu_check_ref_cpu",
-                           preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout)
+                           preset=preset, rank=args.rank, seed=args.seed, timeout=args.timeout, preview_every=0)
         hwm = _vm_hwm_gib(server.proc.pid)
     finally:
         server.stop()
@@ -505,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref-steps", type=int, default=2)
     ap.add_argument("--ref-resolution", type=int, default=128)
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--preview-every", type=int,
+                    help="the main run's preview_every (default: the node's, which previews its first and last "
+                         "step); 0 turns previews off, e.g. to compare the peak memory without them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", choices=("fast", "low"), default="fast",
                     help="APT Trainer memory preset of the GPU runs (the CPU reference always uses 'low')")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -104,3 +105,16 @@ def test_profile_regions_read_the_cpu_side_entry_not_the_gpu_annotation():
         assert r["calls_per_step"] == 1
     # on CPU only the CPU-side entry exists
     assert region_times([cpu_side], 2)["unet forward: fine-tuned"]["device_ms_per_step"] == pytest.approx(42.344)
+
+
+def test_preview_flops_counts_the_sdxl_layout_and_its_committed_table_is_current(tmp_path):
+    """The preview-cost count runs on the meta device; at 1024 px it reproduces the committed table
+    (the tooltip's figures), and its UNet forward equals the speed run's FLOP count."""
+    from benchmarks import preview_flops
+
+    out = tmp_path / "preview.md"
+    assert preview_flops.main(["--resolution", "1024", "--markdown", str(out)]) == 0
+    committed = (preview_flops.REPO_ROOT / "benchmarks" / "results" / "preview_flops_sdxl1024.md").read_text()
+    numbers = lambda text: [float(x) for x in re.findall(r"\d+\.\d+|\d+", text.split("- torch ")[1])]  # noqa: E731
+    assert numbers(out.read_text()) == pytest.approx(numbers(committed), rel=0.02)  # torch's counter may move a hair
+    assert "| UNet forward, batch 1 | 6.76 |" in committed  # = speed_sdxl_h100.md's forward rows: 6.76 T
