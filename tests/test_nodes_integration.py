@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -324,13 +325,47 @@ def test_trainer_inside_a_subgraph_reports_under_its_execution_id_with_the_new_i
     assert (server.loras_dir / "apt_sub.safetensors").is_file()
 
 
+def _view_png(server, view: dict) -> np.ndarray:
+    url = f"{server.base_url}/view?{urllib.parse.urlencode(view)}"
+    with urllib.request.urlopen(url, timeout=30) as r:
+        data = r.read()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG"
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+def _render_with_lora(server, lora_file: str, prompt: str, seed: int, prefix: str) -> np.ndarray:
+    """What an artist's graph renders with a saved LoRA: LoraLoader -> KSampler with the previews'
+    sampler, steps, guidance and negative prompt -> VAEDecode -> SaveImage; the PNG it saved."""
+    graph = {
+        "1": _graph()["1"],
+        "40": {"class_type": "LoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1], "lora_name": lora_file,
+                                                      "strength_model": 1.0, "strength_clip": 1.0}},
+        "41": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["40", 1]}},
+        "42": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality, deformed", "clip": ["40", 1]}},
+        "43": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "44": {"class_type": "KSampler", "inputs": {
+            "model": ["40", 0], "seed": seed, "steps": 12, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["41", 0], "negative": ["42", 0], "latent_image": ["43", 0], "denoise": 1.0}},
+        "45": {"class_type": "VAEDecode", "inputs": {"samples": ["44", 0], "vae": ["1", 2]}},
+        "46": {"class_type": "SaveImage", "inputs": {"images": ["45", 0], "filename_prefix": prefix}},
+    }
+    entry = _run(server, graph)
+    assert ch.history_status(entry) == "success", (_error(entry), server.log_tail())
+    saved = entry["outputs"]["46"]["images"][0]
+    return _view_png(server, saved)
+
+
 def test_previews_are_listed_by_the_run_route_and_served_by_view(server):
     """Previews every 2 of 4 steps: the run route lists steps 0, 2 and 4 with their prompts, the
     websocket announces each step's images, and ComfyUI's /view serves them as PNGs of the training
-    size from the run folder (so a reloaded page shows them)."""
+    size from the run folder (so a reloaded page shows them). The step-2 preview names the LoRA saved
+    at that step, and an artist's graph (LoraLoader + KSampler + VAEDecode + SaveImage) rendering
+    that file with the same prompt and seed draws the same picture."""
     ws = WsCollector(server)
     try:
-        entry = _run(server, {**_graph(), **_trainer("apt_prev", 4, preview_every=2,
+        entry = _run(server, {**_graph(), **_trainer("apt_prev", 4, preview_every=2, checkpoint_every=2, learning_rate=0.01,
+                                                      save_lora_every_checkpoint=True,
                                                       preview_prompts="a photo of sks dog\nsks dog in snow")})
     finally:
         ws.close()
@@ -339,11 +374,16 @@ def test_previews_are_listed_by_the_run_route_and_served_by_view(server):
     got = [(p["step"], p["prompt"], p["seed"]) for p in state["previews"]]
     assert got == [(s, p, i) for s in (0, 2, 4) for i, p in enumerate(["a photo of sks dog", "sks dog in snow"])]
     assert [m["step"] for m in ws.of("apt.previews")] == [0, 2, 4]
+    pngs = {}
     for p in state["previews"]:
         view = p["view"]
         assert view["type"] == "output" and view["subfolder"] == "apt_lora_trainer/apt_prev/previews"
-        url = f"{server.base_url}/view?{urllib.parse.urlencode(view)}"
-        with urllib.request.urlopen(url, timeout=30) as r:
-            data = r.read()
-        with Image.open(io.BytesIO(data)) as im:
-            assert im.format == "PNG" and im.size == (64, 64)
+        pngs[p["step"], p["seed"]] = _view_png(server, view)
+        assert pngs[p["step"], p["seed"]].shape == (64, 64, 3)
+    step2 = [p for p in state["previews"] if p["step"] == 2]
+    assert [p["lora_file"] for p in step2] == ["apt_prev_step00002.safetensors"] * 2
+    for p in step2:
+        rendered = _render_with_lora(server, p["lora_file"], p["prompt"], p["seed"], f"prev_check_{p['seed']}")
+        # the saved file is fp16 and SaveImage truncates where the preview rounds: a few levels at most
+        assert np.abs(rendered - pngs[2, p["seed"]]).max() <= 3, p
+        assert np.abs(rendered - pngs[0, p["seed"]]).max() > 3 * 3, p  # and the base model's picture it is not

@@ -818,7 +818,18 @@ def test_previews_render_at_their_steps_without_changing_the_training(m, tmp_pat
     def job(name, every):
         return _preview_job(m, tmp_path, name, every, dataset=ds, checkpoint_every=2, save_step_loras=True)
 
+    import comfy.model_management as mm
+    vae_loaded_after = []
+    real_render = pv.Previewer.render
+
+    def render(self, *a, **kw):  # the VAE a preview loaded is let go before training goes on
+        out = real_render(self, *a, **kw)
+        vae_loaded_after.append(any(lm.model is self.vae.patcher for lm in mm.current_loaded_models))
+        return out
+
+    monkeypatch.setattr(pv.Previewer, "render", render)
     with_previews = job("prev", 2).prepare().run()
+    assert vae_loaded_after == [False, False, False]
     without = job("plain", 0).prepare().run()
     got, ref = _lora_tensors(with_previews.lora_path), _lora_tensors(without.lora_path)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref), "previews changed training"
