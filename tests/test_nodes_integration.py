@@ -361,15 +361,26 @@ def test_previews_are_listed_by_the_run_route_and_served_by_view(server):
     websocket announces each step's images, and ComfyUI's /view serves them as PNGs of the training
     size from the run folder (so a reloaded page shows them). The step-2 preview names the LoRA saved
     at that step, and an artist's graph (LoraLoader + KSampler + VAEDecode + SaveImage) rendering
-    that file with the same prompt and seed draws the same picture."""
+    that file with the same prompt and seed draws the same picture. The same training without
+    previews writes the same LoRA, bit for bit."""
+    from safetensors.torch import load_file
+
+    def train(name, **kw):
+        return _run(server, {**_graph(), **_trainer(name, 4, checkpoint_every=2, learning_rate=0.01,
+                                                    save_lora_every_checkpoint=True, **kw)})
+
+    entry = train("apt_noprev", preview_every=0)
+    assert ch.history_status(entry) == "success", (_error(entry), server.log_tail())
+    assert server.get_json(f"/apt/runs/{TRAINER}")["previews"] == []
     ws = WsCollector(server)
     try:
-        entry = _run(server, {**_graph(), **_trainer("apt_prev", 4, preview_every=2, checkpoint_every=2, learning_rate=0.01,
-                                                      save_lora_every_checkpoint=True,
-                                                      preview_prompts="a photo of sks dog\nsks dog in snow")})
+        entry = train("apt_prev", preview_every=2, preview_prompts="a photo of sks dog\nsks dog in snow")
     finally:
         ws.close()
     assert ch.history_status(entry) == "success", (_error(entry), server.log_tail())
+    with_previews, without = (load_file(str(server.loras_dir / f"{n}.safetensors")) for n in ("apt_prev", "apt_noprev"))
+    assert with_previews.keys() == without.keys()
+    assert all(torch.equal(with_previews[k], without[k]) for k in without), "the previews changed the training"
     state = server.get_json(f"/apt/runs/{TRAINER}")
     got = [(p["step"], p["prompt"], p["seed"]) for p in state["previews"]]
     assert got == [(s, p, i) for s in (0, 2, 4) for i, p in enumerate(["a photo of sks dog", "sks dog in snow"])]
