@@ -25,7 +25,7 @@ from apt_core.trainer import AptTrainer
 from . import metrics as M
 from .models import IMAGE_SIZE, build_world_sdxl, conditioning, world_image_size
 from .sampling import sample
-from .task import (METHODS, Record, concept_prompts, drift_prompts, drift_seeds, reference_caption, reference_scenes,
+from .task import (METHODS, Record, concept_prompts, drift_prompts, drift_seeds, reference_captions, reference_scenes,
                    to_pixels)
 from .world import BACKGROUNDS, PRETRAIN_SHAPES, SHAPES, Scene, caption, detect, random_scene, render
 
@@ -78,19 +78,18 @@ def loose_shapes(concept: dict) -> tuple[str, ...]:
     return novel if concept["shape"] in novel else (concept["shape"],)
 
 
-def identity_ceiling(c: SDXLComponents, cfg: dict, es: "EvalSet") -> dict:
+def identity_ceiling(c: SDXLComponents, cfg: dict, es: "EvalSet", refs: list[Scene]) -> dict:
     """identity / identity_loose of a perfect generator: the concept rendered exactly as each
-    eval prompt asks (style flat unless asked; jittered layout from the image's seed), passed
-    through the VAE (encode -> decode) and read by the detectors."""
+    eval prompt asks (what it does not ask for as in a reference, taken in turn; jittered layout
+    from the image's seed), passed through the VAE (encode -> decode) and read by the detectors."""
     from .sampling import decode
 
     con = cfg["concept"]
     imgs = []
-    for req, seed in zip(es.requested, es.seeds):
+    for i, (req, seed) in enumerate(zip(es.requested, es.seeds)):
         kw = {k: v for k, v in req.items() if k in ("background", "position", "size_name", "style")}
-        kw.setdefault("style", con["style"])
-        for k in ("background", "position", "size_name"):
-            kw.setdefault(k, con[k])
+        for k in ("style", "background", "position", "size_name"):
+            kw.setdefault(k, getattr(refs[i % len(refs)], k))
         s = random_scene(random.Random(seed), shape=con["shape"], colour=con["colour"], **kw)
         imgs.append(to_pixels(render(s, es.size)))
     dets = [es.detect(im) for im in decode(c, encode_pixels(c, torch.stack(imgs)))]
@@ -110,7 +109,8 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
                  float(np.mean([s.cy for s in refs])), float(np.mean([s.size for s in refs])),
                  size=world_image_size(c), shape_rotation_deg=float(ev.get("shape_rotation_deg", 0.0)))
     n_ref = int(cfg["eval"]["ref_samples"])  # images of the references' own caption (ref_identity)
-    es.ref_prompts = [reference_caption(cfg)] * n_ref
+    captions = reference_captions(cfg)
+    es.ref_prompts = [captions[i % len(captions)] for i in range(n_ref)]
     es.ref_seeds = [base + 40_000 + i for i in range(n_ref)]
     g = torch.Generator().manual_seed(base + 20_000)
     n_refs = cfg["concept"]["n_images"]
@@ -124,7 +124,7 @@ def make_eval_set(cfg: dict, refs: list[Scene], c: SDXLComponents) -> EvalSet:
         cond = conditioning(c, [caption(s)], size=es.size)
         es.world_draws.append((latent, cond, int(torch.randint(0, 1000, (1,), generator=g)),
                                torch.randn(latent.shape, generator=g)))
-    es.ceiling = identity_ceiling(c, cfg, es)
+    es.ceiling = identity_ceiling(c, cfg, es, refs)
     return es
 
 
@@ -251,18 +251,21 @@ def _run(cfg: dict, untrained: bool, log: Callable[[str], None], on_run) -> dict
     refs = reference_scenes(cfg)
     size = world_image_size(c)
     ref_images = [render(s, size) for s in refs]
-    ref_cap = reference_caption(cfg)
-    records = [Record(to_pixels(im), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
-               for i, im in enumerate(ref_images)]
+    ref_caps = reference_captions(cfg)
+    ref_cap = ref_caps[0] if len(set(ref_caps)) == 1 else " | ".join(ref_caps)
+    records = [Record(to_pixels(im), cap, f"ref{i}", (size, size), (0, 0), (size, size))
+               for i, (im, cap) in enumerate(zip(ref_images, ref_caps))]
     regs = apt_config(cfg, cfg["methods"][0], 0).regularizers  # the same for every method
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True, aa_free_words=regs.aa_free_words,
                             trigger_words=regs.preservation_words)
     if regs.preserves_on_class_images:  # the prior's, drawn once for every seed
-        dataset.class_examples = sample_class_examples(c, [ref_cap], regs.trigger_words, regs.class_images,
+        dataset.class_examples = sample_class_examples(c, sorted(set(ref_caps)), regs.trigger_words, regs.class_images,
                                                        size=size, steps=cfg["eval"]["sampling_steps"],
                                                        guidance=cfg["eval"]["guidance"], batch=8)
     enc = lambda px: encode_pixels(c, px)  # noqa: E731
     if cfg["augment_fill"] == "background":
+        if isinstance(cfg["concept"]["background"], list):
+            raise ValueError("augment_fill 'background' needs one background shared by the references")
         to_real = _background_fill(dataset, BACKGROUNDS[cfg["concept"]["background"]])
         enc = lambda px: encode_pixels(c, to_real(px))  # noqa: E731
         bg_img = np.empty((size, size, 3), np.uint8)

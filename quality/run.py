@@ -42,6 +42,11 @@ DESCRIPTIONS = {
 }
 
 
+def _attr(value) -> str:
+    """A reference attribute for the report: one value, or the references' values in turn."""
+    return " / ".join(value) + " (one per reference)" if isinstance(value, list) else value
+
+
 def _cell(mean: float, std: float, show_std: bool = True) -> str:
     if isinstance(mean, float) and math.isnan(mean):
         return "—"
@@ -59,9 +64,9 @@ def markdown(out: dict, quick: bool) -> str:
         lines += ["**Quick smoke run: the numbers below say nothing about quality.**", ""]
     con = cfg["concept"]
     lines += [
-        f"Concept: a **{con['colour']} {con['shape']}** ({con['style']} style), never seen by the prior, bound "
-        f"to `sks`; {con['n_images']} references, {con['size_name']}, {con['position']}, on a "
-        f"{con['background']} background, caption `{res['reference_caption']}`.",
+        f"Concept: a **{con['colour']} {con['shape']}** ({_attr(con['style'])} style), never seen by the prior, bound "
+        f"to `sks`; {con['n_images']} references, {_attr(con['size_name'])}, {_attr(con['position'])}, on a "
+        f"{_attr(con['background'])} background, caption `{res['reference_caption']}`.",
         f"Prior: `{cfg['prior']}` ({res.get('image_size', 64)} px world). Training: {steps} steps, "
         f"seeds {cfg['seeds']}, settings "
         f"`{json.dumps(cfg['apt_config'])}`, augmentation fill: {fill_description(cfg)}.",

@@ -126,17 +126,44 @@ class Record:
     repeats: int = 1
 
 
+REFERENCE_ATTRS = ("shape", "colour", "style", "background", "position", "size_name")
+
+
+def reference_attrs(cfg: dict, i: int) -> dict[str, str]:
+    """The i-th reference image's attributes. A concept attribute given as a list varies across the
+    references (one value per image: e.g. four backgrounds, the realistic case); a string is shared."""
+    con = cfg["concept"]
+    out = {}
+    for k in REFERENCE_ATTRS:
+        v = con[k]
+        if isinstance(v, list):
+            if len(v) != con["n_images"]:
+                raise ValueError(f"concept.{k} lists {len(v)} values for {con['n_images']} references")
+            v = v[i]
+        out[k] = v
+    return out
+
+
+def varies(cfg: dict) -> list[str]:
+    """The concept attributes that vary across the references."""
+    return [k for k in REFERENCE_ATTRS if isinstance(cfg["concept"][k], list)]
+
+
 def reference_scenes(cfg: dict) -> list[Scene]:
     con = cfg["concept"]
     rng = random.Random(con["seed"])
-    fixed = {k: con[k] for k in ("shape", "colour", "style", "background", "position", "size_name")}
-    return [random_scene(rng, **fixed) for _ in range(con["n_images"])]
+    return [random_scene(rng, **reference_attrs(cfg, i)) for i in range(con["n_images"])]
+
+
+def reference_captions(cfg: dict) -> list[str]:
+    """Each reference image's caption: the template filled with that image's attributes."""
+    return [cfg["reference_caption"].format(token=CONCEPT_TOKEN, class_word=GENERIC_SHAPE, **reference_attrs(cfg, i))
+            for i in range(cfg["concept"]["n_images"])]
 
 
 def reference_caption(cfg: dict) -> str:
-    con = cfg["concept"]
-    return cfg["reference_caption"].format(token=CONCEPT_TOKEN, class_word=GENERIC_SHAPE, **{
-        k: v for k, v in con.items() if isinstance(v, str)})
+    """The references' caption when they share one (the first image's otherwise)."""
+    return reference_captions(cfg)[0]
 
 
 def to_pixels(img: np.ndarray) -> torch.Tensor:

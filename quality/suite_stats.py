@@ -1,0 +1,268 @@
+"""The suite's statistics: APT minus DreamBooth-LoRA per concept and pooled over concept x seed.
+
+Pairs are (concept, seed): both methods trained on the same references, seed and draws. A
+difference is APT's value minus DreamBooth-LoRA's, at the last evaluation step ("at equal steps")
+or at APT's likeness ("at matched likeness": DreamBooth-LoRA's curve of the same seed, from the
+prior at step 0 through its evaluation steps, read at APT's final ref_identity_loose by linear
+interpolation; undefined where that curve never gets there). Pooled intervals are a two-level
+bootstrap: concepts resampled with replacement, then seeds within each, so they hold for concepts
+like these, not only for the six measured. A result *holds* when the pooled interval excludes 0
+in APT's favour and APT is ahead in more than half the concepts; *against* in the mirror case.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .tradeoff import read_at
+
+BASE, APT = "baseline", "apt"
+X_KEY = "ref_identity_loose"  # the likeness: the concept drawn for the references' own caption
+METRICS = ("ref_identity_loose", "identity_loose", "context", "style", "layout", "drift_px", "drift_attr", "eps_dev")
+HIGHER_IS_BETTER = {"ref_identity_loose": True, "identity_loose": True, "context": True, "style": True,
+                    "layout": True, "drift_px": False, "drift_attr": False, "eps_dev": False}
+MEANING = {
+    "ref_identity_loose": "likeness: the concept drawn for the references' own caption",
+    "identity_loose": "the concept drawn for prompts that put it in a new context",
+    "context": "the prompt's background and style drawn",
+    "style": "the prompt's style drawn (flat, outlined, striped)",
+    "layout": "the prompt's position and size drawn",
+    "drift_px": "pixel change on prompts without the concept (lower = better)",
+    "drift_attr": "attributes changed on prompts without the concept (lower = better)",
+    "eps_dev": "noise-prediction change on world images without the concept (lower = better)",
+}
+LEVEL = 0.9
+TIE = 5e-4  # a concept whose mean difference is smaller counts as level (metrics are fractions ~0.05-1)
+
+
+def pair_differences(entry: dict, metric: str, matched: bool = False) -> dict[int, float]:
+    """{seed: APT - DreamBooth-LoRA} of `metric` for one (concept, rate) entry's results."""
+    res = entry["results"]
+    base = {r["seed"]: r for r in res["runs"][BASE]}
+    out = {}
+    for run in res["runs"][APT]:
+        b = base.get(run["seed"])
+        if b is None or not run["evals"] or not b["evals"]:
+            continue
+        final = run["evals"][-1]
+        if not matched:
+            out[run["seed"]] = float(final[metric]) - float(b["evals"][-1][metric])
+            continue
+        xs = np.array([0.0] + [e[X_KEY] for e in b["evals"]])
+        ys = np.array([res["prior"].get(metric, 0.0)] + [e[metric] for e in b["evals"]])
+        at = read_at(xs, ys, float(final[X_KEY]))
+        out[run["seed"]] = float("nan") if math.isnan(at) else float(final[metric]) - at
+    return out
+
+
+def pooled(diffs: dict[str, dict[int, float]], n_boot: int = 4000, seed: int = 0,
+           level: float = LEVEL) -> tuple[float, float, float, int]:
+    """(mean, lo, hi, n) of the pairs' differences ({concept: {seed: d}}, NaN dropped), with the
+    two-level bootstrap interval (concepts, then seeds within each concept)."""
+    groups = [np.array([d for d in per.values() if not math.isnan(d)]) for per in diffs.values()]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return float("nan"), float("nan"), float("nan"), 0
+    allv = np.concatenate(groups)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_boot)
+    for i in range(n_boot):
+        picked = [groups[j] for j in rng.integers(0, len(groups), len(groups))]
+        means[i] = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in picked]).mean()
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(allv.mean()), float(lo), float(hi), int(len(allv))
+
+
+def concept_votes(diffs: dict[str, dict[int, float]], higher_is_better: bool) -> tuple[int, int, int]:
+    """(concepts where APT is ahead, behind, level) by the mean of their seeds' differences."""
+    ahead = behind = level = 0
+    for per in diffs.values():
+        v = [d for d in per.values() if not math.isnan(d)]
+        if not v:
+            continue
+        m = float(np.mean(v))
+        if abs(m) < TIE:
+            level += 1
+        elif (m > 0) == higher_is_better:
+            ahead += 1
+        else:
+            behind += 1
+    return ahead, behind, level
+
+
+def verdict(mean_lo_hi: Sequence[float], votes: tuple[int, int, int], higher_is_better: bool) -> str:
+    """'holds' / 'against' / 'unclear': the pooled interval and most concepts must agree."""
+    _, lo, hi, *_ = mean_lo_hi
+    ahead, behind, level = votes
+    n = ahead + behind + level
+    if math.isnan(lo) or n == 0:
+        return "unclear"
+    favours = lo > 0 if higher_is_better else hi < 0
+    opposes = hi < 0 if higher_is_better else lo > 0
+    if favours and ahead > n / 2:
+        return "holds"
+    if opposes and behind > n / 2:
+        return "against"
+    return "unclear"
+
+
+def rates(data: dict) -> list[float]:
+    return sorted({e["rate"] for e in data["entries"]})
+
+
+def table(data: dict, rate: float, matched: bool) -> list[dict]:
+    """One row per metric: pooled mean and interval, concept votes, verdict, per-concept means."""
+    entries = [e for e in data["entries"] if e["rate"] == rate]
+    rows = []
+    for k in METRICS:
+        if matched and k == X_KEY:
+            continue
+        diffs = {e["concept"]: pair_differences(e, k, matched) for e in entries}
+        stat = pooled(diffs)
+        votes = concept_votes(diffs, HIGHER_IS_BETTER[k])
+        per = {c: (float(np.nanmean(list(v.values()))) if v and not all(math.isnan(x) for x in v.values())
+                   else float("nan")) for c, v in diffs.items()}
+        rows.append({"metric": k, "pooled": stat, "votes": votes, "verdict": verdict(stat, votes, HIGHER_IS_BETTER[k]),
+                     "per_concept": per})
+    return rows
+
+
+def method_means(entry: dict, method: str, metric: str) -> float:
+    vals = [r["evals"][-1][metric] for r in entry["results"]["runs"][method] if r["evals"]]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def describe(entry: dict) -> str:
+    con = entry["results"]["config"]["concept"]
+    parts = []
+    for k in ("style", "background", "position", "size_name"):
+        v = con[k]
+        parts.append("/".join(v) + " (varies)" if isinstance(v, list) else v)
+    return f"{con['colour']} {con['shape']}; " + ", ".join(parts)
+
+
+def report(data: dict) -> str:
+    entries = data["entries"]
+    concepts = list(dict.fromkeys(e["concept"] for e in entries))
+    seeds = sorted({r["seed"] for e in entries for r in e["results"]["runs"][APT]})
+    first = entries[0]["results"]["config"]
+    steps = first["apt_config"]["train"]["steps"]
+    lines = ["# APT across concepts: the multi-concept suite", ""]
+    if data.get("quick"):
+        lines += ["**Quick smoke run: the numbers below say nothing about quality.**", ""]
+    lines += [
+        f"DreamBooth-LoRA vs APT (the product's defaults) on {len(concepts)} concepts x {len(seeds)} seeds, "
+        f"{steps} steps, at learning rates {', '.join(f'{r:g}' for r in rates(data))}; prior "
+        f"`{first['prior']}`. Command: `{data['command']}` ({data['seconds'] / 60:.0f} min with {data['jobs']} "
+        "processes on the machine that ran it).", "",
+        "Differences are APT minus DreamBooth-LoRA over (concept, seed) pairs; intervals are "
+        f"{LEVEL:.0%} two-level bootstrap intervals (concepts, then seeds); 'ahead / behind' counts concepts by "
+        "the mean of their seeds. A result **holds** when the interval excludes 0 in APT's favour and APT is "
+        "ahead in more than half the concepts, **against** in the mirror case, otherwise *unclear*.", "",
+        "| concept | references |", "|---|---|"]
+    seen = set()
+    for e in entries:
+        if e["concept"] not in seen:
+            seen.add(e["concept"])
+            lines.append(f"| {e['concept']} | {describe(e)}; caption `{e['results']['reference_caption']}` |")
+    lines.append("")
+    for rate in rates(data):
+        for matched in (False, True):
+            title = "at matched likeness (DreamBooth-LoRA read at APT's ref_identity_loose)" if matched \
+                else f"at step {steps}"
+            lines += [f"## lr {rate:g}, {title}", "",
+                      "| metric | pooled APT − DB-LoRA [interval] (pairs) | concepts ahead / behind / level | verdict | "
+                      + " | ".join(concepts) + " |",
+                      "|---|---|---|---|" + "---|" * len(concepts)]
+            for row in table(data, rate, matched):
+                m, lo, hi, n = row["pooled"]
+                cells = [f"{row['per_concept'].get(c, float('nan')):+.3f}" for c in concepts]
+                mark = {"holds": "**holds**", "against": "**against**", "unclear": "unclear"}[row["verdict"]]
+                lines.append(f"| {row['metric']} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n}) | "
+                             f"{'/'.join(map(str, row['votes']))} | {mark} | " + " | ".join(cells) + " |")
+            lines.append("")
+        lines += [f"Means at step {steps}, lr {rate:g} (DB-LoRA → APT):", "",
+                  "| concept | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
+        for e in (e for e in entries if e["rate"] == rate):
+            cells = [f"{method_means(e, BASE, k):.3f} → {method_means(e, APT, k):.3f}" for k in METRICS]
+            lines.append(f"| {e['concept']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += long_run_check(data)
+    lines += ["Metrics:", ""] + [f"- `{k}`: {v}" for k, v in MEANING.items()] + ["", "![suite](figure.png)", ""]
+    return "\n".join(lines)
+
+
+def long_run_check(data: dict) -> list[str]:
+    """Whether the suite's shorter runs rank the methods as the benchmark's 1000-step reports of the
+    same concept do: the direction of APT − DB-LoRA per metric at the last step of each."""
+    from .textio import read_results
+
+    lines = []
+    for concept, by_rate in (data.get("long_runs") or {}).items():
+        for rate_s, folder in by_rate.items():
+            entry = next((e for e in data["entries"] if e["concept"] == concept and e["rate"] == float(rate_s)), None)
+            if entry is None:
+                continue
+            try:
+                long = {"results": read_results(folder)}
+            except FileNotFoundError:
+                continue
+            n_long = len(long["results"]["runs"][APT])
+            steps = long["results"]["config"]["apt_config"]["train"]["steps"]
+            short = entry["results"]["config"]["apt_config"]["train"]["steps"]
+            lines += [f"### Shorter runs against `{folder}` ({concept}, lr {float(rate_s):g})", "",
+                      f"APT − DB-LoRA at the last step: {steps} steps x {n_long} seeds there, {short} steps x "
+                      f"{len(entry['results']['runs'][APT])} seeds here (pre-encoded augmentation variants here, "
+                      "encoded every step there).", "",
+                      f"| metric | {steps} steps [interval over seeds] | {short} steps | same direction |",
+                      "|---|---|---|---|"]
+            agree = total = 0
+            for k in METRICS:
+                lm, llo, lhi, _ = pooled({concept: pair_differences(long, k)})
+                sm = pooled({concept: pair_differences(entry, k)})[0]
+                same = "—" if abs(lm) < TIE or abs(sm) < TIE else ("yes" if (lm > 0) == (sm > 0) else "**no**")
+                if same != "—":
+                    total += 1
+                    agree += same == "yes"
+                lines.append(f"| {k} | {lm:+.3f} [{llo:+.3f}, {lhi:+.3f}] | {sm:+.3f} | {same} |")
+            lines += ["", f"Same direction in {agree} of {total} metrics (— : a difference under {TIE:g}).", ""]
+    return lines
+
+
+def figure(data: dict):
+    """Per rate and metric: each concept's mean difference (dots) and the pooled interval (bar)."""
+    from PIL import Image, ImageDraw
+
+    from .plot import _FONT, stack
+
+    panels = []
+    concepts = list(dict.fromkeys(e["concept"] for e in data["entries"]))
+    for rate in rates(data):
+        rows = table(data, rate, matched=False)
+        w, row_h, left = 620, 22, 150
+        img = Image.new("RGB", (w, 30 + row_h * len(rows)), "white")
+        d = ImageDraw.Draw(img)
+        d.text((4, 4), f"lr {rate:g}: APT − DreamBooth-LoRA at the last step (better for APT: right)", fill="black",
+               font=_FONT)
+        span = max([abs(v) for r in rows for v in (*r["pooled"][1:3], *r["per_concept"].values())
+                    if not math.isnan(v)] + [1e-3])
+        cx, half = left + (w - left - 10) // 2, (w - left - 20) // 2
+        d.line([(cx, 24), (cx, img.height)], fill=(180, 180, 180))
+        for i, r in enumerate(rows):
+            y = 30 + i * row_h + row_h // 2
+            sign = 1 if HIGHER_IS_BETTER[r["metric"]] else -1
+            d.text((4, y - 6), r["metric"], fill="black", font=_FONT)
+            _, lo, hi, _ = r["pooled"]
+            if not math.isnan(lo):
+                a, b = sorted((cx + sign * lo / span * half, cx + sign * hi / span * half))
+                d.rectangle([a, y - 4, b, y + 4], fill=(170, 200, 235))
+            for j, c in enumerate(concepts):
+                v = r["per_concept"].get(c, float("nan"))
+                if not math.isnan(v):
+                    x = cx + sign * v / span * half
+                    d.ellipse([x - 2, y - 2 + (j % 3 - 1) * 3, x + 2, y + 2 + (j % 3 - 1) * 3], fill=(31, 119, 180))
+        panels.append(img)
+    return stack(panels)

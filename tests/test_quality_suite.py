@@ -1,0 +1,97 @@
+"""The multi-concept suite: references that vary, its statistics against hand-computed values, and a
+smoke run of `python -m quality.suite --quick` (untrained prior, a few steps)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from quality import suite, suite_stats as st
+from quality.task import load_config, reference_attrs, reference_captions, reference_scenes, varies
+from quality.textio import read_results
+
+
+def _cfg(**concept):
+    cfg = load_config(None)
+    cfg["concept"].update(concept)
+    return cfg
+
+
+def test_a_listed_attribute_varies_across_the_references_and_their_captions():
+    cfg = _cfg(background=["white", "mint", "sky", "sand"], position="top left", n_images=4)
+    assert varies(cfg) == ["background"]
+    assert reference_attrs(cfg, 1)["background"] == "mint" and reference_attrs(cfg, 1)["position"] == "top left"
+    assert reference_captions(cfg) == [f"a sks shape on a {bg} background" for bg in ("white", "mint", "sky", "sand")]
+    assert [s.background for s in reference_scenes(cfg)] == ["white", "mint", "sky", "sand"]
+    assert {s.position for s in reference_scenes(cfg)} == {"top left"}
+    layouts = _cfg(position=["top left", "centre", "bottom right"], size_name=["small", "large", "small"], n_images=3)
+    assert [(s.position, s.size_name) for s in reference_scenes(layouts)] == \
+        [("top left", "small"), ("centre", "large"), ("bottom right", "small")]
+    assert len(set(reference_captions(layouts))) == 1  # the caption does not name the layout
+    with pytest.raises(ValueError, match="lists 2 values for 4 references"):
+        reference_attrs(_cfg(background=["white", "mint"], n_images=4), 0)
+
+
+def _run(seed, *points):
+    """A run whose evaluations are (ref_identity_loose, context) at successive steps."""
+    return {"seed": seed, "evals": [{"step": 100 * (i + 1), "ref_identity_loose": x, "context": y}
+                                    for i, (x, y) in enumerate(points)], "final_gamma": []}
+
+
+def _entry(base_runs, apt_runs, prior_context=0.8):
+    return {"concept": "c", "rate": 1e-3,
+            "results": {"prior": {"ref_identity_loose": 0.0, "context": prior_context},
+                        "runs": {"baseline": base_runs, "apt": apt_runs}}}
+
+
+def test_pair_differences_at_equal_steps_and_at_matched_likeness():
+    entry = _entry([_run(0, (0.2, 0.7), (0.6, 0.5)), _run(1, (0.1, 0.6), (0.3, 0.4))],
+                   [_run(0, (0.1, 0.7), (0.4, 0.5)), _run(1, (0.2, 0.9), (0.5, 0.6))])
+    # equal steps: APT's last minus DreamBooth-LoRA's last, per seed
+    assert st.pair_differences(entry, "context") == pytest.approx({0: 0.0, 1: 0.2})
+    # matched: seed 0's DB curve (0, 0.8) -> (0.2, 0.7) -> (0.6, 0.5) read at APT's x 0.4 is 0.6
+    got = st.pair_differences(entry, "context", matched=True)
+    assert got[0] == pytest.approx(0.5 - 0.6)
+    assert math.isnan(got[1])  # seed 1's DB curve never reaches x 0.5
+
+
+def test_pooled_difference_and_its_two_level_interval():
+    mean, lo, hi, n = st.pooled({"a": {0: 1.0, 1: 3.0}, "b": {0: 2.0, 1: float("nan")}})
+    assert (mean, n) == (2.0, 3)
+    assert 1.0 <= lo < 2.0 < hi <= 3.0
+    assert st.pooled({"a": {0: 1.0, 1: 1.0}, "b": {0: 1.0}})[:3] == (1.0, 1.0, 1.0)
+    # one concept far off moves the interval more than its single pair would under a flat bootstrap
+    spread = st.pooled({"a": {0: 0.0, 1: 0.0, 2: 0.0}, "b": {0: 0.0, 1: 0.0, 2: 0.0}, "c": {0: 3.0, 1: 3.0, 2: 3.0}})
+    assert spread[0] == pytest.approx(1.0) and spread[2] >= 2.0 and spread[1] == 0.0  # flat: hi about 1.8
+
+
+def test_concept_votes_and_the_verdict_follow_the_metric_direction():
+    diffs = {"a": {0: 0.1, 1: 0.3}, "b": {0: -0.2}, "c": {0: 0.0}, "d": {0: 0.05}}
+    assert st.concept_votes(diffs, higher_is_better=True) == (2, 1, 1)
+    assert st.concept_votes(diffs, higher_is_better=False) == (1, 2, 1)
+    assert st.verdict((0.1, 0.05, 0.2, 6), (4, 2, 0), True) == "holds"
+    assert st.verdict((0.1, 0.05, 0.2, 6), (3, 3, 0), True) == "unclear"  # not ahead in most concepts
+    assert st.verdict((0.1, -0.01, 0.2, 6), (6, 0, 0), True) == "unclear"  # the interval holds 0
+    assert st.verdict((0.1, 0.05, 0.2, 6), (1, 5, 0), False) == "against"  # drift up: against APT
+    assert st.verdict((-0.1, -0.2, -0.05, 6), (5, 1, 0), False) == "holds"  # drift down
+
+
+def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
+    out = tmp_path / "report"
+    assert suite.main(["--quick", "--untrained-prior", "--out", str(out), "--work", str(tmp_path / "work"),
+                       "--jobs", "2"]) == 0
+    data = read_results(out)
+    names = [e["concept"] for e in data["entries"]]
+    assert names == ["blue_cross", "red_cross_layouts"] and data["quick"]
+    layouts = data["entries"][1]["results"]
+    assert len({r["position"] for r in layouts["references"]}) == 4
+    assert set(layouts["runs"]) == {"baseline", "apt"} and all(len(r[0]["evals"]) == 2 for r in layouts["runs"].values())
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "Quick smoke run" in text and "red_cross_layouts" in text and "at matched likeness" in text
+    assert (out / "figure.png").stat().st_size > 0
+    # a finished (concept, rate, seed) is not trained again
+    done = tmp_path / "work" / "blue_cross_lr0.001" / "seed0" / "results.json"
+    before = done.stat().st_mtime_ns
+    assert suite.main(["--quick", "--untrained-prior", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert done.stat().st_mtime_ns == before
