@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     io.add_argument("--default-caption", help="caption for images without a .txt file")
     io.add_argument("--resolution", type=int, help="training size; default: the model's native size "
-                    "(1024 for SDXL, 128 for the quality benchmark's prior)")
+                    "(1024 for SDXL, 64 or 128 for the quality benchmark's priors)")
     io.add_argument("--save-dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=500)

@@ -1,4 +1,4 @@
-"""SDXL model components: loading, checks, prompt and image encoding (the tiny test model: tiny_model.py).
+"""SDXL model components: loading, checks, prompt and image encoding (the tests' tiny model: quality/tiny_model.py).
 
 Plain PyTorch + diffusers/transformers; never imports ComfyUI and never downloads anything.
 """

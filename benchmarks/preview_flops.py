@@ -2,8 +2,8 @@
 
     python -m benchmarks.preview_flops [--resolution 1024] [--markdown FILE]
 
-Counts with torch's FlopCounterMode on the meta device (no weights, no memory, any machine, about a
-minute on CPU): the real SDXL base UNet and VAE layouts (benchmarks/common.py), batch 1.
+Counts with torch's FlopCounterMode on the meta device (no weights, no memory, any machine, about
+10 s on CPU): the real SDXL base UNet and VAE layouts (benchmarks/common.py), batch 1.
 - One APT training step (the default 'fastest' preset): the prior's forward (no grad, LoRA off),
   the fine-tuned forward and its backward. The base weights are frozen, so the backward computes
   the gradients of the activations only (the LoRA's own weight gradients are ~0.1% and left out).
@@ -24,6 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .common import REPO_ROOT, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
 PREVIEW_STEPS, PREVIEW_PROMPTS, PREVIEW_EVERY = 12, 3, 100  # nodes/previews.py, node defaults
+DEFAULT_STEPS = 500  # the APT Trainer's default run length
 TOKENS = 77
 
 
@@ -91,6 +92,7 @@ def report(resolution: int, speed_json: Path | None = None) -> str:
     step_low = step + fwd
     prompt = PREVIEW_STEPS * 2 * fwd + dec
     per_100 = PREVIEW_PROMPTS * prompt / (PREVIEW_EVERY * step)
+    renders = DEFAULT_STEPS // PREVIEW_EVERY + 1  # steps 0, 100, ..., 500 (the last is one of them)
     t = 1e12
     return "\n".join([
         f"# Preview cost against training: SDXL at {resolution} px, counted in FLOPs",
@@ -113,6 +115,9 @@ def report(resolution: int, speed_json: Path | None = None) -> str:
         f"- the default {PREVIEW_PROMPTS} prompts every {PREVIEW_EVERY} steps add **{100 * per_100:.0f}%** "
         f"to the training's FLOPs ({100 * PREVIEW_PROMPTS * prompt / (PREVIEW_EVERY * step_low):.0f}% "
         "with 'low-vram'); sampling runs without autograd, so on a GPU it is usually faster per FLOP",
+        f"- a default run ({DEFAULT_STEPS} steps) also renders step 0 (the base model): {renders} renders, "
+        f"**{100 * renders * PREVIEW_PROMPTS * prompt / (DEFAULT_STEPS * step):.0f}%** on top of its training "
+        f"({100 * renders * PREVIEW_PROMPTS * prompt / (DEFAULT_STEPS * step_low):.0f}% with 'low-vram')",
         "",
         *(timed_estimate(speed_json) if speed_json and resolution == 1024 else []),
     ])

@@ -775,7 +775,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda" if cuda else "cpu")
     p.add_argument("--model", choices=("sdxl", "tiny"),
                    help="sdxl: the real SDXL UNet architecture, random weights (default on cuda); "
-                        "tiny: apt_core.models' tiny SDXL-shaped model (default on cpu)")
+                        "tiny: quality.tiny_model's tiny SDXL-shaped model (default on cpu)")
     p.add_argument("--resolution", type=int, help="pixels (latent = /8); default 1024 sdxl, 256 tiny")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--rank", type=int, default=32)

@@ -368,8 +368,9 @@ class AptTrainerNode(io.ComfyNode):
                     "step): the chart's step axis shows them, and they are saved in the run folder. "
                     "0 = off. Cost: one prompt is 12 sampler steps with guidance plus a VAE decode, "
                     "for SDXL at 1024 px the compute of about 8 training steps (counted in FLOPs; about 4 "
-                    "steps of H100 time before the decode), so the 3 default prompts every 100 steps add "
-                    "up to 25% (benchmarks/results/preview_flops_sdxl1024.md). On the tiny CPU test "
+                    "steps of H100 time before the decode): the 3 default prompts every 100 steps add 25%, "
+                    "30% on a default 500-step run with its step-0 previews "
+                    "(benchmarks/results/preview_flops_sdxl1024.md). On the tiny CPU test "
                     "model a prompt took about 6 steps' time.")),
                 io.String.Input("preview_prompts", optional=True, **ADVANCED, multiline=True, default="", tooltip=(
                     "Your own preview prompts, one per line (each gets its own fixed seed). Empty: the "

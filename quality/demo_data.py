@@ -19,7 +19,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .task import concept_prompts, drift_prompts, load_config, reference_caption, reference_scenes
+from .task import concept_prompts, drift_prompts, load_config, reference_caption, reference_captions, reference_scenes
 from .world import render
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.json"
@@ -41,9 +41,8 @@ def write_demo_data(out: str | Path, config: str | Path = DEFAULT_CONFIG, n_conc
     cfg = load_config(config)
     photos = Path(out) / "photos"
     photos.mkdir(parents=True, exist_ok=True)
-    cap = reference_caption(cfg)
     size = prior_image_size(cfg["prior"])
-    for i, scene in enumerate(reference_scenes(cfg)):
+    for i, (scene, cap) in enumerate(zip(reference_scenes(cfg), reference_captions(cfg))):
         Image.fromarray(render(scene, size)).save(photos / f"ref_{i}.png")
         (photos / f"ref_{i}.txt").write_text(cap + "\n", encoding="utf-8")
     lines = ["# before/after prompts of the demo (quality/demo_data.py): the references' caption,",

@@ -30,7 +30,7 @@ from apt_core.trainer import AptTrainer
 
 from . import plot
 from .bench import apt_config, ensure_variants, load_prior, predict_with_and_without_lora
-from .task import Record, load_config_with_sets, reference_caption, reference_scenes, to_pixels
+from .task import Record, load_config_with_sets, reference_captions, reference_scenes, to_pixels
 from .models import world_image_size
 from .sampling import decode, sample
 from .world import Scene, detect, render
@@ -63,9 +63,10 @@ def prepare_run(cfg: dict, method: str, seed: int) -> PreparedRun:
         m.to(dev)
     size = world_image_size(c)
     refs = reference_scenes(cfg)
-    ref_cap = reference_caption(cfg)
-    records = [Record(to_pixels(render(s, size)), ref_cap, f"ref{i}", (size, size), (0, 0), (size, size))
-               for i, s in enumerate(refs)]
+    ref_caps = reference_captions(cfg)
+    ref_cap = ref_caps[0]  # what the diagnostics sample for "the references' caption"
+    records = [Record(to_pixels(render(s, size)), cap, f"ref{i}", (size, size), (0, 0), (size, size))
+               for i, (s, cap) in enumerate(zip(refs, ref_caps))]
     dataset = cache_dataset(c, records, dev, torch.float32, keep_pixels=True)
     acfg = apt_config(cfg, method, seed)
     ensure_variants(dataset, acfg, lambda px: encode_pixels(c, px))

@@ -46,7 +46,7 @@ def expand(cfg: dict, quick: bool = False) -> dict[tuple[str, float], dict]:
             c = merge_config(c, {"apt_config": {"train": {"learning_rate": rate}}})
             if quick:
                 c = merge_config(c, quick_overrides())
-                c["concept"]["n_images"] = suite["concepts"][name]["concept"]["n_images"]  # lists stay valid
+                c["concept"]["n_images"] = merge_config(base, suite["concepts"][name])["concept"]["n_images"]
                 c["concept_prompts"], c["drift_prompts"] = c["concept_prompts"][:3], c["drift_prompts"][:2]
             c["suite_entry"] = {"concept": name, "rate": rate}
             out[name, rate] = c
@@ -57,12 +57,19 @@ def run_dir(work: Path, name: str, rate: float) -> Path:
     return work / f"{name}_lr{rate:g}"
 
 
-def _finished(out: Path, cfg: dict) -> bool:
-    """Whether `out` holds a finished run: every method with every evaluation step (quality.run
-    also writes a partial results.json after each method)."""
+def _task(cfg: dict) -> str:
+    """A config as compared for reuse: everything but the seeds, JSON-normalised."""
+    return json.dumps({k: v for k, v in cfg.items() if k != "seeds"}, sort_keys=True)
+
+
+def _finished(out: Path, cfg: dict, untrained: bool) -> bool:
+    """Whether `out` holds a finished run of this very config and prior: every method with every
+    evaluation step (quality.run also writes a partial results.json after each method)."""
     try:
         res = read_results(out)
     except (FileNotFoundError, ValueError):
+        return False
+    if _task(res.get("config", {})) != _task(json.loads(json.dumps(cfg))) or bool(res.get("smoke")) != untrained:
         return False
     want = len(set(cfg["eval"]["steps"]))
     return all(len(res["runs"].get(m, [])) == 1 and len(res["runs"][m][0]["evals"]) == want for m in cfg["methods"])
@@ -71,7 +78,7 @@ def _finished(out: Path, cfg: dict) -> bool:
 def _job(cfg: dict, folder: Path, seed: int, untrained: bool, log) -> Path:
     """One quality.run process for one seed; returns its output folder (kept when it finished)."""
     out = folder / f"seed{seed}"
-    if _finished(out, cfg):
+    if _finished(out, cfg, untrained):
         return out
     out.mkdir(parents=True, exist_ok=True)
     cfg_file = folder / "config.json"
@@ -82,7 +89,7 @@ def _job(cfg: dict, folder: Path, seed: int, untrained: bool, log) -> Path:
     with open(out / "run.log", "w", encoding="utf-8") as f:
         rc = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-    if rc != 0 or not _finished(out, cfg):
+    if rc != 0 or not _finished(out, cfg, untrained):
         raise RuntimeError(f"{' '.join(cmd)} failed (rc {rc}); see {out / 'run.log'}")
     log(f"{folder.name} seed {seed}: {time.time() - started:.0f} s")
     return out
@@ -138,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         data = read_results(out)
     else:
         cfg = load_config(args.config)
-        work = Path(args.work) if args.work else ROOT / "output" / "suite" / out.name
+        work = Path(args.work).resolve() if args.work else ROOT / "output" / "suite" / out.name
         started = time.time()
         results = run_suite(cfg, work, args.jobs, args.untrained_prior, args.quick)
         data = {"command": "python -m quality.suite " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "seconds": round(time.time() - started, 1), "jobs": args.jobs, "quick": args.quick,
+                "untrained_prior": args.untrained_prior,
                 "long_runs": {} if args.quick else cfg["suite"].get("long_runs", {}),
                 "entries": [{"concept": n, "rate": r, "results": slim(res)} for (n, r), res in results.items()]}
         out.mkdir(parents=True, exist_ok=True)

@@ -4,15 +4,18 @@ Pairs are (concept, seed): both methods trained on the same references, seed and
 difference is APT's value minus DreamBooth-LoRA's, at the last evaluation step ("at equal steps")
 or at APT's likeness ("at matched likeness": DreamBooth-LoRA's curve of the same seed, from the
 prior at step 0 through its evaluation steps, read at APT's final ref_identity_loose by linear
-interpolation; undefined where that curve never gets there). Pooled intervals are a two-level
-bootstrap: concepts resampled with replacement, then seeds within each, so they hold for concepts
-like these, not only for the six measured. A result *holds* when the pooled interval excludes 0
-in APT's favour and APT is ahead in more than half the concepts; *against* in the mirror case.
+interpolation; undefined where that curve never gets there, or where APT learned no likeness
+beyond the prior's). Pooled intervals are a two-level percentile bootstrap (concepts resampled
+with replacement, then seeds within each): with six designed concepts they are rough, and many
+metrics are read at once, so a verdict is a screen, not a proof. A result *holds* when the pooled
+95 % interval excludes 0 in APT's favour and APT is ahead in more than half of all concepts (a
+concept without a defined pair counts against that); *against* in the mirror case.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -34,7 +37,7 @@ MEANING = {
     "drift_attr": "attributes changed on prompts without the concept (lower = better)",
     "eps_dev": "noise-prediction change on world images without the concept (lower = better)",
 }
-LEVEL = 0.9
+LEVEL = 0.95
 TIE = 5e-4  # a concept whose mean difference is smaller counts as level (metrics are fractions ~0.05-1)
 
 
@@ -51,9 +54,10 @@ def pair_differences(entry: dict, metric: str, matched: bool = False) -> dict[in
         if not matched:
             out[run["seed"]] = float(final[metric]) - float(b["evals"][-1][metric])
             continue
-        xs = np.array([0.0] + [e[X_KEY] for e in b["evals"]])
+        x0 = float(res["prior"].get(X_KEY, 0.0))
+        xs = np.array([x0] + [e[X_KEY] for e in b["evals"]])
         ys = np.array([res["prior"].get(metric, 0.0)] + [e[metric] for e in b["evals"]])
-        at = read_at(xs, ys, float(final[X_KEY]))
+        at = read_at(xs, ys, float(final[X_KEY])) if final[X_KEY] > x0 else float("nan")
         out[run["seed"]] = float("nan") if math.isnan(at) else float(final[metric]) - at
     return out
 
@@ -76,12 +80,14 @@ def pooled(diffs: dict[str, dict[int, float]], n_boot: int = 4000, seed: int = 0
     return float(allv.mean()), float(lo), float(hi), int(len(allv))
 
 
-def concept_votes(diffs: dict[str, dict[int, float]], higher_is_better: bool) -> tuple[int, int, int]:
-    """(concepts where APT is ahead, behind, level) by the mean of their seeds' differences."""
-    ahead = behind = level = 0
+def concept_votes(diffs: dict[str, dict[int, float]], higher_is_better: bool) -> tuple[int, int, int, int]:
+    """(concepts where APT is ahead, behind, level, without a defined pair) by the mean of their
+    seeds' differences."""
+    ahead = behind = level = missing = 0
     for per in diffs.values():
         v = [d for d in per.values() if not math.isnan(d)]
         if not v:
+            missing += 1
             continue
         m = float(np.mean(v))
         if abs(m) < TIE:
@@ -90,14 +96,14 @@ def concept_votes(diffs: dict[str, dict[int, float]], higher_is_better: bool) ->
             ahead += 1
         else:
             behind += 1
-    return ahead, behind, level
+    return ahead, behind, level, missing
 
 
-def verdict(mean_lo_hi: Sequence[float], votes: tuple[int, int, int], higher_is_better: bool) -> str:
-    """'holds' / 'against' / 'unclear': the pooled interval and most concepts must agree."""
+def verdict(mean_lo_hi: Sequence[float], votes: tuple[int, int, int, int], higher_is_better: bool) -> str:
+    """'holds' / 'against' / 'unclear': the pooled interval and most of all concepts must agree."""
     _, lo, hi, *_ = mean_lo_hi
-    ahead, behind, level = votes
-    n = ahead + behind + level
+    ahead, behind, level, missing = votes
+    n = ahead + behind + level + missing
     if math.isnan(lo) or n == 0:
         return "unclear"
     favours = lo > 0 if higher_is_better else hi < 0
@@ -151,8 +157,9 @@ def report(data: dict) -> str:
     first = entries[0]["results"]["config"]
     steps = first["apt_config"]["train"]["steps"]
     lines = ["# APT across concepts: the multi-concept suite", ""]
-    if data.get("quick"):
-        lines += ["**Quick smoke run: the numbers below say nothing about quality.**", ""]
+    if data.get("quick") or data.get("untrained_prior"):
+        lines += ["**Smoke run (quick settings or an untrained prior): the numbers below say nothing about "
+                  "quality.**", ""]
     lines += [
         f"DreamBooth-LoRA vs APT (the product's defaults) on {len(concepts)} concepts x {len(seeds)} seeds, "
         f"{steps} steps, at learning rates {', '.join(f'{r:g}' for r in rates(data))}; prior "
@@ -160,8 +167,10 @@ def report(data: dict) -> str:
         "processes on the machine that ran it).", "",
         "Differences are APT minus DreamBooth-LoRA over (concept, seed) pairs; intervals are "
         f"{LEVEL:.0%} two-level bootstrap intervals (concepts, then seeds); 'ahead / behind' counts concepts by "
-        "the mean of their seeds. A result **holds** when the interval excludes 0 in APT's favour and APT is "
-        "ahead in more than half the concepts, **against** in the mirror case, otherwise *unclear*.", "",
+        "the mean of their seeds (and lists concepts without a defined pair). A result **holds** when the interval "
+        "excludes 0 in APT's favour and APT is ahead in more than half of all concepts, **against** in the mirror "
+        "case, otherwise *unclear*. With six designed concepts and many metrics read at once, a verdict is a "
+        "screen, not a proof.", "",
         "| concept | references |", "|---|---|"]
     seen = set()
     for e in entries:
@@ -174,7 +183,8 @@ def report(data: dict) -> str:
             title = "at matched likeness (DreamBooth-LoRA read at APT's ref_identity_loose)" if matched \
                 else f"at step {steps}"
             lines += [f"## lr {rate:g}, {title}", "",
-                      "| metric | pooled APT − DB-LoRA [interval] (pairs) | concepts ahead / behind / level | verdict | "
+                      "| metric | pooled APT − DB-LoRA [interval] (pairs) | concepts ahead / behind / level / none | "
+                      "verdict | "
                       + " | ".join(concepts) + " |",
                       "|---|---|---|---|" + "---|" * len(concepts)]
             for row in table(data, rate, matched):
@@ -206,9 +216,11 @@ def long_run_check(data: dict) -> list[str]:
             entry = next((e for e in data["entries"] if e["concept"] == concept and e["rate"] == float(rate_s)), None)
             if entry is None:
                 continue
+            path = Path(folder) if Path(folder).is_absolute() else Path(__file__).resolve().parents[1] / folder
             try:
-                long = {"results": read_results(folder)}
+                long = {"results": read_results(path)}
             except FileNotFoundError:
+                lines += [f"(`{folder}`, the 1000-step report to check the ranking against, is missing.)", ""]
                 continue
             n_long = len(long["results"]["runs"][APT])
             steps = long["results"]["config"]["apt_config"]["train"]["steps"]

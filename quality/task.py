@@ -127,6 +127,7 @@ class Record:
 
 
 REFERENCE_ATTRS = ("shape", "colour", "style", "background", "position", "size_name")
+VARYING_ATTRS = ("style", "background", "position", "size_name")  # the concept's shape and colour are one
 
 
 def reference_attrs(cfg: dict, i: int) -> dict[str, str]:
@@ -137,6 +138,8 @@ def reference_attrs(cfg: dict, i: int) -> dict[str, str]:
     for k in REFERENCE_ATTRS:
         v = con[k]
         if isinstance(v, list):
+            if k not in VARYING_ATTRS:
+                raise ValueError(f"concept.{k} is the concept's identity: one value, not a list")
             if len(v) != con["n_images"]:
                 raise ValueError(f"concept.{k} lists {len(v)} values for {con['n_images']} references")
             v = v[i]

@@ -57,7 +57,8 @@ def matched(res: dict, base: str, other: str, x_key: str = "ref_identity",
     prior = res["prior"]
     rb, ro = res["runs"][base], res["runs"][other]
     steps = [0] + [e["step"] for e in ro[0]["evals"]]
-    xb, xo = mean_curve(rb, x_key, 0.0), mean_curve(ro, x_key, 0.0)
+    x0 = prior.get(x_key, 0.0)
+    xb, xo = mean_curve(rb, x_key, x0), mean_curve(ro, x_key, x0)
     curves = {k: (mean_curve(ro, k, prior.get(k, 0.0)), mean_curve(rb, k, prior.get(k, 0.0))) for k in metrics}
     rows = []
     for i in range(1, len(steps)):
@@ -132,7 +133,7 @@ def figure(res: dict, methods: Sequence[str], x_key: str = "ref_identity",
     """One chart per metric: y against x along each method's mean curve (prior at the start)."""
     charts = []
     for k in metrics:
-        series = {m: (list(mean_curve(res["runs"][m], x_key, 0.0)),
+        series = {m: (list(mean_curve(res["runs"][m], x_key, res["prior"].get(x_key, 0.0))),
                       list(mean_curve(res["runs"][m], k, res["prior"].get(k, 0.0))), None) for m in methods}
         charts.append(plot.line_chart(series, f"{k} vs {x_key}", xlabel=x_key))
     row = plot.stack(charts, vertical=False)

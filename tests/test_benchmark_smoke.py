@@ -115,6 +115,6 @@ def test_preview_flops_counts_the_sdxl_layout_and_its_committed_table_is_current
     out = tmp_path / "preview.md"
     assert preview_flops.main(["--resolution", "1024", "--markdown", str(out)]) == 0
     committed = (preview_flops.REPO_ROOT / "benchmarks" / "results" / "preview_flops_sdxl1024.md").read_text()
-    numbers = lambda text: [float(x) for x in re.findall(r"\d+\.\d+|\d+", text.split("- torch ")[1])]  # noqa: E731
+    numbers = lambda text: [float(x) for x in re.findall(r"\d+\.\d+|\d+", text.split("| what")[1])]  # noqa: E731
     assert numbers(out.read_text()) == pytest.approx(numbers(committed), rel=0.02)  # torch's counter may move a hair
     assert "| UNet forward, batch 1 | 6.76 |" in committed  # = speed_sdxl_h100.md's forward rows: 6.76 T

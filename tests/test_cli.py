@@ -172,3 +172,13 @@ def test_ctrl_c_saves_the_state_and_exits_130(tmp_path, monkeypatch, capsys, tin
     assert main([*tiny, "--steps", "6", "--rank", "2", "--checkpoint-every", "0", "--out", str(out)]) == 130
     assert out.exists() and list((tmp_path / "x.checkpoints").glob("step_000003.pt"))
     assert "stopped early at step 3" in capsys.readouterr().out
+
+
+def test_baseline_trains_plain_dreambooth_lora(tmp_path, tiny):
+    import json
+
+    out = tmp_path / "db.safetensors"
+    assert main([*tiny, "--steps", "2", "--rank", "2", "--baseline", "--checkpoint-every", "0", "--out", str(out)]) == 0
+    with safe_open(str(out), "pt") as f:
+        switches = json.loads(f.metadata()["apt_settings"])["switches"]
+    assert not any(v for k, v in switches.items() if k != "track_indicator"), switches

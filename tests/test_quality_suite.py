@@ -54,6 +54,13 @@ def test_pair_differences_at_equal_steps_and_at_matched_likeness():
     got = st.pair_differences(entry, "context", matched=True)
     assert got[0] == pytest.approx(0.5 - 0.6)
     assert math.isnan(got[1])  # seed 1's DB curve never reaches x 0.5
+    # the curve starts at the prior's own likeness, and APT at or below it matches nothing
+    entry["results"]["prior"]["ref_identity_loose"] = 0.1
+    entry["results"]["runs"]["apt"][0]["evals"][-1]["ref_identity_loose"] = 0.15
+    got = st.pair_differences(entry, "context", matched=True)
+    assert got[0] == pytest.approx(0.5 - 0.75)  # halfway from (0.1, 0.8) to (0.2, 0.7); from x = 0 it would be 0.725
+    entry["results"]["runs"]["apt"][0]["evals"][-1]["ref_identity_loose"] = 0.1
+    assert math.isnan(st.pair_differences(entry, "context", matched=True)[0])
 
 
 def test_pooled_difference_and_its_two_level_interval():
@@ -68,13 +75,36 @@ def test_pooled_difference_and_its_two_level_interval():
 
 def test_concept_votes_and_the_verdict_follow_the_metric_direction():
     diffs = {"a": {0: 0.1, 1: 0.3}, "b": {0: -0.2}, "c": {0: 0.0}, "d": {0: 0.05}}
-    assert st.concept_votes(diffs, higher_is_better=True) == (2, 1, 1)
-    assert st.concept_votes(diffs, higher_is_better=False) == (1, 2, 1)
-    assert st.verdict((0.1, 0.05, 0.2, 6), (4, 2, 0), True) == "holds"
-    assert st.verdict((0.1, 0.05, 0.2, 6), (3, 3, 0), True) == "unclear"  # not ahead in most concepts
-    assert st.verdict((0.1, -0.01, 0.2, 6), (6, 0, 0), True) == "unclear"  # the interval holds 0
-    assert st.verdict((0.1, 0.05, 0.2, 6), (1, 5, 0), False) == "against"  # drift up: against APT
-    assert st.verdict((-0.1, -0.2, -0.05, 6), (5, 1, 0), False) == "holds"  # drift down
+    diffs["e"] = {0: float("nan")}
+    assert st.concept_votes(diffs, higher_is_better=True) == (2, 1, 1, 1)
+    assert st.concept_votes(diffs, higher_is_better=False) == (1, 2, 1, 1)
+    assert st.verdict((0.1, 0.05, 0.2, 6), (4, 2, 0, 0), True) == "holds"
+    assert st.verdict((0.1, 0.05, 0.2, 6), (3, 3, 0, 0), True) == "unclear"  # not ahead in most concepts
+    assert st.verdict((0.1, 0.05, 0.2, 2), (2, 0, 0, 4), True) == "unclear"  # two concepts with data of six
+    assert st.verdict((0.1, -0.01, 0.2, 6), (6, 0, 0, 0), True) == "unclear"  # the interval holds 0
+    assert st.verdict((0.1, 0.05, 0.2, 6), (1, 5, 0, 0), False) == "against"  # drift up: against APT
+    assert st.verdict((-0.1, -0.2, -0.05, 6), (5, 1, 0, 0), False) == "holds"  # drift down
+
+
+def test_a_run_is_reused_only_when_finished_with_the_same_config_and_prior(tmp_path):
+    import json
+
+    cfg = load_config(None)
+    cfg["methods"], cfg["eval"]["steps"] = ["baseline", "apt"], [2, 4]
+    run = {"evals": [{"step": 2}, {"step": 4}]}
+    res = {"config": dict(cfg, seeds=[1]), "smoke": False, "runs": {"baseline": [run], "apt": [run]}}
+
+    def finished(results, untrained=False):
+        (tmp_path / "results.json").write_text(json.dumps(results))
+        return suite._finished(tmp_path, cfg, untrained)
+
+    assert finished(res)
+    assert not finished(res, untrained=True)  # made with the trained prior, asked for the untrained one
+    assert not finished(dict(res, runs={"baseline": [run]}))  # partial: APT not trained yet
+    assert not finished(dict(res, runs={"baseline": [run], "apt": [{"evals": [{"step": 2}]}]}))
+    other = json.loads(json.dumps(cfg))
+    other["concept_prompts"] = [{"background": "pink"}]
+    assert not finished(dict(res, config=other))  # the config changed since
 
 
 def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
@@ -88,7 +118,7 @@ def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
     assert len({r["position"] for r in layouts["references"]}) == 4
     assert set(layouts["runs"]) == {"baseline", "apt"} and all(len(r[0]["evals"]) == 2 for r in layouts["runs"].values())
     text = (out / "report.md").read_text(encoding="utf-8")
-    assert "Quick smoke run" in text and "red_cross_layouts" in text and "at matched likeness" in text
+    assert "Smoke run" in text and "red_cross_layouts" in text and "at matched likeness" in text
     assert (out / "figure.png").stat().st_size > 0
     # a finished (concept, rate, seed) is not trained again
     done = tmp_path / "work" / "blue_cross_lr0.001" / "seed0" / "results.json"
