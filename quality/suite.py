@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import suite_stats
+from . import stop_rule, suite_stats
 from .task import load_config, merge_config, quick_overrides
 from .textio import read_results, save_text
 
@@ -120,10 +120,12 @@ def run_suite(cfg: dict, work: Path, jobs: int, untrained: bool = False, quick: 
 
 def slim(results: dict) -> dict:
     """What the suite's committed results keep of one (concept, rate): config, prompts, the prior's
-    metrics and each run's evaluations and final gamma (not the per-step history)."""
+    metrics and each run's evaluations, final gamma and gamma every 10 steps (not the rest of the history)."""
     keep = {k: results[k] for k in ("config", "reference_caption", "references", "prompts", "drift_prompts",
                                     "identity_ceiling", "prior", "seconds", "seconds_total") if k in results}
-    keep["runs"] = {m: [{"seed": r["seed"], "evals": r["evals"], "final_gamma": r["final_gamma"]} for r in runs]
+    keep["runs"] = {m: [{"seed": r["seed"], "evals": r["evals"], "final_gamma": r["final_gamma"],
+                         "gamma_trace": [[h["step"], *(round(g, 4) for g in h["gamma"])] for h in r["history"]
+                                         if h["step"] % stop_rule.EVERY == 0]} for r in runs]
                     for m, runs in results["runs"].items()}
     return keep
 

@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from . import stop_rule
 from .tradeoff import read_at
 
 BASE, APT = "baseline", "apt"
@@ -201,6 +202,7 @@ def report(data: dict) -> str:
             lines.append(f"| {e['concept']} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += long_run_check(data)
+    lines += stop_rule.report(entries)
     lines += ["Metrics:", ""] + [f"- `{k}`: {v}" for k, v in MEANING.items()] + ["", "![suite](figure.png)", ""]
     return "\n".join(lines)
 

@@ -125,3 +125,22 @@ def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
     before = done.stat().st_mtime_ns
     assert suite.main(["--quick", "--untrained-prior", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     assert done.stat().st_mtime_ns == before
+
+
+def test_stop_rule_best_step_crossing_and_hits():
+    from quality import stop_rule as sr
+
+    evals = [{"step": 200, "ref_identity_loose": 0.2, "context": 0.8, "layout": 1.0},   # 0.2 + 0.9 = 1.1
+             {"step": 400, "ref_identity_loose": 0.5, "context": 0.6, "layout": 0.8},   # 0.5 + 0.7 = 1.2
+             {"step": 600, "ref_identity_loose": 0.6, "context": 0.4, "layout": 0.8}]   # 0.6 + 0.6 = 1.2
+    assert sr.best_step(evals) == 400  # the earliest of the best
+    low = lambda step, g: [step, g, g, g] + [0.0] * 7  # noqa: E731 - bins 0-2 at g
+    trace = [low(10, 0.1), low(20, 0.2), [30, 0.9, 0.9, 0.0] + [1.0] * 7, low(300, 0.55), low(500, 0.8)]
+    assert sr.crossing(trace, 0.5) == 30  # (0.9 + 0.9 + 0.0) / 3 = 0.6; the high-noise bins do not count
+    assert sr.crossing(trace, 0.7) == 500 and sr.crossing(trace, 0.9) is None
+    assert sr.predicted(trace, [200, 400, 600], 0.7) == 400  # 500 is as near 400 as 600: the earlier
+    assert sr.predicted(trace, [200, 400, 600], 0.9) == 600  # never crossed: the last step
+    entry = {"concept": "c", "results": {"runs": {"apt": [{"evals": evals, "gamma_trace": trace}]}}}
+    _, hits = sr.table([entry])
+    assert hits["always step 400"]["c"] == [True] and hits["always step 600"]["c"] == [False]
+    assert hits["low-noise gamma >= 0.7"]["c"] == [True] and hits["low-noise gamma >= 0.5"]["c"] == [False]
