@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                    "1 seed, a few steps")
     p.add_argument("--untrained-prior", action="store_true", help="random prior (no assets needed)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from --out's results")
+    p.add_argument("--base-from", metavar="DIR:METHOD",
+                   help="compare this suite's --other runs with METHOD's runs of the suite report in DIR (same "
+                        "concepts, rates and seeds), e.g. a variant of APT against quality/report_suite:apt")
+    p.add_argument("--other", default="apt", help="with --base-from: this suite's method to compare (default apt)")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                 "untrained_prior": args.untrained_prior,
                 "long_runs": {} if args.quick else cfg["suite"].get("long_runs", {}),
                 "entries": [{"concept": n, "rate": r, "results": slim(res)} for (n, r), res in results.items()]}
+        if args.base_from:
+            with_base_from(data, args.base_from, args.other)
         out.mkdir(parents=True, exist_ok=True)
         save_results(out, data)
     text = suite_stats.report(data)
@@ -162,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
     suite_stats.figure(data).save(out / "figure.png")
     print(text)
     return 0
+
+
+def with_base_from(data: dict, spec: str, other: str) -> None:
+    """Add METHOD's runs of the suite report DIR ("DIR:METHOD") to each entry as the base to compare
+    `other` with; the prompts, references and prior must be the same."""
+    folder, _, method = spec.rpartition(":")
+    base = {(e["concept"], e["rate"]): e["results"] for e in read_results(folder)["entries"]}
+    for e in data["entries"]:
+        b = base.get((e["concept"], e["rate"]))
+        if b is None:
+            raise SystemExit(f"--base-from: {folder} has no {e['concept']} at lr {e['rate']:g}")
+        for key in ("prompts", "drift_prompts", "reference_caption"):
+            if b.get(key) != e["results"].get(key):
+                raise SystemExit(f"--base-from: {folder} differs in {key} for {e['concept']}")
+        e["results"]["runs"]["base"] = b["runs"][method]
+    data["compare"] = {"base": "base", "other": other, "base_label": f"{method} of {Path(folder).name}",
+                       "other_label": f"{other} here"}
 
 
 def save_results(out: Path, data: dict) -> None:

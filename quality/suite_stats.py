@@ -42,12 +42,21 @@ LEVEL = 0.95
 TIE = 5e-4  # a concept whose mean difference is smaller counts as level (metrics are fractions ~0.05-1)
 
 
-def pair_differences(entry: dict, metric: str, matched: bool = False) -> dict[int, float]:
-    """{seed: APT - DreamBooth-LoRA} of `metric` for one (concept, rate) entry's results."""
+def compared(data: dict) -> tuple[str, str, str, str]:
+    """(base method, other method, base label, other label) of a suite's results: DreamBooth-LoRA
+    and APT unless the suite was compared with another report's runs (quality.suite --base-from)."""
+    c = data.get("compare") or {}
+    return (c.get("base", BASE), c.get("other", APT), c.get("base_label", "DreamBooth-LoRA"),
+            c.get("other_label", "APT"))
+
+
+def pair_differences(entry: dict, metric: str, matched: bool = False, base_method: str = BASE,
+                     other: str = APT) -> dict[int, float]:
+    """{seed: other - base} (APT - DreamBooth-LoRA) of `metric` for one (concept, rate) entry's results."""
     res = entry["results"]
-    base = {r["seed"]: r for r in res["runs"][BASE]}
+    base = {r["seed"]: r for r in res["runs"][base_method]}
     out = {}
-    for run in res["runs"][APT]:
+    for run in res["runs"][other]:
         b = base.get(run["seed"])
         if b is None or not run["evals"] or not b["evals"]:
             continue
@@ -123,11 +132,12 @@ def rates(data: dict) -> list[float]:
 def table(data: dict, rate: float, matched: bool) -> list[dict]:
     """One row per metric: pooled mean and interval, concept votes, verdict, per-concept means."""
     entries = [e for e in data["entries"] if e["rate"] == rate]
+    base, other, *_ = compared(data)
     rows = []
     for k in METRICS:
         if matched and k == X_KEY:
             continue
-        diffs = {e["concept"]: pair_differences(e, k, matched) for e in entries}
+        diffs = {e["concept"]: pair_differences(e, k, matched, base, other) for e in entries}
         stat = pooled(diffs)
         votes = concept_votes(diffs, HIGHER_IS_BETTER[k])
         per = {c: (float(np.nanmean(list(v.values()))) if v and not all(math.isnan(x) for x in v.values())
@@ -154,7 +164,8 @@ def describe(entry: dict) -> str:
 def report(data: dict) -> str:
     entries = data["entries"]
     concepts = list(dict.fromkeys(e["concept"] for e in entries))
-    seeds = sorted({r["seed"] for e in entries for r in e["results"]["runs"][APT]})
+    base, other, lb, lo = compared(data)
+    seeds = sorted({r["seed"] for e in entries for r in e["results"]["runs"][other]})
     first = entries[0]["results"]["config"]
     steps = first["apt_config"]["train"]["steps"]
     lines = ["# APT across concepts: the multi-concept suite", ""]
@@ -162,14 +173,14 @@ def report(data: dict) -> str:
         lines += ["**Smoke run (quick settings or an untrained prior): the numbers below say nothing about "
                   "quality.**", ""]
     lines += [
-        f"DreamBooth-LoRA vs APT (the product's defaults) on {len(concepts)} concepts x {len(seeds)} seeds, "
+        f"{lb} vs {lo} on {len(concepts)} concepts x {len(seeds)} seeds, "
         f"{steps} steps, at learning rates {', '.join(f'{r:g}' for r in rates(data))}; prior "
         f"`{first['prior']}`. Command: `{data['command']}` ({data['seconds'] / 60:.0f} min with {data['jobs']} "
         "processes on the machine that ran it).", "",
-        "Differences are APT minus DreamBooth-LoRA over (concept, seed) pairs; intervals are "
+        f"Differences are {lo} minus {lb} over (concept, seed) pairs; intervals are "
         f"{LEVEL:.0%} two-level bootstrap intervals (concepts, then seeds); 'ahead / behind' counts concepts by "
         "the mean of their seeds (and lists concepts without a defined pair). A result **holds** when the interval "
-        "excludes 0 in APT's favour and APT is ahead in more than half of all concepts, **against** in the mirror "
+        f"excludes 0 in {lo}'s favour and it is ahead in more than half of all concepts, **against** in the mirror "
         "case, otherwise *unclear*. With six designed concepts and many metrics read at once, a verdict is a "
         "screen, not a proof.", "",
         "| concept | references |", "|---|---|"]
@@ -181,10 +192,10 @@ def report(data: dict) -> str:
     lines.append("")
     for rate in rates(data):
         for matched in (False, True):
-            title = "at matched likeness (DreamBooth-LoRA read at APT's ref_identity_loose)" if matched \
+            title = f"at matched likeness ({lb} read at {lo}'s ref_identity_loose)" if matched \
                 else f"at step {steps}"
             lines += [f"## lr {rate:g}, {title}", "",
-                      "| metric | pooled APT − DB-LoRA [interval] (pairs) | concepts ahead / behind / level / none | "
+                      f"| metric | pooled {lo} − {lb} [interval] (pairs) | concepts ahead / behind / level / none | "
                       "verdict | "
                       + " | ".join(concepts) + " |",
                       "|---|---|---|---|" + "---|" * len(concepts)]
@@ -195,13 +206,13 @@ def report(data: dict) -> str:
                 lines.append(f"| {row['metric']} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n}) | "
                              f"{'/'.join(map(str, row['votes']))} | {mark} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += [f"Means at step {steps}, lr {rate:g} (DB-LoRA → APT):", "",
+        lines += [f"Means at step {steps}, lr {rate:g} ({lb} → {lo}):", "",
                   "| concept | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for e in (e for e in entries if e["rate"] == rate):
-            cells = [f"{method_means(e, BASE, k):.3f} → {method_means(e, APT, k):.3f}" for k in METRICS]
+            cells = [f"{method_means(e, base, k):.3f} → {method_means(e, other, k):.3f}" for k in METRICS]
             lines.append(f"| {e['concept']} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += long_run_check(data)
+    lines += long_run_check(data) if (base, other) == (BASE, APT) else []
     lines += stop_rule.report(entries)
     lines += ["Metrics:", ""] + [f"- `{k}`: {v}" for k, v in MEANING.items()] + ["", "![suite](figure.png)", ""]
     return "\n".join(lines)

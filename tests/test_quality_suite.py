@@ -125,6 +125,15 @@ def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
     before = done.stat().st_mtime_ns
     assert suite.main(["--quick", "--untrained-prior", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     assert done.stat().st_mtime_ns == before
+    # --base-from: the same APT runs against themselves differ by exactly 0 everywhere
+    again = tmp_path / "again"
+    assert suite.main(["--quick", "--untrained-prior", "--out", str(again), "--work", str(tmp_path / "work"),
+                       "--base-from", f"{out}:apt"]) == 0
+    data = read_results(again)
+    assert st.compared(data)[:2] == ("base", "apt")
+    means = [row["pooled"][0] for row in st.table(data, 1e-3, matched=False)]
+    assert means and all(m == 0.0 or math.isnan(m) for m in means)
+    assert "apt of report vs apt here" in (again / "report.md").read_text(encoding="utf-8")
 
 
 def test_stop_rule_best_step_crossing_and_hits():
@@ -144,3 +153,4 @@ def test_stop_rule_best_step_crossing_and_hits():
     _, hits = sr.table([entry])
     assert hits["always step 400"]["c"] == [True] and hits["always step 600"]["c"] == [False]
     assert hits["low-noise gamma >= 0.7"]["c"] == [True] and hits["low-noise gamma >= 0.5"]["c"] == [False]
+
