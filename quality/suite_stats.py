@@ -164,7 +164,7 @@ def describe(entry: dict) -> str:
 def report(data: dict) -> str:
     entries = data["entries"]
     concepts = list(dict.fromkeys(e["concept"] for e in entries))
-    base, other, lb, lo = compared(data)
+    base, other, label_b, label_o = compared(data)
     seeds = sorted({r["seed"] for e in entries for r in e["results"]["runs"][other]})
     first = entries[0]["results"]["config"]
     steps = first["apt_config"]["train"]["steps"]
@@ -173,14 +173,15 @@ def report(data: dict) -> str:
         lines += ["**Smoke run (quick settings or an untrained prior): the numbers below say nothing about "
                   "quality.**", ""]
     lines += [
-        f"{lb} vs {lo} on {len(concepts)} concepts x {len(seeds)} seeds, "
+        f"{label_b} vs {label_o} on {len(concepts)} concepts x {len(seeds)} seeds, "
         f"{steps} steps, at learning rates {', '.join(f'{r:g}' for r in rates(data))}; prior "
         f"`{first['prior']}`. Command: `{data['command']}` ({data['seconds'] / 60:.0f} min with {data['jobs']} "
-        "processes on the machine that ran it).", "",
-        f"Differences are {lo} minus {lb} over (concept, seed) pairs; intervals are "
+        "processes on the machine that ran it" + (f"; {data['seconds_note']}" if data.get("seconds_note") else "")
+        + ").", "",
+        f"Differences are {label_o} minus {label_b} over (concept, seed) pairs; intervals are "
         f"{LEVEL:.0%} two-level bootstrap intervals (concepts, then seeds); 'ahead / behind' counts concepts by "
         "the mean of their seeds (and lists concepts without a defined pair). A result **holds** when the interval "
-        f"excludes 0 in {lo}'s favour and it is ahead in more than half of all concepts, **against** in the mirror "
+        f"excludes 0 in {label_o}'s favour and it is ahead in more than half of all concepts, **against** in the mirror "
         "case, otherwise *unclear*. With six designed concepts and many metrics read at once, a verdict is a "
         "screen, not a proof.", "",
         "| concept | references |", "|---|---|"]
@@ -192,10 +193,10 @@ def report(data: dict) -> str:
     lines.append("")
     for rate in rates(data):
         for matched in (False, True):
-            title = f"at matched likeness ({lb} read at {lo}'s ref_identity_loose)" if matched \
+            title = f"at matched likeness ({label_b} read at {label_o}'s ref_identity_loose)" if matched \
                 else f"at step {steps}"
             lines += [f"## lr {rate:g}, {title}", "",
-                      f"| metric | pooled {lo} − {lb} [interval] (pairs) | concepts ahead / behind / level / none | "
+                      f"| metric | pooled {label_o} − {label_b} [interval] (pairs) | concepts ahead / behind / level / none | "
                       "verdict | "
                       + " | ".join(concepts) + " |",
                       "|---|---|---|---|" + "---|" * len(concepts)]
@@ -206,7 +207,7 @@ def report(data: dict) -> str:
                 lines.append(f"| {row['metric']} | {m:+.3f} [{lo:+.3f}, {hi:+.3f}] ({n}) | "
                              f"{'/'.join(map(str, row['votes']))} | {mark} | " + " | ".join(cells) + " |")
             lines.append("")
-        lines += [f"Means at step {steps}, lr {rate:g} ({lb} → {lo}):", "",
+        lines += [f"Means at step {steps}, lr {rate:g} ({label_b} → {label_o}):", "",
                   "| concept | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS)]
         for e in (e for e in entries if e["rate"] == rate):
             cells = [f"{method_means(e, base, k):.3f} → {method_means(e, other, k):.3f}" for k in METRICS]
@@ -270,7 +271,8 @@ def figure(data: dict):
         w, row_h, left = 620, 22, 150
         img = Image.new("RGB", (w, 30 + row_h * len(rows)), "white")
         d = ImageDraw.Draw(img)
-        d.text((4, 4), f"lr {rate:g}: APT − DreamBooth-LoRA at the last step (better for APT: right)", fill="black",
+        d.text((4, 4), f"lr {rate:g}: APT - DreamBooth-LoRA at the last step per concept (dots), pooled 95% interval "
+               "(bar); better for APT: right; one scale for all rows", fill="black",
                font=_FONT)
         span = max([abs(v) for r in rows for v in (*r["pooled"][1:3], *r["per_concept"].values())
                     if not math.isnan(v)] + [1e-3])
