@@ -15,7 +15,6 @@ A finished (concept, rate, seed) is not run again: rerun the command to continue
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
@@ -25,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import stop_rule, suite_stats
-from .task import load_config, merge_config, quick_overrides
+from .task import load_config, merge_config, quick_config
 from .textio import read_results, save_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +44,7 @@ def expand(cfg: dict, quick: bool = False) -> dict[tuple[str, float], dict]:
             c = merge_config(base, suite["concepts"][name])
             c = merge_config(c, {"apt_config": {"train": {"learning_rate": rate}}})
             if quick:
-                c = merge_config(c, quick_overrides())
-                c["concept"]["n_images"] = merge_config(base, suite["concepts"][name])["concept"]["n_images"]
-                c["concept_prompts"], c["drift_prompts"] = c["concept_prompts"][:3], c["drift_prompts"][:2]
+                c = quick_config(c, keep_images=True)
             c["suite_entry"] = {"concept": name, "rate": rate}
             out[name, rate] = c
     return out
@@ -191,7 +188,7 @@ def save_results(out: Path, data: dict) -> None:
     """results.json.xz: every (concept, rate)'s slimmed results (read back by textio.read_results)."""
     import lzma
 
-    raw = json.dumps(copy.deepcopy(data), separators=(",", ":")).encode()
+    raw = json.dumps(data, separators=(",", ":")).encode()
     tmp = out / "results.json.xz.tmp"
     tmp.write_bytes(lzma.compress(raw, preset=9))
     tmp.replace(out / "results.json.xz")

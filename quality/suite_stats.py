@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from . import stop_rule
-from .tradeoff import read_at
+from .tradeoff import mean_curve, read_at
 
 BASE, APT = "baseline", "apt"
 X_KEY = "ref_identity_loose"  # the likeness: the concept drawn for the references' own caption
@@ -65,8 +65,7 @@ def pair_differences(entry: dict, metric: str, matched: bool = False, base_metho
             out[run["seed"]] = float(final[metric]) - float(b["evals"][-1][metric])
             continue
         x0 = float(res["prior"].get(X_KEY, 0.0))
-        xs = np.array([x0] + [e[X_KEY] for e in b["evals"]])
-        ys = np.array([res["prior"].get(metric, 0.0)] + [e[metric] for e in b["evals"]])
+        xs, ys = mean_curve([b], X_KEY, x0), mean_curve([b], metric, res["prior"].get(metric, 0.0))
         at = read_at(xs, ys, float(final[X_KEY])) if final[X_KEY] > x0 else float("nan")
         out[run["seed"]] = float("nan") if math.isnan(at) else float(final[metric]) - at
     return out

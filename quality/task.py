@@ -84,8 +84,7 @@ def _read(path: Path) -> dict:
 def load_config(path: str | Path | None, overrides: dict | None = None, quick: bool = False) -> dict:
     cfg = merge_config(DEFAULTS, _read(Path(path)) if path else {})
     if quick:
-        cfg = merge_config(cfg, quick_overrides())
-        cfg["concept_prompts"], cfg["drift_prompts"] = cfg["concept_prompts"][:3], cfg["drift_prompts"][:2]
+        cfg = quick_config(cfg)
     cfg = merge_config(cfg, overrides or {})
     unknown = set(cfg["methods"]) - set(METHODS)
     if unknown:
@@ -100,6 +99,16 @@ def load_config_with_sets(path: str | Path, sets: list[str]) -> tuple[dict, dict
     for s in sets:
         over = merge_config(over, json.loads(s))
     return load_config(path, {"apt_config": over} if over else None), over
+
+
+def quick_config(cfg: dict, keep_images: bool = False) -> dict:
+    """`cfg` as a smoke test (quick_overrides, the first 3 concept and 2 drift prompts); keep_images
+    keeps its number of references (one per value of an attribute that varies)."""
+    out = merge_config(cfg, quick_overrides())
+    if keep_images:
+        out["concept"]["n_images"] = cfg["concept"]["n_images"]
+    out["concept_prompts"], out["drift_prompts"] = out["concept_prompts"][:3], out["drift_prompts"][:2]
+    return out
 
 
 def quick_overrides() -> dict:
