@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .common import REPO_ROOT, SDXL_UNET_CONFIG, SDXL_VAE_CONFIG
 
-PREVIEW_STEPS, PREVIEW_PROMPTS, PREVIEW_EVERY = 12, 3, 100  # nodes/previews.py, node defaults
+PREVIEW_STEPS, PREVIEW_PROMPTS, PREVIEW_EVERY = 12, 3, 100  # nodes/previews.py and the node defaults (a test compares)
 DEFAULT_STEPS = 500  # the APT Trainer's default run length
 TOKENS = 77
 

@@ -118,3 +118,33 @@ def test_preview_flops_counts_the_sdxl_layout_and_its_committed_table_is_current
     numbers = lambda text: [float(x) for x in re.findall(r"\d+\.\d+|\d+", text.split("| what")[1])]  # noqa: E731
     assert numbers(out.read_text()) == pytest.approx(numbers(committed), rel=0.02)  # torch's counter may move a hair
     assert "| UNet forward, batch 1 | 6.76 |" in committed  # = speed_sdxl_h100.md's forward rows: 6.76 T
+
+
+def _module_constants(path) -> dict:
+    """The literal module-level assignments of a file, read without importing it (nodes/ needs ComfyUI)."""
+    import ast
+
+    consts = {}
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target = node.targets[0]
+            names = [e.id for e in target.elts] if isinstance(target, ast.Tuple) else [getattr(target, "id", None)]
+            try:
+                values = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            consts.update(zip(names, values) if isinstance(target, ast.Tuple) else {names[0]: values})
+    return consts
+
+
+def test_preview_flops_counts_the_previews_the_node_renders():
+    """The cost table's sampler steps, prompts and interval are the node's own (a change there
+    must be counted again)."""
+    from benchmarks import preview_flops
+
+    nodes = preview_flops.REPO_ROOT / "nodes"
+    previews = _module_constants(nodes / "previews.py")
+    assert preview_flops.PREVIEW_STEPS == previews["STEPS"]
+    assert preview_flops.PREVIEW_PROMPTS == 1 + len(previews["NEW_CONTEXTS"])  # the first caption + new contexts
+    every = re.search(r'io\.Int\.Input\("preview_every".*?default=(\d+)', (nodes / "node_defs.py").read_text(), re.S)
+    assert preview_flops.PREVIEW_EVERY == int(every.group(1))
