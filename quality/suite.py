@@ -181,7 +181,7 @@ def with_base_from(data: dict, spec: str, other: str) -> None:
                 raise SystemExit(f"--base-from: {folder} differs in {key} for {e['concept']}")
         e["results"]["runs"]["base"] = b["runs"][method]
     data["compare"] = {"base": "base", "other": other, "base_label": f"{method} of {Path(folder).name}",
-                       "other_label": f"{other} here"}
+                       "other_label": f"{other} here", "base_folder": folder, "base_method": method}
 
 
 def save_results(out: Path, data: dict) -> None:

@@ -265,13 +265,14 @@ def figure(data: dict):
 
     panels = []
     concepts = list(dict.fromkeys(e["concept"] for e in data["entries"]))
+    *_, label_b, label_o = compared(data)
     for rate in rates(data):
         rows = table(data, rate, matched=False)
         w, row_h, left = 620, 22, 150
         img = Image.new("RGB", (w, 30 + row_h * len(rows)), "white")
         d = ImageDraw.Draw(img)
-        d.text((4, 4), f"lr {rate:g}: APT - DreamBooth-LoRA at the last step per concept (dots), pooled 95% interval "
-               "(bar); better for APT: right; one scale for all rows", fill="black",
+        d.text((4, 4), f"lr {rate:g}: {label_o} - {label_b} at the last step per concept (dots), pooled 95% interval "
+               f"(bar); better for {label_o}: right; one scale for all rows", fill="black",
                font=_FONT)
         span = max([abs(v) for r in rows for v in (*r["pooled"][1:3], *r["per_concept"].values())
                     if not math.isnan(v)] + [1e-3])
@@ -292,3 +293,96 @@ def figure(data: dict):
                     d.ellipse([x - 2, y - 2 + (j % 3 - 1) * 3, x + 2, y + 2 + (j % 3 - 1) * 3], fill=(31, 119, 180))
         panels.append(img)
     return stack(panels)
+
+
+# ----------------------------------------------------------------------------- variants of the defaults
+
+def config_changes(base: dict, other: dict, prefix: str = "") -> list[str]:
+    """'key: base -> other' for every leaf where two (nested) configs differ."""
+    out = []
+    for k in sorted(set(base) | set(other)):
+        a, b = base.get(k), other.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def decision(rows: Sequence[dict]) -> str:
+    """A variant of the defaults from its verdicts against them (every rate, both readings): 'better'
+    if something holds and nothing goes against it, 'worse' in the mirror case, else 'mixed' or
+    'no difference'. Only 'better' may change a default."""
+    verdicts = {r["verdict"] for r in rows}
+    if "holds" in verdicts:
+        return "mixed" if "against" in verdicts else "better"
+    return "worse" if "against" in verdicts else "no difference"
+
+
+def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
+    """One table for several variant suites, each compared with the defaults' runs (quality.suite
+    --base-from): (folder, its data, the base folder's data) -> markdown."""
+    lines = ["# The defaults on the suite: each variant against APT with the product's defaults", "",
+             "Each row is a variant suite (`quality.suite --base-from quality/report_suite:apt`) minus APT with "
+             "the defaults, pooled over concept x seed like the suite's report: the difference, the concepts "
+             "where the variant is ahead/behind, and **holds** / **against** when the 95 % interval excludes 0 "
+             "and most concepts agree. A variant is *better* when something holds and nothing goes against it "
+             "at either rate, at the last step or at matched likeness; only a better variant may change a "
+             "default.", "",
+             "| variant (report) | change | lr | reading | " + " | ".join(METRICS) + " | decision |",
+             "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
+    for folder, data, base_data in variants:
+        comp = data.get("compare") or {}
+        first = data["entries"][0]["results"]["config"]
+        base_cfg = next(e["results"]["config"] for e in base_data["entries"]
+                        if e["concept"] == data["entries"][0]["concept"] and e["rate"] == data["entries"][0]["rate"])
+        change = config_changes(base_cfg.get("apt_config", {}), first.get("apt_config", {}), "apt_config.")
+        if comp.get("other") != comp.get("base_method"):
+            change.insert(0, f"method: {comp.get('base_method')} -> {comp.get('other')}")
+        rows = [(rate, matched, table(data, rate, matched)) for rate in rates(data) for matched in (False, True)]
+        verdict_of = decision([r for *_, rs in rows for r in rs])
+        for i, (rate, matched, rs) in enumerate(rows):
+            steps = first["apt_config"]["train"]["steps"]
+            by = {r["metric"]: r for r in rs}
+            cells = []
+            for k in METRICS:
+                if k not in by:
+                    cells.append("—")
+                    continue
+                m, *_ = by[k]["pooled"]
+                a, b, *_ = by[k]["votes"]
+                mark = {"holds": " **holds**", "against": " **against**", "unclear": ""}[by[k]["verdict"]]
+                cells.append(f"{m:+.3f} ({a}/{b}){mark}")
+            head = (f"`{Path(folder).name}`", "<br>".join(change) or "—") if i == 0 else ("", "")
+            lines.append(f"| {head[0]} | {head[1]} | {rate:g} | {'matched likeness' if matched else f'step {steps}'} | "
+                         + " | ".join(cells) + f" | {verdict_of if i == 0 else ''} |")
+    lines += ["", "Cells: variant − defaults (concepts ahead/behind). Metrics: "
+              + "; ".join(f"`{k}` {v}" for k, v in MEANING.items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from .textio import read_results, save_text
+
+    p = argparse.ArgumentParser(prog="python -m quality.suite_stats",
+                                description="One table of variant suites against the defaults' suite.")
+    p.add_argument("folders", nargs="+", help="variant suite reports (run with --base-from)")
+    p.add_argument("--out", required=True, help="the markdown file to write")
+    args = p.parse_args(argv)
+    variants = []
+    for folder in args.folders:
+        data = read_results(folder)
+        base = (data.get("compare") or {}).get("base_folder")
+        if not base:
+            raise SystemExit(f"{folder}: not a variant suite (run quality.suite with --base-from)")
+        variants.append((folder, data, read_results(base)))
+    text = overview(variants)
+    save_text(Path(args.out), text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -86,6 +86,18 @@ def test_concept_votes_and_the_verdict_follow_the_metric_direction():
     assert st.verdict((-0.1, -0.2, -0.05, 6), (5, 1, 0, 0), False) == "holds"  # drift down
 
 
+def test_a_variant_of_the_defaults_is_named_by_its_changes_and_judged_on_every_verdict():
+    base = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 1.0, "fill": "border"}}
+    other = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 0.5, "fill": "border"}}
+    assert st.config_changes(base, other, "apt_config.") == ["apt_config.augment.p_max: 1.0 -> 0.5"]
+    assert st.config_changes({"a": 1}, {"b": 2}) == ["a: 1 -> None", "b: None -> 2"]
+    rows = lambda *v: [{"verdict": x} for x in v]  # noqa: E731
+    assert st.decision(rows("unclear", "holds", "unclear")) == "better"
+    assert st.decision(rows("holds", "against")) == "mixed"  # a gain somewhere bought with a loss elsewhere
+    assert st.decision(rows("unclear", "against")) == "worse"
+    assert st.decision(rows("unclear", "unclear")) == "no difference"
+
+
 def test_a_run_is_reused_only_when_finished_with_the_same_config_and_prior(tmp_path):
     import json
 
@@ -134,6 +146,12 @@ def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
     means = [row["pooled"][0] for row in st.table(data, 1e-3, matched=False)]
     assert means and all(m == 0.0 or math.isnan(m) for m in means)
     assert "apt of report vs apt here" in (again / "report.md").read_text(encoding="utf-8")
+    # the defaults' overview of variant suites: APT against itself changes nothing and differs in nothing
+    assert st.main([str(again), "--out", str(tmp_path / "defaults.md")]) == 0
+    row = next(ln for ln in (tmp_path / "defaults.md").read_text(encoding="utf-8").splitlines() if "`again`" in ln)
+    assert "| — |" in row and row.rstrip().endswith("| no difference |")
+    with pytest.raises(SystemExit, match="not a variant suite"):
+        st.main([str(out), "--out", str(tmp_path / "x.md")])
 
 
 def test_stop_rule_best_step_crossing_and_hits():
