@@ -174,9 +174,7 @@ def report(data: dict) -> str:
     lines += [
         f"{label_b} vs {label_o} on {len(concepts)} concepts x {len(seeds)} seeds, "
         f"{steps} steps, at learning rates {', '.join(f'{r:g}' for r in rates(data))}; prior "
-        f"`{first['prior']}`. Command: `{data['command']}` ({data['seconds'] / 60:.0f} min with {data['jobs']} "
-        "processes on the machine that ran it" + (f"; {data['seconds_note']}" if data.get("seconds_note") else "")
-        + ").", "",
+        f"`{first['prior']}`. Command: `{data['command']}` ({_times(data)}).", "",
         f"Differences are {label_o} minus {label_b} over (concept, seed) pairs; intervals are "
         f"{LEVEL:.0%} two-level bootstrap intervals (concepts, then seeds); 'ahead / behind' counts concepts by "
         "the mean of their seeds (and lists concepts without a defined pair). A result **holds** when the interval "
@@ -216,6 +214,16 @@ def report(data: dict) -> str:
     lines += stop_rule.report(entries)
     lines += ["Metrics:", ""] + [f"- `{k}`: {v}" for k, v in MEANING.items()] + ["", "![suite](figure.png)", ""]
     return "\n".join(lines)
+
+
+def _times(data: dict) -> str:
+    """The suite's cost in words: its processes' own times (what a rerun that reuses them does not
+    show) and this invocation's wall time."""
+    proc = sum(e["results"].get("seconds_total", e["results"].get("seconds", 0.0)) for e in data["entries"])
+    n = sum(len(next(iter(e["results"]["runs"].values()))) for e in data["entries"])
+    text = (f"{n} single-thread processes of {proc / 60:.0f} min in all, about {proc / 60 / data['jobs']:.0f} min "
+            f"with {data['jobs']} at a time; this invocation: {data['seconds'] / 60:.0f} min wall")
+    return text + (f"; {data['seconds_note']}" if data.get("seconds_note") else "")
 
 
 def long_run_check(data: dict) -> list[str]:
@@ -271,9 +279,8 @@ def figure(data: dict):
         w, row_h, left = 620, 22, 150
         img = Image.new("RGB", (w, 30 + row_h * len(rows)), "white")
         d = ImageDraw.Draw(img)
-        d.text((4, 4), f"lr {rate:g}: {label_o} - {label_b} at the last step per concept (dots), pooled 95% interval "
-               f"(bar); better for {label_o}: right; one scale for all rows", fill="black",
-               font=_FONT)
+        d.text((4, 4), f"lr {rate:g}, last step: {label_o} - {label_b}; concepts (dots), pooled 95% interval (bar); "
+               "right = better", fill="black", font=_FONT)
         span = max([abs(v) for r in rows for v in (*r["pooled"][1:3], *r["per_concept"].values())
                     if not math.isnan(v)] + [1e-3])
         cx, half = left + (w - left - 10) // 2, (w - left - 20) // 2
