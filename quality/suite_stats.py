@@ -305,14 +305,15 @@ def figure(data: dict):
 # ----------------------------------------------------------------------------- variants of the defaults
 
 def config_changes(base: dict, other: dict, prefix: str = "") -> list[str]:
-    """'key: base -> other' for every leaf where two (nested) configs differ."""
+    """'key: base -> other' for every leaf where two (nested) configs differ ('default' where one
+    leaves the key out)."""
     out = []
     for k in sorted(set(base) | set(other)):
         a, b = base.get(k), other.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_changes(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a} -> {b}")
+        elif a != b:  # a key a config leaves out is apt_core's default
+            out.append(f"{prefix}{k}: {'default' if a is None else a} -> {'default' if b is None else b}")
     return out
 
 

@@ -90,7 +90,7 @@ def test_a_variant_of_the_defaults_is_named_by_its_changes_and_judged_on_every_v
     base = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 1.0, "fill": "border"}}
     other = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 0.5, "fill": "border"}}
     assert st.config_changes(base, other, "apt_config.") == ["apt_config.augment.p_max: 1.0 -> 0.5"]
-    assert st.config_changes({"a": 1}, {"b": 2}) == ["a: 1 -> None", "b: None -> 2"]
+    assert st.config_changes({"a": 1}, {"b": 2}) == ["a: 1 -> default", "b: default -> 2"]
     rows = lambda *v: [{"verdict": x} for x in v]  # noqa: E731
     assert st.decision(rows("unclear", "holds", "unclear")) == "better"
     assert st.decision(rows("holds", "against")) == "mixed"  # a gain somewhere bought with a loss elsewhere
