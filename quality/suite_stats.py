@@ -349,6 +349,9 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
             change.insert(0, f"method: {comp.get('base_method')} -> {comp.get('other')}")
         rows = [(rate, matched, table(data, rate, matched)) for rate in rates(data) for matched in (False, True)]
         verdict_of = decision([r for *_, rs in rows for r in rs])
+        missing = [f"{r:g}" for r in rates(base_data) if r not in rates(data)]
+        if missing:  # a screen at fewer rates can reject a change, not make one
+            verdict_of += f" (lr {', '.join(missing)} not run)"
         for i, (rate, matched, rs) in enumerate(rows):
             steps = first["apt_config"]["train"]["steps"]
             by = {r["metric"]: r for r in rs}

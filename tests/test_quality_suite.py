@@ -98,6 +98,24 @@ def test_a_variant_of_the_defaults_is_named_by_its_changes_and_judged_on_every_v
     assert st.decision(rows("unclear", "unclear")) == "no difference"
 
 
+def test_the_overview_names_the_change_and_a_rate_the_variant_did_not_run():
+    def runs(layout):
+        return [{"seed": k, "evals": [{"step": 600, **{m: 0.5 for m in st.METRICS}, "layout": layout}]} for k in range(3)]
+
+    def entry(rate, base, other):
+        cfg = {"apt_config": {"train": {"steps": 600}, "augment": {"p_max": 0.5} if other else {}}}
+        return {"concept": "c", "rate": rate, "results": {"config": cfg, "prior": {}, "runs": {"apt": runs(0.6), **(
+            {"base": runs(0.5)} if base else {})}}}
+
+    base = {"entries": [entry(1e-3, False, False), entry(2e-3, False, False)]}
+    variant = {"entries": [entry(1e-3, True, True)],
+               "compare": {"base": "base", "other": "apt", "base_method": "apt", "base_folder": "defaults"}}
+    row = next(ln for ln in st.overview([("quality/report_v", variant, base)]).splitlines() if "`report_v`" in ln)
+    assert row.startswith("| `report_v` | apt_config.augment.p_max: default -> 0.5 | 0.001 | step 600 |")
+    assert "+0.100 (1/0) **holds**" in row  # layout: every seed +0.1 in the one concept
+    assert row.rstrip().endswith("| better (lr 0.002 not run) |")
+
+
 def test_a_run_is_reused_only_when_finished_with_the_same_config_and_prior(tmp_path):
     import json
 
