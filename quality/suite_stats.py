@@ -335,7 +335,7 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
              "the defaults, pooled over concept x seed like the suite's report: the difference, the concepts "
              "where the variant is ahead/behind, and **holds** / **against** when the 95 % interval excludes 0 "
              "and most concepts agree. A variant is *better* when something holds and nothing goes against it "
-             "at either rate, at the last step or at matched likeness; only a better variant may change a "
+             "at any rate it ran, at the last step or at matched likeness; only a better variant may change a "
              "default.", "",
              "| variant (report) | change | lr | reading | " + " | ".join(METRICS) + " | decision |",
              "|---|---|---|---|" + "---|" * len(METRICS) + "---|"]
