@@ -352,8 +352,8 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
         missing = [f"{r:g}" for r in rates(base_data) if r not in rates(data)]
         if missing:  # a screen at fewer rates can reject a change, not make one
             verdict_of += f" (lr {', '.join(missing)} not run)"
+        steps = first["apt_config"]["train"]["steps"]
         for i, (rate, matched, rs) in enumerate(rows):
-            steps = first["apt_config"]["train"]["steps"]
             by = {r["metric"]: r for r in rs}
             cells = []
             for k in METRICS:
@@ -382,13 +382,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folders", nargs="+", help="variant suite reports (run with --base-from)")
     p.add_argument("--out", required=True, help="the markdown file to write")
     args = p.parse_args(argv)
-    variants = []
+    variants, bases = [], {}  # the variants share one base: read it once
     for folder in args.folders:
         data = read_results(folder)
         base = (data.get("compare") or {}).get("base_folder")
         if not base:
             raise SystemExit(f"{folder}: not a variant suite (run quality.suite with --base-from)")
-        variants.append((folder, data, read_results(base)))
+        if base not in bases:
+            bases[base] = read_results(base)
+        variants.append((folder, data, bases[base]))
     text = overview(variants)
     save_text(Path(args.out), text)
     print(text)
