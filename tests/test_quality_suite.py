@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from quality import suite, suite_stats as st
+from quality import suite, suite_defaults, suite_stats as st
 from quality.task import load_config, reference_attrs, reference_captions, reference_scenes, varies
 from quality.textio import read_results
 
@@ -89,13 +89,13 @@ def test_concept_votes_and_the_verdict_follow_the_metric_direction():
 def test_a_variant_of_the_defaults_is_named_by_its_changes_and_judged_on_every_verdict():
     base = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 1.0, "fill": "border"}}
     other = {"train": {"steps": 600, "learning_rate": 1e-3}, "augment": {"p_max": 0.5, "fill": "border"}}
-    assert st.config_changes(base, other, "apt_config.") == ["apt_config.augment.p_max: 1.0 -> 0.5"]
-    assert st.config_changes({"a": 1}, {"b": 2}) == ["a: 1 -> default", "b: default -> 2"]
+    assert suite_defaults.config_changes(base, other, "apt_config.") == ["apt_config.augment.p_max: 1.0 -> 0.5"]
+    assert suite_defaults.config_changes({"a": 1}, {"b": 2}) == ["a: 1 -> default", "b: default -> 2"]
     rows = lambda *v: [{"verdict": x} for x in v]  # noqa: E731
-    assert st.decision(rows("unclear", "holds", "unclear")) == "better"
-    assert st.decision(rows("holds", "against")) == "mixed"  # a gain somewhere bought with a loss elsewhere
-    assert st.decision(rows("unclear", "against")) == "worse"
-    assert st.decision(rows("unclear", "unclear")) == "no difference"
+    assert suite_defaults.decision(rows("unclear", "holds", "unclear")) == "better"
+    assert suite_defaults.decision(rows("holds", "against")) == "mixed"  # a gain somewhere bought with a loss elsewhere
+    assert suite_defaults.decision(rows("unclear", "against")) == "worse"
+    assert suite_defaults.decision(rows("unclear", "unclear")) == "no difference"
 
 
 def test_the_overview_names_the_change_and_a_rate_the_variant_did_not_run():
@@ -110,7 +110,7 @@ def test_the_overview_names_the_change_and_a_rate_the_variant_did_not_run():
     base = {"entries": [entry(1e-3, False, False), entry(2e-3, False, False)]}
     variant = {"entries": [entry(1e-3, True, True)],
                "compare": {"base": "base", "other": "apt", "base_method": "apt", "base_folder": "defaults"}}
-    row = next(ln for ln in st.overview([("quality/report_v", variant, base)]).splitlines() if "`report_v`" in ln)
+    row = next(ln for ln in suite_defaults.overview([("quality/report_v", variant, base)]).splitlines() if "`report_v`" in ln)
     assert row.startswith("| `report_v` | apt_config.augment.p_max: default -> 0.5 | 0.001 | step 600 |")
     assert "+0.100 (1/0) **holds**" in row  # layout: every seed +0.1 in the one concept
     assert row.rstrip().endswith("| better (lr 0.002 not run) |")
@@ -165,11 +165,11 @@ def test_suite_smoke_run_writes_a_report_over_both_kinds_of_concept(tmp_path):
     assert means and all(m == 0.0 or math.isnan(m) for m in means)
     assert "apt of report vs apt here" in (again / "report.md").read_text(encoding="utf-8")
     # the defaults' overview of variant suites: APT against itself changes nothing and differs in nothing
-    assert st.main([str(again), "--out", str(tmp_path / "defaults.md")]) == 0
+    assert suite_defaults.main([str(again), "--out", str(tmp_path / "defaults.md")]) == 0
     row = next(ln for ln in (tmp_path / "defaults.md").read_text(encoding="utf-8").splitlines() if "`again`" in ln)
     assert "| — |" in row and row.rstrip().endswith("| no difference |")
     with pytest.raises(SystemExit, match="not a variant suite"):
-        st.main([str(out), "--out", str(tmp_path / "x.md")])
+        suite_defaults.main([str(out), "--out", str(tmp_path / "x.md")])
 
 
 def test_stop_rule_best_step_crossing_and_hits():
