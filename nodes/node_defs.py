@@ -212,7 +212,8 @@ class AptAtaSettings(io.ComfyNode):
                                optional=True, **ADVANCED, tooltip=(
                     "S in gamma = 1 - exp(-S * (base loss - LoRA loss)). SDXL: 1000 (paper). Touch it only "
                     "if the chart's gamma jumps to 1 in every bin within a few dozen steps (lower S) or "
-                    "never rises (raise S): S must match the model's loss scale.")),
+                    "never rises (raise S): S must match the model's loss scale. A lower S draws the "
+                    "subject in new scenes more often, for more change to prompts without it.")),
                 io.Combo.Input("augmentation_space", options=list(AUG_SPACES), default="pixel", optional=True, **ADVANCED,
                                tooltip=(
                     "pixel (default, the paper's order): the picture is zoomed/rotated, then encoded; "
