@@ -196,7 +196,7 @@ class AptAtaSettings(io.ComfyNode):
                     "What fills the space around a zoomed-out image. border (default): its edge pixels "
                     "stretched outward, no frame to learn; constant: black, as in the paper (in the "
                     "benchmark the LoRA learned the black frame); reflect: a mirror image (can repeat "
-                    "the subject).")),
+                    "the subject; in the benchmark it raised the drift of prompts without the subject).")),
                 io.Float.Input("p_max", default=_AUG.p_max, min=0.0, max=1.0, step=0.01, optional=True, **ADVANCED, tooltip=(
                     "Highest chance of augmenting an image (chance = min(gamma, p_max)). Research knob: "
                     "0.5 bought no likeness in the benchmark.")),
