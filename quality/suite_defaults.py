@@ -57,9 +57,10 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
         change = config_changes(base_cfg.get("apt_config", {}), first.get("apt_config", {}), "apt_config.")
         if comp.get("other") != comp.get("base_method"):
             change.insert(0, f"method: {comp.get('base_method')} -> {comp.get('other')}")
-        rows = [(rate, matched, table(data, rate, matched)) for rate in rates(data) for matched in (False, True)]
+        ran = rates(data)
+        rows = [(rate, matched, table(data, rate, matched)) for rate in ran for matched in (False, True)]
         verdict_of = decision([r for *_, rs in rows for r in rs])
-        missing = [f"{r:g}" for r in rates(base_data) if r not in rates(data)]
+        missing = [f"{r:g}" for r in rates(base_data) if r not in ran]
         if missing:  # a screen at fewer rates can reject a change, not make one
             verdict_of += f" (lr {', '.join(missing)} not run)"
         steps = first["apt_config"]["train"]["steps"]
