@@ -187,6 +187,32 @@ def test_stop_rule_best_step_crossing_and_hits():
     assert sr.predicted(trace, [200, 400, 600], 0.9) == 600  # never crossed: the last step
     entry = {"concept": "c", "results": {"runs": {"apt": [{"evals": evals, "gamma_trace": trace}]}}}
     _, hits = sr.table([entry])
-    assert hits["always step 400"]["c"] == [True] and hits["always step 600"]["c"] == [False]
-    assert hits["low-noise gamma >= 0.7"]["c"] == [True] and hits["low-noise gamma >= 0.5"]["c"] == [False]
+    assert [h for h, _ in hits["always step 400"]["c"]] == [True] and hits["always step 600"]["c"][0][0] is False
+    assert hits["low-noise gamma >= 0.7"]["c"][0][0] is True and hits["low-noise gamma >= 0.5"]["c"][0][0] is False
+    # regret: the score given away against the best step (1.2): stopping at 200 (1.1) gives away 0.1
+    assert sr.regret(evals, 200) == 0.1 and sr.regret(evals, 600) == 0.0
+    assert hits["always step 200"]["c"] == [(False, 0.1)] and hits["low-noise gamma >= 0.5"]["c"] == [(False, 0.1)]
+    # the loss weight left, 1 - mean gamma of all 10 bins: at step 30 (0.9 + 0.9 + 7 x 1.0) / 10 = 0.88 -> 0.12 left
+    assert sr.weight_crossing(trace, 0.8) == 30
+    assert hits["loss weight left <= 0.8"]["c"] == [(False, 0.1)]  # 30 -> step 200
+    # without that row: step 10 3 x 0.1 / 10 -> 0.97 left, 20 -> 0.94, 300 -> 0.835, 500 -> 0.76
+    smooth = [row for row in trace if row[0] != 30]
+    assert sr.weight_crossing(smooth, 0.8) == 500 and sr.weight_crossing(smooth, 0.85) == 300
+    assert sr.weight_crossing(smooth, 0.95) == 20 and sr.weight_crossing(smooth, 0.7) is None
+    assert sr.weight_crossing([[5] + [0.5] * 10], 0.5) == 5 and sr.crossing([[5] + [0.5] * 10], 0.5) == 5  # reaching counts
+    _, hits = sr.table([{"concept": "c", "results": {"runs": {"apt": [{"evals": evals, "gamma_trace": smooth}]}}}])
+    assert hits["loss weight left <= 0.8"]["c"] == [(True, 0.0)]  # 500 -> step 400 (the earlier of 400 and 600)
+
+
+def test_stop_rule_plateau_compares_a_runs_move_with_the_concepts_spread():
+    from quality import stop_rule as sr
+
+    evals = [{"step": s, "ref_identity_loose": 0.0, "context": 0.0, "layout": 0.0} for s in (200, 600)]
+    low = lambda step, g: [step, g, g, g] + [0.0] * 7  # noqa: E731
+    run = lambda g200, g600: {"evals": evals, "gamma_trace": [low(10, 0.0), low(200, g200), low(600, g600)]}  # noqa: E731
+    entries = [{"concept": "a", "results": {"runs": {"apt": [run(0.2, 0.3), run(0.2, 0.1)]}}},  # moves 0.1, 0.1
+               {"concept": "b", "results": {"runs": {"apt": [run(0.8, 0.9)]}}}]  # moves 0.1; ends at 0.9
+    move, spread = sr.plateau(entries)
+    assert round(move, 9) == 0.1  # the median of |0.3 - 0.2|, |0.1 - 0.2|, |0.9 - 0.8|; the step-10 row is not read
+    assert round(spread, 9) == 0.7  # b's 0.9 minus a's mean (0.3 + 0.1) / 2 = 0.2
 
