@@ -169,9 +169,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def with_base_from(data: dict, spec: str, other: str) -> None:
     """Add METHOD's runs of the suite report DIR ("DIR:METHOD") to each entry as the base to compare
-    `other` with; the prompts, references and prior must be the same."""
+    `other` with; the prompts, references and prior must be the same. A suite run on other seeds (a
+    placebo) is paired with DIR's seeds in sorted order."""
     folder, _, method = spec.rpartition(":")
     base = {(e["concept"], e["rate"]): e["results"] for e in read_results(folder)["entries"]}
+    label = f"{method} of {Path(folder).name}"
     for e in data["entries"]:
         b = base.get((e["concept"], e["rate"]))
         if b is None:
@@ -179,8 +181,16 @@ def with_base_from(data: dict, spec: str, other: str) -> None:
         for key in ("prompts", "drift_prompts", "reference_caption"):
             if b.get(key) != e["results"].get(key):
                 raise SystemExit(f"--base-from: {folder} differs in {key} for {e['concept']}")
-        e["results"]["runs"]["base"] = b["runs"][method]
-    data["compare"] = {"base": "base", "other": other, "base_label": f"{method} of {Path(folder).name}",
+        theirs = sorted(r["seed"] for r in b["runs"][method])
+        ours = sorted(r["seed"] for r in e["results"]["runs"][other])
+        if len(theirs) != len(ours):
+            raise SystemExit(f"--base-from: {folder} has seeds {theirs} for {e['concept']}, this suite {ours}")
+        relabel = dict(zip(theirs, ours))  # other seeds (a placebo) pair in order
+        e["results"]["runs"]["base"] = [dict(r, seed=relabel[r["seed"]]) for r in b["runs"][method]]
+        if theirs != ours:
+            label = (f"{method} of {Path(folder).name} (seeds {', '.join(map(str, theirs))} paired with "
+                     f"{', '.join(map(str, ours))})")
+    data["compare"] = {"base": "base", "other": other, "base_label": label,
                        "other_label": f"{other} here", "base_folder": folder, "base_method": method}
 
 

@@ -55,6 +55,8 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
         base_cfg = next(e["results"]["config"] for e in base_data["entries"]
                         if e["concept"] == data["entries"][0]["concept"] and e["rate"] == data["entries"][0]["rate"])
         change = config_changes(base_cfg.get("apt_config", {}), first.get("apt_config", {}), "apt_config.")
+        if first.get("seeds") != base_cfg.get("seeds"):  # a placebo: the same config on other seeds
+            change.insert(0, f"seeds: {base_cfg.get('seeds')} -> {first.get('seeds')}")
         if comp.get("other") != comp.get("base_method"):
             change.insert(0, f"method: {comp.get('base_method')} -> {comp.get('other')}")
         ran = rates(data)

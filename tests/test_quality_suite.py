@@ -216,3 +216,28 @@ def test_stop_rule_plateau_compares_a_runs_move_with_the_concepts_spread():
     assert round(move, 9) == 0.1  # the median of |0.3 - 0.2|, |0.1 - 0.2|, |0.9 - 0.8|; the step-10 row is not read
     assert round(spread, 9) == 0.7  # b's 0.9 minus a's mean (0.3 + 0.1) / 2 = 0.2
 
+
+
+def test_base_from_pairs_other_seeds_in_order(tmp_path):
+    """A suite run on other seeds (a placebo: the same config, only the seeds changed) is paired with
+    the base's seeds in order; the base's runs are relabelled, not changed."""
+    from quality import suite, suite_defaults, suite_stats as st
+
+    def entry(seeds, values):
+        runs = [{"seed": s, "evals": [{"step": 600, **{k: v for k in st.METRICS}}]} for s, v in zip(seeds, values)]
+        cfg = {"seeds": sorted(seeds), "apt_config": {"train": {"steps": 600}}}
+        return {"concept": "c", "rate": 0.001, "results": {"prompts": [], "drift_prompts": [], "reference_caption": "x",
+                                                          "prior": {}, "config": cfg, "runs": {"apt": runs}}}
+
+    suite.save_results(tmp_path, {"entries": [entry([0, 1, 2], [0.1, 0.2, 0.3])]})
+    data = {"entries": [entry([5, 3, 4], [0.9, 0.4, 0.8])]}  # seed 3 pairs with 0, 4 with 1, 5 with 2
+    suite.with_base_from(data, f"{tmp_path}:apt", "apt")
+    assert st.pair_differences(data["entries"][0], "context", False, "base", "apt") == \
+        {3: 0.4 - 0.1, 4: 0.8 - 0.2, 5: 0.9 - 0.3}
+    assert data["compare"]["base_label"] == "apt of " + tmp_path.name + " (seeds 0, 1, 2 paired with 3, 4, 5)"
+    base_data = {"entries": [entry([0, 1, 2], [0.1, 0.2, 0.3])]}
+    row = suite_defaults.overview([(str(tmp_path / "placebo"), data, base_data)]).splitlines()[6]
+    assert row.startswith("| `placebo` | seeds: [0, 1, 2] -> [3, 4, 5] | 0.001 | step 600 |")
+    short = {"entries": [entry([3, 4], [0.0, 0.0])]}
+    with pytest.raises(SystemExit, match="seeds"):
+        suite.with_base_from(short, f"{tmp_path}:apt", "apt")
