@@ -62,6 +62,10 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
         ran = rates(data)
         rows = [(rate, matched, table(data, rate, matched)) for rate in ran for matched in (False, True)]
         verdict_of = decision([r for *_, rs in rows for r in rs])
+        if change and all(c.startswith("seeds:") for c in change):  # nothing but the seeds changed
+            cells = [r for *_, rs in rows for r in rs]
+            n = sum(r["verdict"] != "unclear" for r in cells)
+            verdict_of = f"placebo: {n} verdicts in {len(cells)} cells, each one false"
         missing = [f"{r:g}" for r in rates(base_data) if r not in ran]
         if missing:  # a screen at fewer rates can reject a change, not make one
             verdict_of += f" (lr {', '.join(missing)} not run)"

@@ -238,6 +238,9 @@ def test_base_from_pairs_other_seeds_in_order(tmp_path):
     base_data = {"entries": [entry([0, 1, 2], [0.1, 0.2, 0.3])]}
     row = suite_defaults.overview([(str(tmp_path / "placebo"), data, base_data)]).splitlines()[6]
     assert row.startswith("| `placebo` | seeds: [0, 1, 2] -> [3, 4, 5] | 0.001 | step 600 |")
+    # +0.3, +0.6, +0.6 in the one concept: the 5 higher-is-better metrics hold, the 3 drifts go against;
+    # at matched likeness (no prior likeness: the base's curve starts at 0) every pair is undefined
+    assert row.endswith(" | placebo: 8 verdicts in 15 cells, each one false |")
     short = {"entries": [entry([3, 4], [0.0, 0.0])]}
     with pytest.raises(SystemExit, match="seeds"):
         suite.with_base_from(short, f"{tmp_path}:apt", "apt")
