@@ -2,14 +2,15 @@
 
 Pairs are (concept, seed): both methods trained on the same references, seed and draws. A
 difference is APT's value minus DreamBooth-LoRA's, at the last evaluation step ("at equal steps")
-or at APT's likeness ("at matched likeness": DreamBooth-LoRA's curve of the same seed, from the
-prior at step 0 through its evaluation steps, read at APT's final ref_identity_loose by linear
-interpolation; undefined where that curve never gets there, or where APT learned no likeness
-beyond the prior's). Pooled intervals are a two-level percentile bootstrap (concepts resampled
-with replacement, then seeds within each): with six designed concepts they are rough, and many
-metrics are read at once, so a verdict is a screen, not a proof. A result *holds* when the pooled
-95 % interval excludes 0 in APT's favour and APT is ahead in more than half of all concepts (a
-concept without a defined pair counts against that); *against* in the mirror case.
+or at matched likeness (`matched_difference`: at the lower of the two runs' final
+ref_identity_loose; the run that got further is read along its curve, from the prior at step 0
+through its evaluation steps, by linear interpolation where it first gets there; undefined where
+either learned no likeness beyond the prior's). Pooled intervals are a two-level percentile
+bootstrap (concepts resampled with replacement, then seeds within each): with six designed
+concepts they are rough, and many metrics are read at once, so a verdict is a screen, not a
+proof. A result *holds* when the pooled 95 % interval excludes 0 in APT's favour and APT is ahead
+in more than half of all concepts (a concept without a defined pair counts against that);
+*against* in the mirror case.
 """
 
 from __future__ import annotations
@@ -60,15 +61,31 @@ def pair_differences(entry: dict, metric: str, matched: bool = False, base_metho
         b = base.get(run["seed"])
         if b is None or not run["evals"] or not b["evals"]:
             continue
-        final = run["evals"][-1]
-        if not matched:
-            out[run["seed"]] = float(final[metric]) - float(b["evals"][-1][metric])
-            continue
-        x0 = float(res["prior"].get(X_KEY, 0.0))
-        xs, ys = mean_curve([b], X_KEY, x0), mean_curve([b], metric, res["prior"].get(metric, 0.0))
-        at = read_at(xs, ys, float(final[X_KEY])) if final[X_KEY] > x0 else float("nan")
-        out[run["seed"]] = float("nan") if math.isnan(at) else float(final[metric]) - at
+        if matched:
+            out[run["seed"]] = matched_difference(run, b, metric, res["prior"])
+        else:
+            out[run["seed"]] = float(run["evals"][-1][metric]) - float(b["evals"][-1][metric])
     return out
+
+
+def matched_difference(run: dict, base: dict, metric: str, prior: dict) -> float:
+    """run − base of `metric` at the lower of their two final likenesses: the run that got further is
+    read along its own curve (the prior at step 0, then its evaluation steps) where it first reaches
+    the other's final likeness, the other at its last step; equal likeness, both at their last step.
+    Symmetric, so runs that differ by chance alone differ by nothing on average. NaN when either
+    learned no likeness beyond the prior's."""
+    x0 = float(prior.get(X_KEY, 0.0))
+    end_r, end_b = run["evals"][-1], base["evals"][-1]
+    lo = min(float(end_r[X_KEY]), float(end_b[X_KEY]))
+    if lo <= x0:
+        return float("nan")
+
+    def along(r: dict) -> float:
+        return read_at(mean_curve([r], X_KEY, x0), mean_curve([r], metric, prior.get(metric, 0.0)), lo)
+
+    at_r = float(end_r[metric]) if float(end_r[X_KEY]) == lo else along(run)
+    at_b = float(end_b[metric]) if float(end_b[X_KEY]) == lo else along(base)
+    return at_r - at_b
 
 
 def pooled(diffs: dict[str, dict[int, float]], n_boot: int = 4000, seed: int = 0,
@@ -190,7 +207,7 @@ def report(data: dict) -> str:
     lines.append("")
     for rate in rates(data):
         for matched in (False, True):
-            title = f"at matched likeness ({label_b} read at {label_o}'s ref_identity_loose)" if matched \
+            title = "at matched likeness (each pair read at the lower of its two final ref_identity_loose)" if matched \
                 else f"at step {steps}"
             lines += [f"## lr {rate:g}, {title}", "",
                       f"| metric | pooled {label_o} − {label_b} [interval] (pairs) | concepts ahead / behind / level / none | "

@@ -53,7 +53,9 @@ def test_pair_differences_at_equal_steps_and_at_matched_likeness():
     # matched: seed 0's DB curve (0, 0.8) -> (0.2, 0.7) -> (0.6, 0.5) read at APT's x 0.4 is 0.6
     got = st.pair_differences(entry, "context", matched=True)
     assert got[0] == pytest.approx(0.5 - 0.6)
-    assert math.isnan(got[1])  # seed 1's DB curve never reaches x 0.5
+    # seed 1's DB got less far (0.3) than APT (0.5): APT's curve (0, 0.8) -> (0.2, 0.9) -> (0.5, 0.6) is read
+    # at 0.3, a third of the way from 0.9 to 0.6: 0.8
+    assert got[1] == pytest.approx(0.8 - 0.4)
     # the curve starts at the prior's own likeness, and APT at or below it matches nothing
     entry["results"]["prior"]["ref_identity_loose"] = 0.1
     entry["results"]["runs"]["apt"][0]["evals"][-1]["ref_identity_loose"] = 0.15
@@ -61,6 +63,21 @@ def test_pair_differences_at_equal_steps_and_at_matched_likeness():
     assert got[0] == pytest.approx(0.5 - 0.75)  # halfway from (0.1, 0.8) to (0.2, 0.7); from x = 0 it would be 0.725
     entry["results"]["runs"]["apt"][0]["evals"][-1]["ref_identity_loose"] = 0.1
     assert math.isnan(st.pair_differences(entry, "context", matched=True)[0])
+
+
+def test_matched_likeness_is_symmetric_so_chance_differences_cancel():
+    """Two runs of one method, paired both ways round: at matched likeness their differences must cancel.
+    Reading only the base's curve at the other's likeness dropped the pair where the base got less far
+    and kept its mirror image, a bias toward whatever the base's curve does early (less drift, more context)."""
+    further, behind = _run(0, (0.2, 0.7), (0.6, 0.5)), _run(0, (0.1, 0.7), (0.4, 0.5))
+    entry = _entry([further, dict(behind, seed=1)], [behind, dict(further, seed=1)])
+    got = st.pair_differences(entry, "context", matched=True)
+    assert got[0] == pytest.approx(0.5 - 0.6)  # the base read at 0.4 on its curve
+    assert got[1] == pytest.approx(0.6 - 0.5)  # the other read at 0.4 on its curve
+    assert st.pooled({"c": got})[0] == pytest.approx(0.0)
+    # equal final likeness: both at their last step, not the base's first pass through that likeness
+    tie = _entry([_run(0, (0.4, 0.9), (0.2, 0.8), (0.4, 0.3))], [_run(0, (0.1, 0.6), (0.2, 0.6), (0.4, 0.5))])
+    assert st.pair_differences(tie, "context", matched=True)[0] == pytest.approx(0.5 - 0.3)
 
 
 def test_pooled_difference_and_its_two_level_interval():
