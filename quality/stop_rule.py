@@ -48,20 +48,19 @@ def weight_left(row: list[float]) -> float:
     return 1.0 - float(np.mean(row[1:]))
 
 
+def _first(trace: list[list[float]], reached) -> int | None:
+    """The step of the first trace row for which `reached(row)` is true (None if none is)."""
+    return next((int(row[0]) for row in trace if reached(row)), None)
+
+
 def crossing(trace: list[list[float]], level: float, bins=LOW_BINS) -> int | None:
     """First step whose low-bin mean gamma reaches `level`; trace rows are [step, gamma_0 .. gamma_B-1]."""
-    for row in trace:
-        if low_gamma(row, bins) >= level:
-            return int(row[0])
-    return None
+    return _first(trace, lambda row: low_gamma(row, bins) >= level)
 
 
 def weight_crossing(trace: list[list[float]], level: float) -> int | None:
     """First step whose loss weight left (`weight_left`) falls to `level` or below."""
-    for row in trace:
-        if weight_left(row) <= level:
-            return int(row[0])
-    return None
+    return _first(trace, lambda row: weight_left(row) <= level)
 
 
 def nearest(steps: list[int], at: int | None) -> int:

@@ -55,14 +55,17 @@ def overview(variants: Sequence[tuple[str, dict, dict]]) -> str:
         base_cfg = next(e["results"]["config"] for e in base_data["entries"]
                         if e["concept"] == data["entries"][0]["concept"] and e["rate"] == data["entries"][0]["rate"])
         change = config_changes(base_cfg.get("apt_config", {}), first.get("apt_config", {}), "apt_config.")
-        if first.get("seeds") != base_cfg.get("seeds"):  # a placebo: the same config on other seeds
+        other_seeds = first.get("seeds") != base_cfg.get("seeds")
+        other_method = comp.get("other") != comp.get("base_method")
+        placebo = other_seeds and not change and not other_method  # the same config on other seeds
+        if other_seeds:
             change.insert(0, f"seeds: {base_cfg.get('seeds')} -> {first.get('seeds')}")
-        if comp.get("other") != comp.get("base_method"):
+        if other_method:
             change.insert(0, f"method: {comp.get('base_method')} -> {comp.get('other')}")
         ran = rates(data)
         rows = [(rate, matched, table(data, rate, matched)) for rate in ran for matched in (False, True)]
         verdict_of = decision([r for *_, rs in rows for r in rs])
-        if change and all(c.startswith("seeds:") for c in change):  # nothing but the seeds changed
+        if placebo:  # every verdict is a false one
             cells = [r for *_, rs in rows for r in rs]
             n = sum(r["verdict"] != "unclear" for r in cells)
             verdict_of = f"placebo: {n} verdicts in {len(cells)} cells, each one false"
